@@ -1,0 +1,232 @@
+"""Find labelled images in the known dataset layouts, hash them, and load them safely.
+
+Layouts understood (paths relative to the folder the user names):
+
+* the 3,256-image Kaggle release: ``Original/{Benign,Early,Pre,Pro}/`` (a parent that also
+  holds ``Segmented/`` uses ``Original`` unless ``subset="Segmented"``);
+* the 3,242-image "Blood Cells Cancer (ALL)" release: ``Blood cell Cancer [ALL]/{Benign,
+  [Malignant] early Pre-B,[Malignant] Pre-B,[Malignant] Pro-B}/``;
+* any folder with one sub-folder per class, named like the above or mapped by ``class_map``.
+
+A file that is not a decodable image is reported (name + reason) and left out; one bad file
+never stops the scan.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from featsvm.fileio import sha256_bytes
+from featsvm.labels import LABELS, label_for_folder
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+# Refuse anything larger than this many pixels before decoding it (a decompression bomb
+# guard; the largest real frames are 1024x768 = 0.8 MP, camera originals a few MP).
+MAX_PIXELS = 50_000_000
+
+RELEASE_WRAPPERS = ("Original", "Blood cell Cancer [ALL]")
+
+
+class ImageError(Exception):
+    """An image file that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    relpath: str  # POSIX path relative to the data folder the user named
+    sha256: str
+    label: str
+    width: int
+    height: int
+
+
+@dataclass
+class ScanResult:
+    root: Path
+    layout: str  # "original-3256", "blood-cells-3242" or "class-folders"
+    class_dir: Path  # the folder holding one sub-folder per class
+    records: list[ImageRecord] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
+    ignored_folders: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {lab: sum(r.label == lab for r in self.records) for lab in LABELS}
+
+
+def _decode(data: bytes, name: str) -> Image.Image:
+    """Open and fully decode image bytes, refusing bombs, returning a PIL image."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(
+                    f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP "
+                    "limit (possible decompression bomb); downscale it first"
+                )
+            im.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"refused as a possible decompression bomb: {exc}") from exc
+    except Image.UnidentifiedImageError:
+        raise ImageError("not a recognised image format (corrupt, or not an image)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"cannot decode: {exc}") from exc
+    return im
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode (L, LA, RGBA, P, CMYK, I;16, I, F ...) to 8-bit RGB.
+
+    Transparent pixels are composited on white; 16-bit and float images are scaled by
+    their own range so that they do not saturate.
+    """
+    im = ImageOps.exif_transpose(im)
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        arr8 = np.clip((arr - lo) * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Load one image file as 8-bit RGB; raises ImageError naming the problem."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+    return to_rgb(_decode(data, os.fspath(path)))
+
+
+def inspect_file(path: Path) -> tuple[str, int, int]:
+    """(sha256, width, height) of a decodable image file; raises ImageError otherwise."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+    im = _decode(data, str(path))
+    return sha256_bytes(data), im.size[0], im.size[1]
+
+
+def find_class_dir(
+    root: Path, subset: str | None = None, class_map: dict[str, str] | None = None
+) -> tuple[Path, str]:
+    """Locate the folder that holds one sub-folder per class, and name the layout."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data folder {root} does not exist. Download the Kaggle dataset 'Acute "
+            "Lymphoblastic Leukemia (ALL) image dataset' (doi:10.34740/KAGGLE/DSV/2175623) "
+            "and point featsvm at the folder holding Original/ (see README, 'Getting the data')."
+        )
+    if subset is not None:
+        target = root / subset
+        if not target.is_dir():
+            raise FileNotFoundError(f"{root} has no sub-folder {subset!r}")
+        return target, f"subset:{subset}"
+    if (root / "Original").is_dir():
+        return root / "Original", "original-3256"
+    if (root / "Blood cell Cancer [ALL]").is_dir():
+        return root / "Blood cell Cancer [ALL]", "blood-cells-3242"
+    subdirs = [d for d in root.iterdir() if d.is_dir()]
+    if any(label_for_folder(d.name, class_map) for d in subdirs):
+        return root, "class-folders"
+    raise FileNotFoundError(
+        f"no labelled images found under {root}: expected Original/<class>/, "
+        "'Blood cell Cancer [ALL]'/<class>/ or one sub-folder per class "
+        f"(known names: Benign, Early, Pre, Pro, ...; map others with --class-map FOLDER=LABEL, "
+        f"labels {', '.join(LABELS)})"
+    )
+
+
+def iter_image_files(folder: Path) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield Path(dirpath) / name
+
+
+def scan(
+    root: str | os.PathLike[str],
+    subset: str | None = None,
+    class_map: dict[str, str] | None = None,
+    workers: int | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> ScanResult:
+    """Find, hash and verify every labelled image under `root`.
+
+    Every file is fully decoded once, so truncated or fake images are found here and never
+    reach a model. Records are sorted by relpath (deterministic).
+    """
+    root = Path(root)
+    class_dir, layout = find_class_dir(root, subset, class_map)
+    result = ScanResult(root=root, layout=layout, class_dir=class_dir)
+    jobs: list[tuple[Path, str]] = []
+    for sub in sorted(d for d in class_dir.iterdir() if d.is_dir()):
+        label = label_for_folder(sub.name, class_map)
+        if label is None:
+            result.ignored_folders.append(sub.relative_to(root).as_posix())
+            continue
+        jobs.extend((p, label) for p in iter_image_files(sub))
+
+    def work(job: tuple[Path, str]) -> ImageRecord | tuple[str, str]:
+        path, label = job
+        rel = path.relative_to(root).as_posix()
+        try:
+            digest, w, h = inspect_file(path)
+        except ImageError as exc:
+            return (rel, str(exc))
+        return ImageRecord(rel, digest, label, w, h)
+
+    n_workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        outcomes: Iterable = pool.map(work, jobs)
+        if progress is not None:
+            outcomes = progress(outcomes, total=len(jobs))  # type: ignore[call-arg]
+        for outcome in outcomes:
+            if isinstance(outcome, ImageRecord):
+                result.records.append(outcome)
+            else:
+                result.skipped.append(outcome)
+    result.records.sort(key=lambda r: r.relpath)
+    result.skipped.sort()
+    return result
+
+
+def parse_class_map(items: Iterable[str]) -> dict[str, str]:
+    """Parse CLI `FOLDER=LABEL` items into a class map."""
+    mapping: dict[str, str] = {}
+    for item in items:
+        folder, sep, label = item.partition("=")
+        if not sep or not folder or not label:
+            raise ValueError(f"--class-map expects FOLDER=LABEL, got {item!r}")
+        if label not in LABELS:
+            raise ValueError(f"--class-map {item!r}: label must be one of {', '.join(LABELS)}")
+        mapping[folder] = label
+    return mapping

@@ -1,0 +1,287 @@
+"""Run records: the one on-disk format every kind of model writes (``runs/<run-id>/``).
+
+A run folder holds
+
+* ``config.json``   everything needed to reproduce the run (see REQUIRED_CONFIG_KEYS);
+* ``predictions.csv`` one row per val/test image: PREDICTION_COLUMNS;
+* ``metrics.json``  ``{"val": {...}, "test": {...}}`` blocks from `featsvm.metrics`;
+* a model file (``model.joblib`` for heads, ``model.pt`` for end-to-end CNNs) with a
+  sidecar ``<file>.sha256`` that is checked before every load;
+* optionally ``history.csv`` (per-epoch training log).
+
+`report` and `predict` read only this format, so they never ask which kind of model made it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featsvm import __version__
+from featsvm.fileio import atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from featsvm.labels import LABELS
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+HISTORY_FILE = "history.csv"
+
+PROB_COLUMNS = tuple(f"prob_{lab}" for lab in LABELS)
+PREDICTION_COLUMNS = ("relpath", "sha256", "split", "true_label", "pred_label", *PROB_COLUMNS)
+
+# Keys every config.json carries, whatever made it.
+REQUIRED_CONFIG_KEYS = (
+    "run_id",
+    "kind",  # "head" (classical head on cached embeddings) or "end_to_end" (CNN)
+    "model",  # display name, e.g. "vgg16 + svm" or "basic-cnn"
+    "backbone",  # backbone name, or null for basic-cnn
+    "head",  # "svm" / "logreg" for heads, null for end-to-end models
+    # {"label": ..., "sha256": ...}; label "random" when untrained, "none" for basic-cnn
+    "weights",
+    "preprocessing",  # dict describing input size, resize, mean/std (what predict must repeat)
+    "split",  # {"path": ..., "sha256": ...}
+    "seed",
+    "model_file",  # file name inside the run folder
+    "timing",  # {"fit_seconds": ..., ...}
+    "versions",  # featsvm, torch, sklearn, python ...
+    "created",
+)
+
+KINDS = ("head", "end_to_end")
+
+
+class RunRecordError(Exception):
+    """A run folder that is incomplete, inconsistent or tampered with."""
+
+
+def versions() -> dict[str, str]:
+    out = {"featsvm": __version__, "python": platform.python_version(), "numpy": np.__version__}
+    for mod in ("torch", "torchvision", "sklearn", "timm", "h5py"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional library is simply not recorded
+            continue
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_run_id(*parts: str | None) -> str:
+    """Readable id: the given parts, then a UTC date-time, e.g. vgg16-svm-20261125-190102."""
+    stem = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", p) for p in parts if p)
+    return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def new_run_dir(runs_dir: str | os.PathLike[str], *parts: str | None) -> Path:
+    """Create and return a fresh run folder; never reuses an existing one."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    base = make_run_id(*parts)
+    for i in range(1000):
+        run_dir = runs_dir / (base if i == 0 else f"{base}-{i}")
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        return run_dir
+    raise RunRecordError(f"could not create a new run folder under {runs_dir}")
+
+
+# ---------------------------------------------------------------- model files + sidecars
+
+
+def sidecar_path(model_path: Path) -> Path:
+    return model_path.with_name(model_path.name + ".sha256")
+
+
+def write_sidecar(model_path: str | os.PathLike[str]) -> str:
+    model_path = Path(model_path)
+    digest = sha256_file(model_path)
+    write_text_atomic(sidecar_path(model_path), f"{digest}  {model_path.name}\n")
+    return digest
+
+
+def verify_sidecar(model_path: str | os.PathLike[str]) -> str:
+    """Check a model file against its sidecar; return the sha256 or raise RunRecordError."""
+    model_path = Path(model_path)
+    side = sidecar_path(model_path)
+    if not model_path.is_file():
+        raise RunRecordError(f"model file {model_path} is missing")
+    if not side.is_file():
+        raise RunRecordError(f"{model_path} has no sha256 sidecar ({side.name}); refusing to load")
+    expected = side.read_text(encoding="utf-8").split()[0]
+    actual = sha256_file(model_path)
+    if actual != expected:
+        raise RunRecordError(
+            f"{model_path} does not match its sidecar sha256 (expected {expected[:12]}…, "
+            f"got {actual[:12]}…): the file changed after the run wrote it; refusing to load"
+        )
+    return actual
+
+
+def save_joblib(run_dir: Path, obj: Any, name: str = "model.joblib") -> str:
+    import joblib
+
+    path = Path(run_dir) / name
+    with atomic_path(path) as tmp:
+        joblib.dump(obj, tmp)
+    return write_sidecar(path)
+
+
+def load_joblib(path: str | os.PathLike[str]) -> Any:
+    """Load a joblib model after checking its sidecar. joblib runs code on load: only load
+    run folders you trust."""
+    import joblib
+
+    verify_sidecar(path)
+    return joblib.load(path)
+
+
+# ---------------------------------------------------------------- predictions
+
+
+def write_predictions(
+    run_dir: Path,
+    relpaths: list[str],
+    sha256s: list[str],
+    splits: list[str],
+    true_labels: list[str],
+    proba: np.ndarray,
+) -> None:
+    """Write predictions.csv; the predicted label is the arg-max of `proba` (columns in LABELS
+    order)."""
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.shape != (len(relpaths), len(LABELS)):
+        raise ValueError(
+            f"proba has shape {proba.shape}, expected ({len(relpaths)}, {len(LABELS)})"
+        )
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PREDICTION_COLUMNS)
+    pred = proba.argmax(axis=1)
+    for i in range(len(relpaths)):
+        w.writerow(
+            [relpaths[i], sha256s[i], splits[i], true_labels[i], LABELS[pred[i]],
+             *(f"{p:.6f}" for p in proba[i])]
+        )
+    write_text_atomic(Path(run_dir) / PREDICTIONS_FILE, buf.getvalue())
+
+
+@dataclass(frozen=True)
+class Predictions:
+    relpath: list[str]
+    sha256: list[str]
+    split: list[str]
+    true_label: list[str]
+    pred_label: list[str]
+    proba: np.ndarray  # (n, len(LABELS))
+
+    def select(self, split: str) -> Predictions:
+        idx = [i for i, s in enumerate(self.split) if s == split]
+        return Predictions(
+            [self.relpath[i] for i in idx], [self.sha256[i] for i in idx], [split] * len(idx),
+            [self.true_label[i] for i in idx], [self.pred_label[i] for i in idx], self.proba[idx],
+        )
+
+
+def read_predictions(path: str | os.PathLike[str]) -> Predictions:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = set(PREDICTION_COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise RunRecordError(f"{path}: missing columns {sorted(missing)}")
+        rows = list(reader)
+    proba = np.array([[float(r[c]) for c in PROB_COLUMNS] for r in rows]).reshape(-1, len(LABELS))
+    return Predictions(
+        [r["relpath"] for r in rows], [r["sha256"] for r in rows], [r["split"] for r in rows],
+        [r["true_label"] for r in rows], [r["pred_label"] for r in rows], proba,
+    )
+
+
+# ---------------------------------------------------------------- whole records
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    if missing:
+        raise RunRecordError(f"config for {run_dir.name} lacks {missing}")
+    if config["kind"] not in KINDS:
+        raise RunRecordError(f"kind must be one of {KINDS}, got {config['kind']!r}")
+    write_json_atomic(Path(run_dir) / CONFIG_FILE, config)
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    write_json_atomic(Path(run_dir) / METRICS_FILE, metrics)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.config["run_id"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.config["model_file"]
+
+    def predictions(self) -> Predictions:
+        return read_predictions(self.path / PREDICTIONS_FILE)
+
+
+def is_complete(run_dir: Path) -> bool:
+    """A run counts only once config, metrics, predictions and the model (+sidecar) exist;
+    config.json is written last, so a crashed run is never mistaken for a finished one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        return False
+    try:
+        cfg = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    model = run_dir / str(cfg.get("model_file", ""))
+    return all(
+        p.is_file()
+        for p in (run_dir / METRICS_FILE, run_dir / PREDICTIONS_FILE, model, sidecar_path(model))
+    )
+
+
+def read_run(run_dir: str | os.PathLike[str]) -> RunRecord:
+    run_dir = Path(run_dir)
+    if not is_complete(run_dir):
+        raise RunRecordError(
+            f"{run_dir} is not a complete run record (needs {CONFIG_FILE}, {METRICS_FILE}, "
+            f"{PREDICTIONS_FILE} and the model file with its .sha256 sidecar)"
+        )
+    config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    return RunRecord(path=run_dir, config=config, metrics=metrics)
+
+
+def list_runs(runs_dir: str | os.PathLike[str]) -> tuple[list[RunRecord], list[str]]:
+    """All complete runs under `runs_dir` (sorted by id) and the names of incomplete folders."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return [], []
+    complete, incomplete = [], []
+    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        if is_complete(d):
+            complete.append(read_run(d))
+        else:
+            incomplete.append(d.name)
+    return complete, incomplete
