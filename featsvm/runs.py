@@ -285,3 +285,26 @@ def list_runs(runs_dir: str | os.PathLike[str]) -> tuple[list[RunRecord], list[s
         else:
             incomplete.append(d.name)
     return complete, incomplete
+
+
+def finish_run(
+    run_dir: Path,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    relpaths: list[str],
+    sha256s: list[str],
+    splits: list[str],
+    true_labels: list[str],
+    proba: np.ndarray,
+) -> RunRecord:
+    """Write predictions.csv and metrics.json, then config.json last (the completion mark).
+
+    The model file and its sidecar must already be in `run_dir` (save_joblib / write_sidecar).
+    """
+    run_dir = Path(run_dir)
+    model = run_dir / str(config.get("model_file", ""))
+    verify_sidecar(model)
+    write_predictions(run_dir, relpaths, sha256s, splits, true_labels, proba)
+    write_metrics(run_dir, metrics)
+    write_config(run_dir, config)
+    return read_run(run_dir)
