@@ -1,0 +1,59 @@
+"""`featsvm extract`: embed an image folder with one backbone into the HDF5 feature cache."""
+
+from __future__ import annotations
+
+import click
+
+from featsvm.backbones import SPECS
+from featsvm.device import DEVICES, PRECISIONS
+
+
+@click.command("extract")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--backbone", required=True, type=click.Choice(sorted(SPECS)),
+              help="Pretrained CNN to embed with.")
+@click.option("--weights", default=None, metavar="PATH|none|default",
+              help="Local state_dict file, 'none' (random init, labelled 'random') or "
+              "'default' (library ImageNet download). Default: --weights-dir if given, "
+              "else the library download.")
+@click.option("--weights-dir", default=None, type=click.Path(file_okay=False),
+              envvar="FEATSVM_WEIGHTS_DIR", show_envvar=True,
+              help="Offline weights folder with a weights.toml index (sha256-checked).")
+@click.option("--cache", "cache_dir", default="cache", show_default=True,
+              type=click.Path(file_okay=False), help="Folder of the HDF5 feature caches.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
+              help="fp16 is refused on the CPU (use bf16).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=None, type=click.IntRange(0),
+              help="DataLoader worker processes (default: 1 on small CPUs, more on GPU).")
+@click.option("--layer", default=None,
+              help="Embedding layer (default: penultimate if pretrained, see docs), e.g. "
+              "vgg16: fc7|gap|logits, inception_v3: avgpool|mixed_6c|logits.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def command(data_dir, backbone, weights, weights_dir, cache_dir, device, precision, batch_size,
+            workers, layer, quiet) -> None:
+    """Embed every image of DATA_DIR with BACKBONE into CACHE (only images not cached yet)."""
+    from featsvm.cache import CacheError
+    from featsvm.device import DeviceError
+    from featsvm.extract import extract
+    from featsvm.weights import WeightsError
+
+    try:
+        s = extract(data_dir, backbone, weights=weights, weights_dir=weights_dir,
+                    cache_dir=cache_dir, device=device, precision=precision,
+                    batch_size=batch_size, workers=workers, layer=layer, progress=not quiet)
+    except (CacheError, DeviceError, WeightsError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"cache:     {s.cache_path}")
+    click.echo(f"backbone:  {s.backbone} layer {s.layer} ({s.dim}-d), {s.precision} on {s.device}")
+    click.echo(f"weights:   {s.weights_label}"
+               + (f" (sha256 {s.weights_sha256[:12]}…)" if s.weights_sha256 else ""))
+    click.echo(f"images:    {s.n_total} records: {s.n_new} computed, {s.n_cached} already cached, "
+               f"{s.n_duplicates} duplicate files")
+    rate = f", {s.images_per_s:.1f} images/s" if s.n_new else ""
+    click.echo(f"time:      {s.seconds:.1f} s total{rate}")
+    if s.skipped:
+        click.echo(f"skipped {len(s.skipped)} file(s):")
+        for rel, reason in s.skipped:
+            click.echo(f"  {rel}: {reason}")

@@ -1,0 +1,243 @@
+"""Batched inference of one backbone over an image folder into the HDF5 embedding cache.
+
+Only images whose sha256 is not yet in the cache are computed (identical files once), so a
+re-run after new images, a crash or a SIGKILL does just the remaining work. Images are decoded
+and transformed in DataLoader workers; the forward pass runs under ``torch.inference_mode``
+with channels_last tensors and autocast for bf16/fp16. A file that cannot be read or decoded
+is reported by name, skipped, and listed in the summary; the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from featsvm import __version__
+from featsvm.backbones import describe, load_backbone, make_transform
+from featsvm.cache import CacheWriter, extract_command, file_name, fingerprint
+from featsvm.dataset import load_rgb, scan
+from featsvm.device import autocast_context, check_precision, resolve_device
+from featsvm.fileio import sha256_file
+from featsvm.runs import now_iso, versions
+
+# Test hook: seconds to sleep after each committed batch (lets a test SIGKILL a real run
+# between batches). Never set it in normal use.
+SLEEP_ENV = "FEATSVM_TEST_SLEEP_AFTER_BATCH"
+
+
+class ImageRef(Protocol):
+    relpath: str
+    sha256: str
+    label: str
+
+
+@dataclass
+class ExtractSummary:
+    cache_path: Path
+    backbone: str
+    layer: str
+    dim: int
+    weights_label: str
+    weights_sha256: str | None
+    precision: str
+    device: str
+    n_total: int  # image records considered
+    n_new: int  # embeddings computed and written in this run
+    n_cached: int  # records whose embedding was already in the cache
+    n_duplicates: int  # records sharing content with an earlier record (computed once)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
+    seconds: float = 0.0  # whole call, scan included
+    compute_seconds: float = 0.0  # decode + forward + write of the new images
+    images_per_s: float = 0.0  # n_new / compute_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cache_path"] = str(self.cache_path)
+        d["skipped"] = [list(s) for s in self.skipped]
+        return d
+
+
+class _ImageFiles(Dataset):
+    """(index, tensor | None, error | None) per image; errors never raise in the worker."""
+
+    def __init__(self, root: Path, items: Sequence[ImageRef], preprocessing: dict[str, Any]):
+        self.root = root
+        self.items = list(items)
+        self.transform = make_transform(preprocessing)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        item = self.items[i]
+        path = self.root / item.relpath
+        try:
+            if sha256_file(path) != item.sha256:
+                return i, None, "file content changed since it was scanned (sha256 differs)"
+            return i, self.transform(load_rgb(path)), None
+        except Exception as exc:  # noqa: BLE001 - any bad file is reported, never fatal
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    bad = [(i, err) for i, x, err in batch if x is None]
+    xs = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], xs, bad
+
+
+def default_workers(device: torch.device) -> int:
+    cpus = os.cpu_count() or 1
+    if device.type == "cpu":  # the forward pass needs the cores; decoding is cheap
+        return 1 if cpus <= 4 else min(4, cpus // 4)
+    return min(8, cpus)
+
+
+def extract(
+    data_dir: str | os.PathLike[str],
+    backbone: str,
+    weights: str | os.PathLike[str] | None = None,
+    weights_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] = "cache",
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 32,
+    workers: int | None = None,
+    layer: str | None = None,
+    progress: bool = True,
+    records: Sequence[ImageRef] | None = None,
+    channels_last: bool = True,
+) -> ExtractSummary:
+    """Embed every image of `data_dir` (or the given `records`, relative to it) with
+    `backbone` into its cache file; return what was done. See the module doc."""
+    t0 = time.perf_counter()
+    root = Path(data_dir)
+    dev = resolve_device(device)
+    check_precision(dev, precision)
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    skipped: list[tuple[str, str]] = []
+    if records is None:
+        found = scan(root)
+        records = found.records
+        skipped.extend(found.skipped)
+
+    spec, info, pre = describe(backbone, weights, weights_dir, layer)
+    path = Path(cache_dir) / file_name(backbone, info.sha256, pre, precision)
+    attrs = {
+        "backbone": backbone,
+        "layer": pre["layer"],
+        "dim": int(pre["dim"]),
+        "weights_label": info.label,
+        "weights_sha256": info.sha256 or "",
+        "weights_source": info.source,
+        "preprocessing": pre,
+        "precision": precision,
+        "fingerprint": fingerprint(backbone, info.sha256, pre, precision),
+        "featsvm_version": __version__,
+        "torch_version": torch.__version__,
+        "versions": json.dumps(versions(), sort_keys=True),
+        "created": now_iso(),
+        "extract_command": extract_command(
+            root, backbone, weights, weights_dir, cache_dir, precision, layer
+        ),
+    }
+    with CacheWriter(path, attrs) as writer:
+        seen: set[str] = set()
+        todo: list[ImageRef] = []
+        n_cached = n_dup = 0
+        for rec in records:
+            if rec.sha256 in seen:
+                n_dup += 1
+                continue
+            seen.add(rec.sha256)
+            if writer.has(rec.sha256):
+                n_cached += 1
+            else:
+                todo.append(rec)
+        t1 = time.perf_counter()
+        n_new = 0
+        if todo:
+            n_new = _run(writer, root, todo, backbone, weights, weights_dir, layer, dev,
+                         precision, batch_size, workers, progress, channels_last, skipped)
+        compute = time.perf_counter() - t1
+    return ExtractSummary(
+        cache_path=path, backbone=backbone, layer=pre["layer"], dim=int(pre["dim"]),
+        weights_label=info.label, weights_sha256=info.sha256, precision=precision,
+        device=str(dev), n_total=len(records), n_new=n_new, n_cached=n_cached,
+        n_duplicates=n_dup, skipped=sorted(skipped), seconds=time.perf_counter() - t0,
+        compute_seconds=compute if todo else 0.0,
+        images_per_s=n_new / compute if n_new and compute > 0 else 0.0,
+    )
+
+
+def _run(
+    writer: CacheWriter,
+    root: Path,
+    todo: list[ImageRef],
+    backbone: str,
+    weights: str | os.PathLike[str] | None,
+    weights_dir: str | os.PathLike[str] | None,
+    layer: str | None,
+    dev: torch.device,
+    precision: str,
+    batch_size: int,
+    workers: int | None,
+    progress: bool,
+    channels_last: bool,
+    skipped: list[tuple[str, str]],
+) -> int:
+    from tqdm import tqdm
+
+    loaded = load_backbone(backbone, weights, weights_dir, layer)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    embedder = loaded.embedder.to(dev, memory_format=memory_format).eval()
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    n_workers = default_workers(dev) if workers is None else workers
+    loader = DataLoader(
+        _ImageFiles(root, todo, loaded.preprocessing),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=n_workers,
+        collate_fn=_collate,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if n_workers > 0 else None,
+    )
+    sleep_after = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    n_new = 0
+    bar = tqdm(total=len(todo), unit="img", desc=f"extract {backbone}", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            for idx, xs, bad in loader:
+                for i, reason in bad:
+                    skipped.append((todo[i].relpath, reason))
+                    bar.write(f"skipped {todo[i].relpath}: {reason}")
+                if xs is not None:
+                    xs = xs.to(dev, non_blocking=True, memory_format=memory_format)
+                    with autocast_context(dev, precision):
+                        emb = embedder(xs)
+                    feats = emb.float().cpu().numpy()
+                    items = [todo[i] for i in idx]
+                    writer.append(feats, [r.sha256 for r in items], [r.relpath for r in items],
+                                  [r.label for r in items])
+                    n_new += len(items)
+                bar.update(len(idx) + len(bad))
+                if sleep_after:
+                    print(f"featsvm-test: committed {writer.n_rows} rows", file=sys.stderr,
+                          flush=True)
+                    time.sleep(sleep_after)
+    finally:
+        bar.close()
+    return n_new
