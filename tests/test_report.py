@@ -185,8 +185,8 @@ def test_provenance_flags_non_imagenet_weights(study: dict[str, Path]) -> None:
 
 
 def test_stale_figures_are_removed(study: dict[str, Path]) -> None:
-    out = study["root"] / "report"
-    (out).mkdir()
+    out = study["root"] / "stale"
+    out.mkdir()
     (out / "confusion-gone-run.png").write_bytes(b"old")
     report.write_report(study["runs"], out)
     assert not (out / "confusion-gone-run.png").exists()
