@@ -1,0 +1,90 @@
+"""`featsvm fit`: SVM / logistic-regression head on cached embeddings -> run record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from featsvm.heads import HEADS
+
+
+def _fmt(value: float | None, ci: list[float] | None = None) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{100 * value:.2f}"
+    if ci:
+        text += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return text
+
+
+def results_table(metrics: dict[str, Any]) -> str:
+    """A short plain-text table: accuracy, binary metrics and macro-F1 (%, with 95 % CI)."""
+    cols = [
+        ("accuracy", lambda b: b["accuracy"]),
+        ("binary.sensitivity", lambda b: b["binary"]["sensitivity"]),
+        ("binary.specificity", lambda b: b["binary"]["specificity"]),
+        ("binary.precision", lambda b: b["binary"]["precision"]),
+        ("macro_f1", lambda b: b["macro_f1"]),
+    ]
+    names = ["split", "n", "accuracy", "sensitivity", "specificity", "precision", "macro-F1"]
+    lines = []
+    for split in ("val", "test"):
+        block = metrics.get(split)
+        if not block:
+            continue
+        ci = block.get("ci95", {})
+        lines.append([split, str(block["n"])] + [_fmt(get(block), ci.get(k)) for k, get in cols])
+    widths = [max(len(r[i]) for r in [names, *lines]) for i in range(len(names))]
+    out = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in lines]
+    return "\n".join(out)
+
+
+@click.command("fit")
+@click.option("--backbone", required=True, help="Backbone whose cached embeddings to use.")
+@click.option("--head", type=click.Choice(HEADS), required=True)
+@click.option("--weights", default=None,
+              help="Weights the cache was built with: a local state_dict file, or 'none'.")
+@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with a weights.toml index (or set FEATSVM_WEIGHTS_DIR).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=Path("cache"),
+              show_default=True, help="Feature cache folder (written by featsvm extract).")
+@click.option("--split", "split_path", type=click.Path(path_type=Path),
+              default=Path("split.csv"), show_default=True,
+              help="Split manifest CSV written by featsvm split.")
+@click.option("--runs", "runs_dir", type=click.Path(path_type=Path), default=Path("runs"),
+              show_default=True)
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="TOML file with a [fit] section (grids; defaults: configs/heads.toml).")
+@click.option("--precision", type=click.Choice(("fp32", "bf16", "fp16")), default="fp32",
+              show_default=True, help="Precision the cache was extracted with.")
+@click.option("--layer", default=None, help="Embedding layer the cache was extracted at.")
+@click.option("--quiet", is_flag=True, help="Less progress output.")
+def command(
+    backbone: str, head: str, weights: str | None, weights_dir: Path | None, cache_dir: Path,
+    split_path: Path, runs_dir: Path, config_path: Path | None, precision: str,
+    layer: str | None, quiet: bool,
+) -> None:
+    """Tune HEAD by grouped CV on the train split of the cached BACKBONE embeddings, calibrate
+    on val (SVM), score val and test once, and write a run record under --runs."""
+    from featsvm.config import ConfigError
+    from featsvm.fit import fit
+    from featsvm.heads import load_head_config
+
+    try:
+        cfg = load_head_config(config_path)
+        rec = fit(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
+                  weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, precision=precision,
+                  layer=layer, progress=not quiet)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    cfg_json = rec.config
+    click.echo(f"{cfg_json['model']}  ({cfg_json['weights']['label']})")
+    if cfg_json.get("not_imagenet_from"):
+        click.echo(f"note: weights are not plain ImageNet from {cfg_json['not_imagenet_from']}")
+    click.echo(f"hyperparameters: {cfg_json['hyperparameters']}  "
+               f"(CV {cfg_json['cv']['scoring']} {cfg_json['cv']['best_score']:.4f})")
+    click.echo(results_table(rec.metrics) + "   (%, 95 % CI over duplicate groups)")
+    click.echo(f"fit {cfg_json['timing']['fit_seconds']:.1f} s; run record: {rec.path}")

@@ -1,0 +1,214 @@
+"""Fit a classical head on cached embeddings and write its run record.
+
+``fit(backbone, head, split_path, ...)``:
+
+1. reads the split manifest and finds the feature cache for this backbone, weights,
+   precision and layer (`featsvm.cache.locate_cache`); a missing cache, or one that lacks any
+   image of the split, is an error that names the ``featsvm extract`` command to run;
+2. grid-searches the head on the train split (grouped CV, `featsvm.heads.fit_head`), refits it
+   on all of train, and, for an SVM, calibrates its probabilities on the val split;
+3. predicts val and test once, scores them (`featsvm.metrics.score_predictions`) and writes
+   ``runs/<backbone>-<head>-<date>-<time>/`` through `featsvm.runs` (model.joblib + sidecar,
+   predictions.csv, metrics.json, then config.json last).
+
+The test split is used for nothing but the final scoring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featsvm.heads import HEADS, FittedHead, HeadConfig, calibrate, fit_head, needs_calibration
+from featsvm.manifest import Manifest, read_manifest
+from featsvm.metrics import score_predictions
+from featsvm.runs import RunRecord, finish_run, new_run_dir, now_iso, save_joblib, versions
+
+MODEL_FILE = "model.joblib"
+
+
+class CoverageError(RuntimeError):
+    """The feature cache lacks embeddings for some images of the split."""
+
+
+def _extract_hint(cached: Any) -> str:
+    cmd = cached.attrs.get("extract_command") or ""
+    return cmd or "featsvm extract DATA_DIR --backbone ... --cache ..."
+
+
+def load_split_features(
+    manifest: Manifest, cached: Any
+) -> tuple[dict[str, np.ndarray], dict[str, list[Any]]]:
+    """Features and manifest rows per split (train/val/test), looked up by sha256.
+
+    Raises CoverageError listing how many images of each split are missing from the cache.
+    """
+    index = cached.index
+    missing: dict[str, list[str]] = {}
+    for r in manifest.rows:
+        if r.sha256 not in index:
+            missing.setdefault(r.split, []).append(r.relpath)
+    if missing:
+        counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(missing.items()))
+        first = next(iter(missing.values()))[0]
+        raise CoverageError(
+            f"the feature cache {cached.path} lacks embeddings for images of the split "
+            f"{manifest.path} ({counts}; first: {first}). It was probably built from another "
+            f"image folder or interrupted. Complete it with: {_extract_hint(cached)}"
+        )
+    feats: dict[str, np.ndarray] = {}
+    rows: dict[str, list[Any]] = {}
+    for split in ("train", "val", "test"):
+        rows[split] = manifest.subset(split)
+        feats[split] = cached.lookup([r.sha256 for r in rows[split]])
+    return feats, rows
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def fit(
+    backbone: str,
+    head: str,
+    split_path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] = "cache",
+    weights: str | os.PathLike[str] | None = None,
+    weights_dir: str | os.PathLike[str] | None = None,
+    runs_dir: str | os.PathLike[str] = "runs",
+    config: HeadConfig | None = None,
+    precision: str = "fp32",
+    layer: str | None = None,
+    progress: bool = True,
+) -> RunRecord:
+    """Fit `head` on the cached `backbone` embeddings of the split's train images, score val
+    and test, and write a complete run record (see the module docstring)."""
+    from featsvm.cache import locate_cache, read_cache
+
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    cfg = config or HeadConfig()
+    t_start = time.perf_counter()
+    manifest = read_manifest(split_path)
+    cache_file = locate_cache(cache_dir, backbone, weights, weights_dir, precision, layer)
+    cached = read_cache(cache_file)
+    feats, rows = load_split_features(manifest, cached)
+    if not rows["train"]:
+        raise ValueError(f"split manifest {manifest.path} has no train images")
+    if not rows["test"]:
+        raise ValueError(f"split manifest {manifest.path} has no test images")
+    t_loaded = time.perf_counter()
+
+    def say(msg: str) -> None:
+        if progress:
+            print(msg, flush=True)
+
+    say(f"fit {backbone} + {head}: {len(rows['train'])} train / {len(rows['val'])} val / "
+        f"{len(rows['test'])} test images, {feats['train'].shape[1]}-d features from "
+        f"{cache_file.name}")
+    fitted: FittedHead = fit_head(
+        feats["train"], [r.label for r in rows["train"]], [r.group for r in rows["train"]],
+        head, cfg, verbose=1 if progress else 0,
+    )
+    if needs_calibration(fitted):
+        if not rows["val"]:
+            raise ValueError(
+                f"{head} probabilities are calibrated on the val split ({fitted.calibration}), "
+                f"but {manifest.path} has no val images; set [fit] calibration or re-split"
+            )
+        fitted = calibrate(fitted, feats["val"], [r.label for r in rows["val"]])
+    fit_seconds = time.perf_counter() - t_loaded
+    say(f"best {fitted.best_params} (CV {cfg.scoring} {fitted.cv_best_score:.4f}); "
+        f"fit {fit_seconds:.1f} s")
+
+    t_pred = time.perf_counter()
+    scored = rows["val"] + rows["test"]
+    proba = np.concatenate(
+        [fitted.predict_proba(feats[s]) for s in ("val", "test") if rows[s]], axis=0
+    )
+    predict_seconds = time.perf_counter() - t_pred
+    relpaths = [r.relpath for r in scored]
+    metrics = score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
+
+    attrs = cached.attrs
+    pre = attrs.get("preprocessing", {})
+    run_dir = new_run_dir(runs_dir, backbone, head)
+    model_sha = save_joblib(run_dir, fitted, MODEL_FILE)
+    timing: dict[str, Any] = {
+        "fit_seconds": fit_seconds,
+        **fitted.timing,
+        "predict_seconds": predict_seconds,
+        "load_seconds": t_loaded - t_start,
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    for key in ("images_per_s", "extract_images_per_s"):
+        if key in attrs:
+            timing["extract_images_per_s"] = attrs[key]
+    config_json: dict[str, Any] = {
+        "run_id": run_dir.name,
+        "kind": "head",
+        "model": f"{backbone} + {head}",
+        "backbone": backbone,
+        "head": head,
+        "weights": {
+            "label": attrs.get("weights_label"),
+            "sha256": attrs.get("weights_sha256") or None,
+            "source": attrs.get("weights_source"),
+        },
+        "preprocessing": pre,
+        "not_imagenet_from": pre.get("not_imagenet_from") if isinstance(pre, dict) else None,
+        "split": {
+            "path": str(manifest.path),
+            "sha256": manifest.sha256,
+            "n": {s: len(rows[s]) for s in ("train", "val", "test")},
+        },
+        "seed": cfg.seed,
+        "model_file": MODEL_FILE,
+        "model_sha256": model_sha,
+        "timing": timing,
+        "versions": versions(),
+        "created": now_iso(),
+        "cache": {
+            "path": str(cache_file),
+            "fingerprint": attrs.get("fingerprint"),
+            "layer": attrs.get("layer"),
+            "dim": int(feats["train"].shape[1]),
+            "precision": attrs.get("precision"),
+            "n_rows": len(cached),
+            "created": attrs.get("created"),
+            "extract_command": attrs.get("extract_command"),
+        },
+        "head_config": {k: _json_value(v) for k, v in dataclasses.asdict(cfg).items()},
+        "hyperparameters": fitted.best_params,
+        "cv": {
+            "scoring": cfg.scoring,
+            "splitter": f"StratifiedGroupKFold(n_splits={cfg.cv_folds}, shuffle=True, "
+                        f"random_state={cfg.seed}) on train, groups = duplicate groups",
+            "best_score": fitted.cv_best_score,
+            "candidates": fitted.cv_results,
+        },
+        "calibration": {
+            "method": fitted.calibration,
+            "fitted_on": "val" if needs_calibration(fitted) else None,
+            "note": (
+                "probability map fitted on the val split: val metrics are in-sample for it; "
+                "test is untouched"
+                if needs_calibration(fitted)
+                else "the head's own probabilities"
+            ),
+        },
+        "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed, "unit": "duplicate group"},
+    }
+    record = finish_run(
+        run_dir, config_json, metrics, relpaths, [r.sha256 for r in scored],
+        [r.split for r in scored], [r.label for r in scored], proba,
+    )
+    say(f"run record: {Path(run_dir)}")
+    return record
