@@ -1,0 +1,298 @@
+"""`featsvm predict`: classify new images with any finished run.
+
+Everything about how an image becomes a prediction is taken from the run record, never
+re-typed: the preprocessing dict in ``config.json`` builds the transform
+(`featsvm.backbones.make_transform`), the model file is checked against its sha256 sidecar
+before it is loaded, and
+
+* a **head** run (``kind = "head"``) embeds the images on the fly with the run's backbone,
+  embedding layer and precision, loading backbone weights whose sha256 must equal the one the
+  run recorded (found at the recorded path, in ``--weights-dir`` / ``FEATSVM_WEIGHTS_DIR``, or
+  given with ``--weights``), then applies the fitted head (``model.joblib``);
+* an **end-to-end** run (``kind = "end_to_end"``) rebuilds the CNN from its checkpoint
+  (`featsvm.finetune.load_finetuned`) and evaluates exactly as training evaluated (pixels
+  rounded to uint8 after the transform, then normalised).
+
+A file that cannot be read or decoded is reported by name and skipped; the others are
+predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featsvm.dataset import IMAGE_EXTENSIONS, ImageError, iter_image_files, load_rgb
+from featsvm.fileio import sha256_file, write_text_atomic
+from featsvm.labels import LABELS, MALIGNANT
+from featsvm.runs import PROB_COLUMNS, RunRecord, load_joblib, read_run
+
+CSV_COLUMNS = ("file", "sha256", "pred_label", "prob_malignant", *PROB_COLUMNS)
+
+
+class PredictError(RuntimeError):
+    """A run that cannot be used for prediction; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    file: str  # as given, or relative to data_root when given
+    sha256: str
+    proba: np.ndarray  # (len(LABELS),)
+
+    @property
+    def pred_label(self) -> str:
+        return LABELS[int(np.argmax(self.proba))]
+
+    @property
+    def prob_malignant(self) -> float:
+        return float(sum(self.proba[LABELS.index(m)] for m in MALIGNANT))
+
+
+@dataclass
+class PredictResult:
+    run_id: str
+    model: str
+    predictions: list[Prediction] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def collect_inputs(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[
+        tuple[str, str]]]:
+    """Files named directly (whatever their extension) plus image files found under folders.
+    Missing paths are returned as skipped, with the reason."""
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = list(iter_image_files(p))
+            if not found:
+                skipped.append((str(p), "folder holds no image files "
+                                f"({', '.join(sorted(IMAGE_EXTENSIONS))})"))
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            skipped.append((str(p), "no such file or folder"))
+    return files, skipped
+
+
+# ---------------------------------------------------------------- models
+
+
+class Predictor:
+    """A loaded run: call `predict_proba(images)` on a list of PIL RGB images."""
+
+    def __init__(self, record: RunRecord, proba_fn: Callable[[list[Any]], np.ndarray],
+                 transform: Callable[[Any], Any]) -> None:
+        self.record = record
+        self._proba_fn = proba_fn
+        self.transform = transform
+
+    def predict_proba(self, images: list[Any]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, len(LABELS)))
+        return self._proba_fn(images)
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | os.PathLike[str],
+        weights: str | os.PathLike[str] | None = None,
+        weights_dir: str | os.PathLike[str] | None = None,
+        device: str = "auto",
+    ) -> Predictor:
+        record = read_run(run_dir)
+        kind = record.config.get("kind")
+        if kind == "head":
+            return cls._head(record, weights, weights_dir, device)
+        if kind == "end_to_end":
+            return cls._end_to_end(record, device)
+        raise PredictError(f"{run_dir}: config.json kind {kind!r} is neither 'head' nor "
+                           "'end_to_end'")
+
+    @classmethod
+    def _head(cls, record: RunRecord, weights: str | os.PathLike[str] | None,
+              weights_dir: str | os.PathLike[str] | None, device: str) -> Predictor:
+        import torch
+
+        from featsvm.backbones import make_transform
+        from featsvm.device import autocast_context, check_precision, resolve_device
+
+        cfg = record.config
+        head = load_joblib(record.model_path)  # checks the sidecar first
+        pre = cfg.get("preprocessing") or {}
+        if "layer" not in pre:
+            raise PredictError(f"{record.path}/config.json: preprocessing has no 'layer'; "
+                               "was it written by `featsvm fit`?")
+        loaded = _load_recorded_backbone(cfg, weights, weights_dir, pre["layer"])
+        if _comparable(loaded.preprocessing) != _comparable(pre):
+            raise PredictError(
+                f"{record.path}: the run's preprocessing {pre} differs from what this featsvm "
+                f"version builds for {cfg['backbone']} ({loaded.preprocessing}); predict with "
+                "the featsvm version that made the run"
+            )
+        transform = make_transform(pre)  # from the run's record, not from the spec
+        dev = resolve_device(device)
+        precision = str((cfg.get("cache") or {}).get("precision") or "fp32")
+        check_precision(dev, precision)
+        embedder = loaded.embedder.to(dev).eval()
+
+        def proba(images: list[Any]) -> np.ndarray:
+            x = torch.stack([transform(im) for im in images]).to(dev)
+            with torch.inference_mode(), autocast_context(dev, precision):
+                feats = embedder(x)
+            return head.predict_proba(feats.float().cpu().numpy())
+
+        return cls(record, proba, transform)
+
+    @classmethod
+    def _end_to_end(cls, record: RunRecord, device: str) -> Predictor:
+        import torch
+
+        from featsvm.device import check_precision, resolve_device
+        from featsvm.finetune import Normaliser, load_finetuned, predict_proba
+
+        net, transform, cfg = load_finetuned(record.path)  # checks the sidecar first
+        dev = resolve_device(device)
+        precision = str(cfg.get("precision") or "fp32")
+        check_precision(dev, precision)
+        net = net.to(dev)
+        normaliser = Normaliser.probe(transform)
+
+        def proba(images: list[Any]) -> np.ndarray:
+            # as in training: transform, keep as uint8, normalise per batch
+            pixels = torch.stack([normaliser.to_uint8(transform(im)) for im in images])
+            return predict_proba(net, pixels, normaliser, dev, precision,
+                                 batch_size=max(1, len(images)))
+
+        return cls(record, proba, transform)
+
+
+def _comparable(pre: dict[str, Any]) -> dict[str, Any]:
+    """Preprocessing as JSON would store it (tuples -> lists) for comparison."""
+    import json
+
+    return json.loads(json.dumps(pre, sort_keys=True, default=list))
+
+
+def _load_recorded_backbone(
+    cfg: dict[str, Any], weights: str | os.PathLike[str] | None,
+    weights_dir: str | os.PathLike[str] | None, layer: str,
+) -> Any:
+    """The run's backbone with weights whose sha256 equals the recorded one.
+
+    Order: explicit `weights` / `weights_dir`; the recorded source path; FEATSVM_WEIGHTS_DIR;
+    the library's ImageNet file. Random ('random' label) runs rebuild the seeded init."""
+    from featsvm.backbones import load_backbone
+    from featsvm.weights import RANDOM_LABEL, WeightsError
+
+    backbone = str(cfg["backbone"])
+    rec = cfg.get("weights") or {}
+    want = rec.get("sha256") or None
+    if rec.get("label") == RANDOM_LABEL or want is None:
+        return load_backbone(backbone, weights="none", layer=layer)
+    attempts: list[tuple[str | os.PathLike[str] | None, str | os.PathLike[str] | None, str]] = []
+    if weights is not None or weights_dir is not None:
+        attempts.append((weights, weights_dir, "the weights you named"))
+    source = rec.get("source")
+    if source and Path(str(source)).is_file() and sha256_file(str(source)) == want:
+        attempts.append((str(source), None, f"the recorded file {source}"))
+    attempts.append((None, None, "FEATSVM_WEIGHTS_DIR or the library's ImageNet file"))
+    problems: list[str] = []
+    for w, wd, where in attempts:
+        try:
+            loaded = load_backbone(backbone, weights=w, weights_dir=wd, layer=layer)
+        except (WeightsError, FileNotFoundError, ValueError) as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if loaded.weights.sha256 == want:
+            return loaded
+        problems.append(f"{where}: sha256 {str(loaded.weights.sha256)[:16]}… is not the run's")
+    raise PredictError(
+        f"cannot find the {backbone} weights this run was trained on ({rec.get('label')!r}, "
+        f"sha256 {want[:16]}…). Give them with --weights FILE or --weights-dir DIR "
+        f"(or FEATSVM_WEIGHTS_DIR). Tried: " + "; ".join(problems)
+    )
+
+
+# ---------------------------------------------------------------- the whole job
+
+
+def predict(
+    run_dir: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    weights: str | os.PathLike[str] | None = None,
+    weights_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    data_root: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> PredictResult:
+    """Predict every image in `inputs` (files and folders) with the run at `run_dir`.
+
+    `data_root`: report files relative to this folder (e.g. to compare with a run's
+    predictions.csv relpaths)."""
+    from tqdm import tqdm
+
+    predictor = Predictor.from_run(run_dir, weights, weights_dir, device)
+    files, skipped = collect_inputs(inputs)
+    result = PredictResult(run_id=predictor.record.run_id,
+                           model=str(predictor.record.config.get("model")), skipped=skipped)
+    root = Path(data_root).resolve() if data_root is not None else None
+
+    def name(p: Path) -> str:
+        if root is not None:
+            try:
+                return p.resolve().relative_to(root).as_posix()
+            except ValueError:
+                pass
+        return str(p)
+
+    batch: list[tuple[str, str, Any]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        proba = predictor.predict_proba([im for _, _, im in batch])
+        for (fname, digest, _), row in zip(batch, proba, strict=True):
+            result.predictions.append(Prediction(fname, digest, np.asarray(row, dtype=float)))
+        batch.clear()
+
+    for path in tqdm(files, desc="predict", unit="img", disable=not progress):
+        try:
+            digest = sha256_file(path)
+            im = load_rgb(path)
+        except (ImageError, OSError) as exc:
+            result.skipped.append((name(path), str(exc)))
+            continue
+        batch.append((name(path), digest, im))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return result
+
+
+def predictions_csv(result: PredictResult) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for p in result.predictions:
+        w.writerow([p.file, p.sha256, p.pred_label, f"{p.prob_malignant:.6f}",
+                    *(f"{v:.6f}" for v in p.proba)])
+    return buf.getvalue()
+
+
+def write_predictions_csv(result: PredictResult, path: str | os.PathLike[str]) -> None:
+    write_text_atomic(path, predictions_csv(result))
