@@ -1,0 +1,95 @@
+"""`featsvm finetune`: train an end-to-end CNN baseline and write a run record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from featsvm.finetune import MODELS, FinetuneConfig, FinetuneError, finetune, finetune_config
+
+
+@click.command("finetune")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--split", "split_path", required=True, type=click.Path(path_type=Path),
+              help="Split manifest CSV written by `featsvm split`.")
+@click.option("--model", type=click.Choice(MODELS), default=None,
+              help="Model to train (default: [finetune] model of --config, else basic-cnn).")
+@click.option("--weights", default=None,
+              help="Pretrained weights: a local state_dict file, or 'none' for random init.")
+@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with a weights.toml index (or set FEATSVM_WEIGHTS_DIR).")
+@click.option("--epochs", type=int, default=None, help="Maximum epochs.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate of the head (backbone: lr x backbone_lr_mult).")
+@click.option("--freeze", default=None,
+              help="none | all | auto (all but the last block) | a module name such as "
+              "blocks.5, Mixed_7b, features.21: freeze everything up to and including it.")
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default=None, help="auto | cpu | cuda | mps")
+@click.option("--precision", type=click.Choice(("fp32", "bf16", "fp16")), default=None)
+@click.option("--runs", "runs_dir", type=click.Path(path_type=Path), default=Path("runs"),
+              show_default=True)
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="TOML file; its [finetune] section (and [finetune.overrides.MODEL]).")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None,
+              help="Continue this unfinished run folder from its last checkpoint.")
+@click.option("--no-resume", is_flag=True,
+              help="Start a new run even if an unfinished one with the same settings exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def command(
+    data_dir: Path, split_path: Path, model: str | None, weights: str | None,
+    weights_dir: Path | None, epochs: int | None, batch_size: int | None, lr: float | None,
+    freeze: str | None, seed: int | None, device: str | None, precision: str | None,
+    runs_dir: Path, config_path: Path | None, resume_dir: Path | None, no_resume: bool,
+    quiet: bool,
+) -> None:
+    """Train an end-to-end CNN (basic-cnn from scratch, or fine-tune a pretrained backbone)
+    on the train split of SPLIT, select the epoch on val, score val and test.
+
+    By default an unfinished run with identical settings under --runs is resumed from its
+    last checkpoint (rerun the same command after an interruption); --no-resume starts anew.
+    """
+    from featsvm.config import ConfigError, load_toml
+
+    try:
+        base = (finetune_config(load_toml(config_path), str(config_path))
+                if config_path else FinetuneConfig())
+        cfg = base.for_model(model, epochs=epochs, batch_size=batch_size, lr=lr, freeze=freeze,
+                             seed=seed, device=device, precision=precision)
+        resume: Path | bool = resume_dir if resume_dir is not None else not no_resume
+        result = finetune(data_dir, split_path, cfg, weights=weights, weights_dir=weights_dir,
+                          runs_dir=runs_dir, resume=resume, progress=not quiet,
+                          log=click.echo)
+    except (ConfigError, FinetuneError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    rec = result.record
+    assert rec is not None
+    t = rec.config["timing"]
+    click.echo(f"run record: {rec.path}")
+    click.echo(f"epochs run {result.epochs_done}, best epoch {result.best_epoch} "
+               f"(val {cfg.select_metric} {rec.config['best_val_score']:.4f}); training "
+               f"{t['fit_seconds']:.0f} s, decoding {t['preload_seconds']:.0f} s")
+    for split in ("val", "test"):
+        block = rec.metrics.get(split)
+        if not block:
+            continue
+        ci = block.get("ci95", {})
+        b = block["binary"]
+
+        def fmt(key: str, value: float | None, block_ci: dict = ci) -> str:
+            lo_hi = block_ci.get(key)
+            if value is None:
+                return "n/a"
+            return f"{value:.4f}" + (f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else "")
+
+        click.echo(
+            f"{split:>4} (n={block['n']}): accuracy {fmt('accuracy', block['accuracy'])}, "
+            f"macro-F1 {fmt('macro_f1', block['macro_f1'])}, malignant sensitivity "
+            f"{fmt('binary.sensitivity', b['sensitivity'])}, specificity "
+            f"{fmt('binary.specificity', b['specificity'])}, precision "
+            f"{fmt('binary.precision', b['precision'])}"
+        )
+    if result.skipped:
+        click.echo(f"{len(result.skipped)} image(s) skipped (listed in config.json 'skipped')")

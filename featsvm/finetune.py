@@ -1,0 +1,905 @@
+"""End-to-end CNN baselines: the study's basic CNN from scratch, and fine-tuned backbones.
+
+What it does, in order:
+
+1. reads the split manifest and decodes every train/val/test image **once** into memory as
+   uint8 at the model's input geometry (3,256 images at 224 px is about 0.5 GB), checking each
+   file's sha256 against the manifest; unreadable or changed files are reported and skipped;
+2. builds the model: `basic_cnn.BasicCNN`, or the pretrained embedder from
+   `featsvm.backbones.load_backbone` (the same specs and weight resolution as ``extract``;
+   no second copy of model code) followed by a new dropout + ``Linear(D, 4)`` head;
+3. trains with AdamW (discriminative learning rates: backbone ``lr * backbone_lr_mult``, head
+   ``lr``), a per-step cosine schedule with linear warm-up, optional label smoothing, class
+   weights, and smear-appropriate augmentation on the training split only (horizontal and
+   vertical flips, 90-degree rotations, mild brightness/contrast/saturation jitter);
+4. after every epoch scores the val split, keeps the best weights by val macro-F1 (or balanced
+   accuracy), stops early after ``patience`` epochs without improvement, and writes a
+   resumable checkpoint and ``history.csv``;
+5. reloads the best weights, predicts val and test, scores them with
+   `featsvm.metrics.score_predictions` (the same function ``fit`` uses), and writes the run
+   record (`featsvm.runs`): ``model.pt`` + sha256 sidecar, predictions, metrics, config last.
+
+**Freezing** (``freeze``): ``"none"`` trains everything; ``"all"`` trains only the new head;
+``"auto"`` freezes all but the backbone's last block (see ``LAST_TRAINABLE``; the CPU
+variant); any other value is a dotted module name inside the embedder (e.g. ``blocks.5``,
+``features.23``, ``Mixed_7b``) and freezes every parameter registered up to and including that
+module. Frozen BatchNorm layers stay in eval mode so their statistics do not drift. Frozen
+leading layers cost only a forward pass (autograd builds no graph for them).
+
+**Determinism and resume.** The shuffling order, the augmentation draws and the dropout
+masks of epoch ``e`` are seeded from ``(seed, e)``, so a run that is interrupted and resumed
+from its last checkpoint (saved after every epoch) ends in exactly the same state as an
+uninterrupted one on the CPU. A run is resumed explicitly (``resume=RUN_DIR``) or, by default,
+automatically: an unfinished run folder under ``runs_dir`` whose fingerprint (data, split,
+model, weights and every training setting) matches is continued instead of starting afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from featsvm import metrics as fm
+from featsvm import runs
+from featsvm.basic_cnn import BasicCNN, BasicCNNSpec, basic_cnn_preprocessing
+from featsvm.config import ConfigError, build
+from featsvm.dataset import ImageError, _decode, to_rgb
+from featsvm.fileio import atomic_path, sha256_bytes, write_text_atomic
+from featsvm.labels import LABELS
+from featsvm.manifest import Manifest, ManifestRow, read_manifest
+
+BASIC_CNN = "basic-cnn"
+PRETRAINED_MODELS = ("vgg16", "inception_v3", "alexnet", "efficientnet_lite0")
+MODELS = (BASIC_CNN, *PRETRAINED_MODELS)
+SELECT_METRICS = ("macro_f1", "balanced_accuracy")
+CLASS_WEIGHTS = ("balanced", "none")
+
+# freeze="auto": the module (path in the backbone's full model) up to which, inclusive,
+# everything is frozen, leaving the last block (and for VGG16/AlexNet with a pretrained
+# classifier, fc6/fc7) plus the new head trainable. A test checks that each resolves.
+FREEZE_AUTO: dict[str, str] = {
+    "vgg16": "features.21",  # block4's last conv; block5 (features.24-28) trains
+    "alexnet": "features.8",  # the fourth conv; the fifth (features.10) trains
+    "inception_v3": "Mixed_7b",  # Mixed_7c trains
+    "efficientnet_lite0": "blocks.5",  # blocks.6, conv_head and bn2 train
+}
+
+MODEL_FILE = "model.pt"
+LAST_CHECKPOINT = "checkpoint-last.pt"
+BEST_CHECKPOINT = "checkpoint-best.pt"
+FINGERPRINT_FILE = "fingerprint.txt"
+HISTORY_COLUMNS = (
+    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1",
+    "val_balanced_accuracy", "lr_head", "lr_backbone", "seconds", "best",
+)
+
+
+class FinetuneError(RuntimeError):
+    """A fine-tuning request that cannot run; the message says what to change."""
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The ``[finetune]`` TOML section. ``overrides.<model>`` sub-tables replace any key for
+    one model (e.g. fewer epochs and ``freeze = "auto"`` for efficientnet_lite0 on a CPU)."""
+
+    models: tuple[str, ...] = (BASIC_CNN,)  # what `featsvm run` trains
+    model: str = BASIC_CNN
+    epochs: int = 15
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 1e-3  # head (and basic-cnn) learning rate
+    backbone_lr_mult: float = 0.1  # pretrained layers train at lr * this
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine floor, as a fraction of the peak
+    label_smoothing: float = 0.0
+    class_weights: str = "balanced"
+    augment: bool = True
+    color_jitter: float = 0.1  # +-10 % brightness, contrast, saturation
+    select_metric: str = "macro_f1"
+    patience: int = 5  # epochs without val improvement before stopping; 0 = never stop early
+    freeze: str = "none"
+    head_dropout: float = 0.2
+    basic_cnn_size: int = 128
+    basic_cnn_channels: tuple[int, ...] = (32, 64, 128, 128)
+    basic_cnn_dense: int = 128
+    basic_cnn_dropout: float = 0.5
+    channels_last: bool = True
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    workers: int = 2  # threads decoding images while preloading
+    n_boot: int = 1000  # bootstrap resamples for the metric CIs
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> FinetuneConfig:
+        if self.model not in MODELS:
+            raise ConfigError(f"[finetune] model {self.model!r} unknown; use one of {MODELS}")
+        for name in self.models:
+            if name not in MODELS:
+                raise ConfigError(f"[finetune] models: {name!r} unknown; use one of {MODELS}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ConfigError(f"[finetune] select_metric must be one of {SELECT_METRICS}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(f"[finetune] class_weights must be one of {CLASS_WEIGHTS}")
+        if self.epochs < 1 or self.batch_size < 2 or self.eval_batch_size < 1:
+            raise ConfigError("[finetune] epochs must be >= 1 and batch_size >= 2")
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ConfigError("[finetune] color_jitter must be in [0, 1)")
+        return self
+
+    def for_model(self, model: str | None = None, **changes: Any) -> FinetuneConfig:
+        """This config for one model: its ``overrides`` table applied, then `changes`
+        (values that are None are ignored, so CLI options left unset keep the config's)."""
+        model = model or self.model
+        base = dataclasses.replace(self, model=model)
+        table = self.overrides.get(model, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[finetune.overrides.{model}] must be a table")
+        if "overrides" in table or "model" in table:
+            raise ConfigError(f"[finetune.overrides.{model}] may not set model or overrides")
+        merged = {**_plain(base), **table, **{k: v for k, v in changes.items() if v is not None}}
+        merged["overrides"] = self.overrides
+        return build(FinetuneConfig, merged, f"[finetune.overrides.{model}]").validate()
+
+
+def _plain(cfg: FinetuneConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def finetune_config(doc: dict[str, Any] | None, source: str = "") -> FinetuneConfig:
+    """Build the ``[finetune]`` section of a loaded TOML document (defaults when absent)."""
+    from featsvm.config import section
+
+    return section(FinetuneConfig, doc, "finetune", source).validate()
+
+
+def fingerprint(cfg: FinetuneConfig, split_sha256: str, weights: dict[str, Any],
+                data_dir: Path) -> str:
+    """What makes two training runs the same run (device, threads and CIs left out)."""
+    settings = _plain(cfg)
+    for key in ("models", "overrides", "device", "threads", "workers", "n_boot"):
+        settings.pop(key)
+    blob = json.dumps(
+        {"settings": settings, "split": split_sha256, "weights": weights,
+         "data_dir": str(Path(data_dir).resolve())},
+        sort_keys=True, default=list,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- images in memory
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split: uint8 pixels [N, 3, H, W] and integer targets."""
+
+    rows: list[ManifestRow]
+    pixels: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """The affine normalisation of a transform, recovered so that pixels can be kept as
+    uint8 (1/4 of the memory) and normalised per batch after augmentation."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def probe(cls, transform: Callable[[Image.Image], torch.Tensor], size: int = 32) -> Normaliser:
+        """Read mean/std off `transform` by feeding it a black and a white image: a normalising
+        transform maps 0 to -mean/std and 1 to (1-mean)/std. Works whatever the preprocessing
+        dict calls its keys, and guarantees training normalises exactly as predict does."""
+        black = transform(Image.new("RGB", (size, size), (0, 0, 0))).float()
+        white = transform(Image.new("RGB", (size, size), (255, 255, 255))).float()
+        lo = black.mean(dim=(1, 2))
+        hi = white.mean(dim=(1, 2))
+        std = 1.0 / (hi - lo)
+        mean = -lo * std
+        return cls(tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[arg-type]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float [B, 3, H, W] in [0, 1] -> normalised."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of __call__ for one image [3, H, W], rounded back to uint8."""
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x.float() * std + mean).mul(255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def preload(
+    data_dir: Path,
+    rows: Sequence[ManifestRow],
+    transform: Callable[[Image.Image], torch.Tensor],
+    normaliser: Normaliser,
+    workers: int = 2,
+    progress: bool = True,
+    desc: str = "decode",
+) -> tuple[ImageSet, list[tuple[str, str]]]:
+    """Decode, check (sha256 against the manifest) and transform `rows` once.
+
+    Returns the image set and the skipped files as (relpath, reason).
+    """
+
+    def load(row: ManifestRow) -> torch.Tensor | str:
+        path = Path(data_dir) / row.relpath
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return f"cannot read {path}: {exc.strerror or exc}"
+        if sha256_bytes(data) != row.sha256:
+            return "sha256 differs from the split manifest (file changed since `featsvm split`)"
+        try:
+            img = to_rgb(_decode(data, str(path)))
+        except ImageError as exc:
+            return str(exc)
+        return normaliser.to_uint8(transform(img))
+
+    kept: list[ManifestRow] = []
+    tensors: list[torch.Tensor] = []
+    skipped: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        outcomes = pool.map(load, rows)
+        for row, out in tqdm(zip(rows, outcomes, strict=True), total=len(rows), desc=desc,
+                             disable=not progress, unit="img", leave=False):
+            if isinstance(out, str):
+                skipped.append((row.relpath, out))
+            else:
+                kept.append(row)
+                tensors.append(out)
+    empty = torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
+    pixels = torch.stack(tensors) if tensors else empty
+    targets = torch.tensor([LABELS.index(r.label) for r in kept], dtype=torch.int64)
+    return ImageSet(kept, pixels, targets), skipped
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, jitter: float) -> torch.Tensor:
+    """Random flips, 90-degree rotations and mild colour jitter, per image.
+
+    x: float [B, 3, H, W] in [0, 1] (square images for the rotations). Smear images have no
+    canonical orientation, so the 8 dihedral transforms are label-preserving; colour jitter
+    stays mild because stain colour carries class information.
+    """
+    b = x.shape[0]
+    flip_h = torch.rand(b, generator=gen) < 0.5
+    flip_v = torch.rand(b, generator=gen) < 0.5
+    rot = torch.randint(0, 4, (b,), generator=gen)
+    x = torch.where(flip_h.view(b, 1, 1, 1), x.flip(3), x)
+    x = torch.where(flip_v.view(b, 1, 1, 1), x.flip(2), x)
+    if x.shape[2] == x.shape[3]:
+        out = x.clone()
+        for k in (1, 2, 3):
+            sel = rot == k
+            if sel.any():
+                out[sel] = torch.rot90(x[sel], k, dims=(2, 3))
+        x = out
+    if jitter > 0:
+        def factor() -> torch.Tensor:
+            return (1.0 + (torch.rand(b, generator=gen) * 2 - 1) * jitter).view(b, 1, 1, 1)
+
+        bright, contrast, sat = factor(), factor(), factor()
+        x = x * bright
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = (x - gray.mean(dim=(2, 3), keepdim=True)) * contrast + gray.mean(
+            dim=(2, 3), keepdim=True)
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = (x - gray) * sat + gray
+        x = x.clamp(0.0, 1.0)
+    return x
+
+
+# ---------------------------------------------------------------- models
+
+
+class FinetuneModel(nn.Module):
+    """A pretrained embedder ([N, 3, H, W] -> [N, D]) with a new dropout + linear head."""
+
+    def __init__(self, embedder: nn.Module, dim: int, num_classes: int = len(LABELS),
+                 dropout: float = 0.2) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedder(x))
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    preprocessing: dict[str, Any]
+    transform: Callable[[Image.Image], torch.Tensor]
+    backbone: str | None
+    weights: dict[str, Any]  # {"label": ..., "sha256": ...}
+    architecture: dict[str, Any]  # what load_finetuned needs to rebuild the module
+    full_model: nn.Module | None = None  # the backbone's whole network (names for --freeze)
+
+
+def _basic_spec(cfg: FinetuneConfig) -> BasicCNNSpec:
+    return BasicCNNSpec(cfg.basic_cnn_size, tuple(cfg.basic_cnn_channels), cfg.basic_cnn_dense,
+                        cfg.basic_cnn_dropout)
+
+
+def build_model(
+    model: str,
+    cfg: FinetuneConfig,
+    weights: str | None = None,
+    weights_dir: str | os.PathLike[str] | None = None,
+) -> BuiltModel:
+    """The network to train, its preprocessing and its weights provenance."""
+    from featsvm.backbones import load_backbone, make_transform
+
+    if model == BASIC_CNN:
+        if weights not in (None, "none"):
+            raise FinetuneError("basic-cnn is trained from scratch: it takes no --weights")
+        spec = _basic_spec(cfg)
+        pre = basic_cnn_preprocessing(spec)
+        return BuiltModel(
+            BasicCNN(len(LABELS), spec), pre, make_transform(pre), None,
+            {"label": "none", "sha256": None},
+            {"kind": BASIC_CNN, "spec": dataclasses.asdict(spec)},
+        )
+    if model not in PRETRAINED_MODELS:
+        raise FinetuneError(f"unknown model {model!r}; use one of {', '.join(MODELS)}")
+    loaded = load_backbone(model, weights=weights, weights_dir=weights_dir)
+    net = FinetuneModel(loaded.embedder, int(loaded.dim), len(LABELS), cfg.head_dropout)
+    info = loaded.weights
+    wdict = {"label": info.label, "sha256": info.sha256}
+    pre = dict(loaded.preprocessing)
+    return BuiltModel(net, pre, make_transform(pre), model, wdict,
+                      {"kind": "backbone", "backbone": model, "dim": int(loaded.dim),
+                       "head_dropout": cfg.head_dropout}, loaded.model)
+
+
+def apply_freeze(built: BuiltModel, freeze: str) -> str | None:
+    """Freeze embedder parameters per `freeze` (see the module docstring); returns the module
+    frozen up to (None when nothing is frozen).
+
+    A module name is looked up first in the backbone's full model (``blocks.5``,
+    ``Mixed_7b``, ``features.21``: the names users know) and mapped to the embedder by
+    identity, then among the embedder's own module names.
+    """
+    freeze = (freeze or "none").strip()
+    if built.backbone is None:
+        if freeze != "none":
+            raise FinetuneError("basic-cnn is trained from scratch: use --freeze none")
+        return None
+    if freeze == "none":
+        return None
+    embedder = built.model.embedder  # type: ignore[union-attr]
+    params = list(embedder.named_parameters())
+    if freeze == "all":
+        for _, p in params:
+            p.requires_grad_(False)
+        return "all"
+    until = FREEZE_AUTO.get(built.backbone) if freeze == "auto" else freeze
+    if until is None:
+        raise FinetuneError(f"--freeze auto has no rule for {built.backbone}; name a module")
+    full = dict(built.full_model.named_modules()) if built.full_model is not None else {}
+    own = dict(embedder.named_modules())
+    target = full.get(until) or own.get(until)
+    if target is None or not any(target is m for m in own.values()):
+        tops = [n for n, _ in (full or own).items() if n and n.count(".") <= 1]
+        raise FinetuneError(
+            f"--freeze {until!r}: no module of that name in the {built.backbone} embedder; "
+            f"use none, all, auto or one of: {', '.join(tops[:80])}"
+        )
+    inside = {id(p) for p in target.parameters()}
+    last = max((i for i, (_, p) in enumerate(params) if id(p) in inside), default=-1)
+    if last < 0:
+        raise FinetuneError(f"--freeze {until!r}: that module has no parameters; name a layer "
+                            "that has weights (a convolution or a block)")
+    for i, (_, p) in enumerate(params):
+        p.requires_grad_(i > last)
+    return until
+
+
+def _set_train_mode(model: nn.Module) -> None:
+    """train() but keep fully frozen BatchNorm layers in eval mode (fixed statistics)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in m.parameters(recurse=False)
+        ):
+            m.eval()
+
+
+def _param_groups(model: nn.Module, backbone: str | None, cfg: FinetuneConfig
+                  ) -> list[dict[str, Any]]:
+    if backbone is None:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
+                 "name": "head"}]
+    head = [p for p in model.head.parameters() if p.requires_grad]  # type: ignore[union-attr]
+    body = [p for p in model.embedder.parameters() if p.requires_grad]  # type: ignore[union-attr]
+    groups = [{"params": head, "lr": cfg.lr, "name": "head"}]
+    if body:
+        groups.append({"params": body, "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"})
+    return groups
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, floor: float
+                       ) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `floor`."""
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        t = min(1.0, (step - warmup_steps) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return f
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    normaliser: Normaliser,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 64,
+    channels_last: bool = False,
+) -> np.ndarray:
+    """Softmax probabilities (float64, LABELS order) for uint8 pixels [N, 3, H, W]."""
+    from featsvm.device import autocast_context
+
+    model.eval()
+    out = []
+    for sl in _batches(len(pixels), batch_size):
+        x = normaliser(pixels[sl].float().div_(255.0)).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, precision):
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=1).cpu().double())
+    if not out:
+        return np.zeros((0, len(LABELS)))
+    return torch.cat(out).numpy()
+
+
+def _val_scores(proba: np.ndarray, targets: torch.Tensor) -> dict[str, float]:
+    t = targets.numpy()
+    pred = proba.argmax(axis=1)
+    k = len(LABELS)
+    cm = np.bincount(t * k + pred, minlength=k * k).reshape(k, k)
+    eps = 1e-12
+    loss = float(-np.log(np.clip(proba[np.arange(len(t)), t], eps, 1.0)).mean()) if len(t) else 0.0
+    return {
+        "loss": loss,
+        "accuracy": fm.accuracy(cm) or 0.0,
+        "macro_f1": fm.macro_f1(cm) or 0.0,
+        "balanced_accuracy": fm.balanced_accuracy(cm) or 0.0,
+    }
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def find_resumable(runs_dir: Path, fp: str) -> Path | None:
+    """The newest unfinished run folder under `runs_dir` with fingerprint `fp`."""
+    if not Path(runs_dir).is_dir():
+        return None
+    found = []
+    for d in Path(runs_dir).iterdir():
+        fpf, ck = d / FINGERPRINT_FILE, d / LAST_CHECKPOINT
+        if (d.is_dir() and fpf.is_file() and ck.is_file() and not runs.is_complete(d)
+                and fpf.read_text(encoding="utf-8").strip() == fp):
+            found.append((ck.stat().st_mtime, d))
+    return max(found)[1] if found else None
+
+
+def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_text_atomic(run_dir / runs.HISTORY_FILE, buf.getvalue())
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if on:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    finished: bool  # False when stopped by max_epochs_this_call (resumable)
+    record: runs.RunRecord | None
+    epochs_done: int
+    best_epoch: int
+    skipped: list[tuple[str, str]]
+    resumed_from_epoch: int
+
+
+def finetune(
+    data_dir: str | os.PathLike[str],
+    split: str | os.PathLike[str],
+    cfg: FinetuneConfig,
+    weights: str | None = None,
+    weights_dir: str | os.PathLike[str] | None = None,
+    runs_dir: str | os.PathLike[str] = "runs",
+    resume: str | os.PathLike[str] | bool = True,
+    progress: bool = True,
+    max_epochs_this_call: int | None = None,
+    log: Callable[[str], None] = print,
+) -> FinetuneResult:
+    """Train `cfg.model` on the split's train images and write a run record.
+
+    `resume`: True = continue a matching unfinished run under `runs_dir` if there is one;
+    False = always start a new run; a path = continue that run folder (its fingerprint must
+    match). `max_epochs_this_call` stops after that many epochs in this call, leaving a
+    resumable checkpoint (time-sliced training; tests use it to simulate an interruption).
+    """
+    from featsvm.device import check_precision, resolve_device
+
+    cfg = cfg.validate()
+    data_dir = Path(data_dir)
+    runs_dir = Path(runs_dir)
+    manifest: Manifest = read_manifest(split)
+    device = resolve_device(cfg.device)
+    check_precision(device, cfg.precision)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+
+    torch.manual_seed(cfg.seed)  # head initialisation
+    built = build_model(cfg.model, cfg, weights, weights_dir)
+    model = built.model
+    frozen_until = apply_freeze(built, cfg.freeze)
+    fp = fingerprint(cfg, manifest.sha256, built.weights, data_dir)
+
+    # ---- where to write
+    run_dir: Path | None = None
+    if isinstance(resume, str | os.PathLike):
+        run_dir = Path(resume)
+        fpf = run_dir / FINGERPRINT_FILE
+        if not (run_dir / LAST_CHECKPOINT).is_file() or not fpf.is_file():
+            raise FinetuneError(f"{run_dir} has no {LAST_CHECKPOINT}: nothing to resume")
+        if runs.is_complete(run_dir):
+            raise FinetuneError(f"{run_dir} is already a complete run; nothing to resume")
+        if fpf.read_text(encoding="utf-8").strip() != fp:
+            raise FinetuneError(
+                f"{run_dir} was started with different data, split, model, weights or "
+                "settings (fingerprint differs); resume it with the same options, or start "
+                "a new run without --resume"
+            )
+    elif resume:
+        run_dir = find_resumable(runs_dir, fp)
+    if run_dir is None:
+        run_dir = runs.new_run_dir(runs_dir, cfg.model.replace("_", "-"), "ft")
+        write_text_atomic(run_dir / FINGERPRINT_FILE, fp + "\n")
+
+    # ---- data
+    t0 = time.perf_counter()
+    normaliser = Normaliser.probe(built.transform)
+    sets: dict[str, ImageSet] = {}
+    skipped: list[tuple[str, str]] = []
+    for name in ("train", "val", "test"):
+        sets[name], sk = preload(data_dir, manifest.subset(name), built.transform, normaliser,
+                                 cfg.workers, progress, desc=f"decode {name}")
+        skipped.extend(sk)
+    preload_seconds = time.perf_counter() - t0
+    for relpath, reason in skipped:
+        log(f"skipped {relpath}: {reason}")
+    train_set, val_set = sets["train"], sets["val"]
+    if len(train_set) < 2:
+        raise FinetuneError(f"{split}: fewer than 2 usable train images; nothing to train on")
+    if len(val_set) == 0:
+        raise FinetuneError(f"{split}: no usable val images; the val split selects the epoch")
+
+    # ---- optimisation
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    groups = _param_groups(model, built.backbone, cfg)
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "name"} for g in groups],
+        lr=cfg.lr, weight_decay=cfg.weight_decay,
+    )
+    group_names = [g["name"] for g in groups]
+    n_train = len(train_set)
+    steps_per_epoch = len(list(_train_batches(n_train, cfg.batch_size)))
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, warmup, cfg.min_lr_ratio))
+    use_scaler = device.type == "cuda" and cfg.precision == "fp16"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    counts = torch.bincount(train_set.targets, minlength=len(LABELS)).double()
+    if cfg.class_weights == "balanced":
+        cw = torch.where(counts > 0, counts.sum() / (len(LABELS) * counts.clamp(min=1)), 0.0)
+    else:
+        cw = torch.ones(len(LABELS), dtype=torch.float64)
+    criterion = nn.CrossEntropyLoss(weight=cw.float().to(device),
+                                    label_smoothing=cfg.label_smoothing)
+
+    # ---- state (fresh or resumed)
+    start_epoch, best_score, best_epoch, train_seconds = 0, -1.0, 0, 0.0
+    history: list[dict[str, Any]] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    if (run_dir / LAST_CHECKPOINT).is_file():
+        ck = torch.load(run_dir / LAST_CHECKPOINT, map_location=device, weights_only=True)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        if use_scaler and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        start_epoch, best_score = int(ck["epoch"]), float(ck["best_score"])
+        best_epoch, train_seconds = int(ck["best_epoch"]), float(ck["train_seconds"])
+        history = list(ck["history"])
+        best_state = torch.load(run_dir / BEST_CHECKPOINT, map_location="cpu",
+                                weights_only=True)
+        log(f"resuming {run_dir} after epoch {start_epoch} (best so far: epoch {best_epoch}, "
+            f"val {cfg.select_metric} {best_score:.4f})")
+    resumed_from = start_epoch
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{cfg.model}: {n_train_params:,} of {n_params:,} parameters trainable"
+        f"{f' (frozen up to {frozen_until})' if frozen_until else ''}; {n_train} train / "
+        f"{len(val_set)} val / {len(sets['test'])} test images on {device}, "
+        f"{steps_per_epoch} steps per epoch; run folder {run_dir}")
+
+    epoch = start_epoch
+    stopped_early = False
+    with _deterministic(device.type == "cpu"):
+        while epoch < cfg.epochs:
+            if best_epoch and cfg.patience and epoch - best_epoch >= cfg.patience:
+                stopped_early = True
+                break
+            if max_epochs_this_call is not None and epoch - start_epoch >= max_epochs_this_call:
+                return FinetuneResult(run_dir, False, None, epoch, best_epoch, skipped,
+                                      resumed_from)
+            te = time.perf_counter()
+            tr_loss, tr_acc = _train_epoch(model, train_set, normaliser, optimizer, scheduler,
+                                           scaler, criterion, cfg, device, epoch, progress)
+            proba = predict_proba(model, val_set.pixels, normaliser, device, cfg.precision,
+                                  cfg.eval_batch_size, cfg.channels_last)
+            val = _val_scores(proba, val_set.targets)
+            seconds = time.perf_counter() - te
+            train_seconds += seconds
+            epoch += 1
+            score = val[cfg.select_metric]
+            improved = score > best_score
+            if improved:
+                best_score, best_epoch = score, epoch
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                _save_torch(best_state, run_dir / BEST_CHECKPOINT)
+            lrs = {n: g["lr"] for n, g in zip(group_names, optimizer.param_groups, strict=True)}
+            history.append({
+                "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc,
+                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                "val_macro_f1": val["macro_f1"], "val_balanced_accuracy": val["balanced_accuracy"],
+                "lr_head": lrs.get("head", ""), "lr_backbone": lrs.get("backbone", ""),
+                "seconds": seconds, "best": int(improved),
+            })
+            _save_torch({
+                "fingerprint": fp, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if use_scaler else {},
+                "best_score": best_score, "best_epoch": best_epoch,
+                "train_seconds": train_seconds, "history": history,
+            }, run_dir / LAST_CHECKPOINT)
+            _write_history(run_dir, history)
+            summary = (
+                f"epoch {epoch}/{cfg.epochs}  loss {tr_loss:.4f}  acc {tr_acc:.3f} | val loss "
+                f"{val['loss']:.4f}  acc {val['accuracy']:.3f}  macro-F1 {val['macro_f1']:.3f}  "
+                f"bal-acc {val['balanced_accuracy']:.3f} | {seconds:.0f} s"
+                f"{'  *best*' if improved else ''}"
+            )
+            if progress:
+                tqdm.write(summary)
+
+    # ---- final scoring with the best weights
+    assert best_state is not None
+    model.load_state_dict({k: v.to(device) for k, v in best_state.items()})
+    tp = time.perf_counter()
+    eval_rows: list[ManifestRow] = []
+    probas: list[np.ndarray] = []
+    for name in ("val", "test"):
+        s = sets[name]
+        probas.append(predict_proba(model, s.pixels, normaliser, device, cfg.precision,
+                                    cfg.eval_batch_size, cfg.channels_last))
+        eval_rows.extend(s.rows)
+    proba = np.concatenate(probas) if probas else np.zeros((0, len(LABELS)))
+    predict_seconds = time.perf_counter() - tp
+    relpaths = [r.relpath for r in eval_rows]
+    metrics = fm.score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
+
+    model_path = run_dir / MODEL_FILE
+    _save_torch({
+        "format": "featsvm-finetune-1", "model": cfg.model, "labels": list(LABELS),
+        "architecture": built.architecture, "preprocessing": built.preprocessing,
+        "state_dict": best_state,
+    }, model_path)
+    runs.write_sidecar(model_path)
+    config = {
+        "run_id": run_dir.name,
+        "kind": "end_to_end",
+        "model": cfg.model if built.backbone is None else f"{cfg.model} (fine-tuned)",
+        "backbone": built.backbone,
+        "head": None,
+        "weights": built.weights,
+        "preprocessing": built.preprocessing,
+        "split": {"path": str(manifest.path), "sha256": manifest.sha256},
+        "seed": cfg.seed,
+        "model_file": MODEL_FILE,
+        "timing": {
+            "fit_seconds": round(train_seconds, 2),
+            "preload_seconds": round(preload_seconds, 2),
+            "predict_seconds": round(predict_seconds, 2),
+            "seconds_per_epoch": round(train_seconds / max(1, epoch), 2),
+        },
+        "versions": runs.versions(),
+        "created": runs.now_iso(),
+        "data_dir": str(data_dir),
+        "device": str(device),
+        "precision": cfg.precision,
+        "threads": torch.get_num_threads(),
+        "finetune": {k: v for k, v in _plain(cfg).items() if k not in ("models", "overrides")},
+        "freeze_until": frozen_until,
+        "parameters": {"total": n_params, "trainable": n_train_params},
+        "epochs_run": epoch,
+        "best_epoch": best_epoch,
+        "stopped_early": stopped_early,
+        "select_metric": cfg.select_metric,
+        "best_val_score": best_score,
+        "resumed": resumed_from > 0,
+        "fingerprint": fp,
+        "n_images": {k: len(v) for k, v in sets.items()},
+        "skipped": [{"relpath": r, "reason": why} for r, why in skipped],
+    }
+    record = runs.finish_run(
+        run_dir, config, metrics, relpaths, [r.sha256 for r in eval_rows],
+        [r.split for r in eval_rows], [r.label for r in eval_rows], proba,
+    )
+    for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
+        (run_dir / name).unlink(missing_ok=True)
+    return FinetuneResult(run_dir, True, record, epoch, best_epoch, skipped, resumed_from)
+
+
+def _train_batches(n: int, batch_size: int) -> Iterator[slice]:
+    """Batches of an epoch; a trailing batch of one image is dropped (BatchNorm needs two)."""
+    for sl in _batches(n, batch_size):
+        if sl.stop - sl.start >= 2:
+            yield sl
+
+
+def _train_epoch(
+    model: nn.Module,
+    data: ImageSet,
+    normaliser: Normaliser,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    criterion: nn.Module,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    epoch: int,
+    progress: bool,
+) -> tuple[float, float]:
+    from featsvm.device import autocast_context
+
+    seed = cfg.seed * 100_003 + epoch
+    torch.manual_seed(seed)  # dropout masks of this epoch
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=gen)
+    _set_train_mode(model)
+    total_loss, correct, seen = 0.0, 0, 0
+    batches = list(_train_batches(len(data), cfg.batch_size))
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+               leave=False, unit="batch")
+    for sl in bar:
+        idx = order[sl]
+        x = data.pixels[idx].float().div_(255.0)
+        if cfg.augment:
+            x = augment(x, gen, cfg.color_jitter)
+        x = normaliser(x).to(device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = data.targets[idx].to(device)
+        with autocast_context(device, cfg.precision):
+            logits = model(x)
+        loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        b = len(idx)
+        total_loss += float(loss.detach()) * b
+        correct += int((logits.argmax(1) == y).sum())
+        seen += b
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return total_loss / max(1, seen), correct / max(1, seen)
+
+
+# ---------------------------------------------------------------- loading a finished run
+
+
+def load_finetuned(run_dir: str | os.PathLike[str]
+                   ) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
+    """(model in eval mode, PIL->tensor transform, config) of an end-to-end run record.
+
+    The checkpoint's sha256 sidecar is checked first; the file is loaded with
+    ``weights_only=True`` (no code runs). The backbone architecture is rebuilt from its spec
+    with random weights and then filled from the checkpoint, so no weights file is needed.
+    """
+    from featsvm.backbones import load_backbone, make_transform
+
+    record = runs.read_run(run_dir)
+    if record.config.get("kind") != "end_to_end":
+        raise FinetuneError(f"{run_dir} is a {record.config.get('kind')!r} run, not end_to_end")
+    runs.verify_sidecar(record.model_path)
+    ck = torch.load(record.model_path, map_location="cpu", weights_only=True)
+    arch = ck["architecture"]
+    if arch["kind"] == BASIC_CNN:
+        spec = arch["spec"]
+        net: nn.Module = BasicCNN(len(LABELS), BasicCNNSpec(
+            spec["input_size"], tuple(spec["channels"]), spec["dense"], spec["dropout"]))
+    else:
+        loaded = load_backbone(arch["backbone"], weights="none")
+        net = FinetuneModel(loaded.embedder, int(arch["dim"]), len(LABELS), arch["head_dropout"])
+    net.load_state_dict(ck["state_dict"])
+    net.eval()
+    return net, make_transform(ck["preprocessing"]), record.config

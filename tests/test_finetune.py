@@ -1,0 +1,253 @@
+"""End-to-end training (featsvm.finetune) on tiny generated images."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_dataset
+
+from featsvm import finetune as ft
+from featsvm import metrics as fm
+from featsvm import runs
+from featsvm.backbones import make_transform
+from featsvm.basic_cnn import BasicCNNSpec, basic_cnn_preprocessing
+from featsvm.config import ConfigError, load_toml
+from featsvm.dataset import load_rgb, scan
+from featsvm.manifest import ManifestRow, read_manifest, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small, fast settings: 32 px basic CNN, few epochs, few bootstrap resamples.
+TINY = ft.FinetuneConfig(
+    epochs=3, batch_size=8, basic_cnn_size=32, basic_cnn_channels=(8, 16),
+    basic_cnn_dense=16, lr=3e-3, warmup_epochs=0.5, n_boot=20, channels_last=False,
+    workers=1, device="cpu",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """4 classes x 10 images: 6 train, 2 val, 2 test per class; one group per image."""
+    root = tmp_path_factory.mktemp("ft")
+    data = make_dataset(root / "data", per_class=10, size=48, seed=3)
+    rows = []
+    for i, rec in enumerate(scan(data).records):
+        j = i % 10
+        split = "train" if j < 6 else ("val" if j < 8 else "test")
+        rows.append(ManifestRow(rec.relpath, rec.sha256, rec.label, i, split))
+    write_manifest(root / "split.csv", rows)
+    return data, root / "split.csv"
+
+
+def _run(tiny_split, tmp_path: Path, cfg: ft.FinetuneConfig = TINY, **kw) -> ft.FinetuneResult:
+    data, split = tiny_split
+    kw.setdefault("runs_dir", tmp_path / "runs")
+    kw.setdefault("resume", False)
+    return ft.finetune(data, split, cfg, progress=False, log=lambda _m: None, **kw)
+
+
+def _history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / runs.HISTORY_FILE, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / ft.MODEL_FILE, weights_only=True)["state_dict"]
+
+
+def test_training_lowers_the_loss(tiny_split, tmp_path):
+    cfg = dataclasses.replace(TINY, epochs=8, augment=False, patience=0, lr=1e-2,
+                              basic_cnn_dropout=0.0)
+    res = _run(tiny_split, tmp_path, cfg)
+    losses = [float(r["train_loss"]) for r in _history(res.run_dir)]
+    assert len(losses) == 8
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert res.record is not None and res.record.metrics["val"]["accuracy"] > 0.25
+
+
+def test_run_record_is_complete_and_predict_agrees(tiny_split, tmp_path):
+    data, split = tiny_split
+    res = _run(tiny_split, tmp_path)
+    rec = runs.read_run(res.run_dir)
+    cfg = rec.config
+    assert set(runs.REQUIRED_CONFIG_KEYS) <= set(cfg)
+    assert cfg["kind"] == "end_to_end" and cfg["backbone"] is None and cfg["head"] is None
+    assert cfg["weights"]["label"] == "none"
+    assert cfg["preprocessing"]["input_size"] == 32
+    assert cfg["split"]["sha256"] == read_manifest(split).sha256
+    assert runs.verify_sidecar(rec.model_path)
+    # predictions cover exactly the val and test images of the manifest
+    manifest = read_manifest(split)
+    preds = rec.predictions()
+    expected = {r.relpath for r in manifest.rows if r.split in ("val", "test")}
+    assert set(preds.relpath) == expected and len(preds.relpath) == len(expected)
+    # metrics.json has the keys `fit` writes (same scoring function, same shape)
+    reference = fm.score_predictions(manifest, preds.relpath, preds.proba, n_boot=5)
+    assert set(rec.metrics) == {"val", "test"}
+    for split_name in ("val", "test"):
+        assert set(rec.metrics[split_name]) == set(reference[split_name])
+        assert rec.metrics[split_name]["accuracy"] == reference[split_name]["accuracy"]
+        assert rec.metrics[split_name]["ci95"]
+    # per-epoch history; checkpoints removed once finished
+    assert len(_history(res.run_dir)) == cfg["epochs_run"] == 3
+    assert not (res.run_dir / ft.LAST_CHECKPOINT).exists()
+    # the saved model, reloaded with its own transform, reproduces predictions.csv
+    model, transform, _ = ft.load_finetuned(res.run_dir)
+    test = preds.select("test")
+    x = torch.stack([transform(load_rgb(data / p)) for p in test.relpath])
+    with torch.no_grad():
+        proba = torch.softmax(model(x), 1).numpy()
+    np.testing.assert_allclose(proba, test.proba, atol=2e-5)
+
+
+def test_same_seed_same_metrics_and_resume_continues_exactly(tiny_split, tmp_path):
+    full = _run(tiny_split, tmp_path / "a")
+    again = _run(tiny_split, tmp_path / "b")
+    assert full.record.metrics == again.record.metrics
+    # interrupted after one epoch, then resumed automatically (same fingerprint)
+    part = _run(tiny_split, tmp_path / "c", max_epochs_this_call=1)
+    assert not part.finished and (part.run_dir / ft.LAST_CHECKPOINT).is_file()
+    assert not runs.is_complete(part.run_dir)
+    resumed = _run(tiny_split, tmp_path / "c", resume=True)
+    assert resumed.run_dir == part.run_dir and resumed.resumed_from_epoch == 1
+    assert resumed.record.config["resumed"] is True
+    assert resumed.record.metrics == full.record.metrics
+    a, b = _state(full.run_dir), _state(resumed.run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _history(full.run_dir)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"}
+                     for r in _history(resumed.run_dir)]
+    # a different seed is a different run
+    other = _run(tiny_split, tmp_path / "d", dataclasses.replace(TINY, seed=1))
+    c = _state(other.run_dir)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_refuses_a_run_with_other_settings(tiny_split, tmp_path):
+    part = _run(tiny_split, tmp_path, max_epochs_this_call=1)
+    with pytest.raises(ft.FinetuneError, match="fingerprint"):
+        _run(tiny_split, tmp_path, dataclasses.replace(TINY, lr=1e-2), resume=part.run_dir)
+    # and automatic resume ignores it, starting a fresh folder
+    fresh = _run(tiny_split, tmp_path, dataclasses.replace(TINY, epochs=1), resume=True)
+    assert fresh.run_dir != part.run_dir and fresh.resumed_from_epoch == 0
+
+
+def test_augmentation_only_touches_training_images(tiny_split, tmp_path, monkeypatch):
+    seen: list[int] = []
+    real = ft.augment
+
+    def spy(x, gen, jitter):
+        seen.append(x.shape[0])
+        return real(x, gen, jitter)
+
+    monkeypatch.setattr(ft, "augment", spy)
+    res = _run(tiny_split, tmp_path, dataclasses.replace(TINY, epochs=2))
+    n_train = res.record.config["n_images"]["train"]
+    assert sum(seen) == 2 * n_train  # every train image once per epoch, nothing else
+
+
+def test_augment_is_label_preserving_geometry_and_mild_colour():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    y = ft.augment(x, gen, jitter=0.0)
+    assert y.shape == x.shape
+    # without jitter each image is a dihedral transform: same multiset of pixel values
+    assert torch.equal(y.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+    assert not torch.equal(x, y)
+    z = ft.augment(x, gen, jitter=0.1)
+    assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
+    assert float((z.mean() - x.mean()).abs()) < 0.1
+
+
+def test_normaliser_recovers_the_transform_exactly():
+    pre = basic_cnn_preprocessing(BasicCNNSpec(input_size=32, channels=(8,)))
+    norm = ft.Normaliser.probe(make_transform(pre))
+    np.testing.assert_allclose(norm.mean, pre["mean"], atol=1e-5)
+    np.testing.assert_allclose(norm.std, pre["std"], atol=1e-5)
+
+
+def test_freeze_rules_resolve_for_every_backbone():
+    for name in ft.PRETRAINED_MODELS:
+        built = ft.build_model(name, ft.FinetuneConfig(model=name), weights="none")
+        until = ft.apply_freeze(built, "auto")
+        assert until == ft.FREEZE_AUTO[name]
+        trainable = [n for n, p in built.model.named_parameters() if p.requires_grad]
+        frozen = [n for n, p in built.model.named_parameters() if not p.requires_grad]
+        assert frozen and "head.1.weight" in trainable
+        assert all(n.startswith("head.") for n in trainable[-2:])
+    built = ft.build_model("efficientnet_lite0", ft.FinetuneConfig(), weights="none")
+    with pytest.raises(ft.FinetuneError, match="blocks"):
+        ft.apply_freeze(built, "no_such_block")
+    ft.apply_freeze(built, "all")
+    assert [n for n, p in built.model.named_parameters() if p.requires_grad] == [
+        "head.1.weight", "head.1.bias"]
+
+
+def test_finetuning_a_backbone_end_to_end(tiny_split, tmp_path):
+    """EfficientNet-Lite0 (random init, the last block + head trainable), one short epoch."""
+    cfg = dataclasses.replace(TINY, model="efficientnet_lite0", freeze="auto", epochs=1,
+                              batch_size=12)
+    res = _run(tiny_split, tmp_path, cfg, weights="none")
+    c = res.record.config
+    assert c["backbone"] == "efficientnet_lite0" and c["weights"]["label"] == "random"
+    assert c["freeze_until"] == "blocks.5"
+    assert 0 < c["parameters"]["trainable"] < c["parameters"]["total"]
+    assert c["preprocessing"]["input_size"] == 224
+    hist = _history(res.run_dir)
+    assert float(hist[0]["lr_backbone"]) == pytest.approx(
+        float(hist[0]["lr_head"]) * cfg.backbone_lr_mult)
+
+
+def test_bad_and_changed_images_are_skipped_and_listed(tiny_split, tmp_path):
+    data, split = tiny_split
+    copy = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(data, copy)
+    manifest = read_manifest(split)
+    victim = manifest.subset("train")[0].relpath
+    (copy / victim).write_bytes(b"not a jpeg")
+    res = ft.finetune(copy, split, dataclasses.replace(TINY, epochs=1), runs_dir=tmp_path / "r",
+                      resume=False, progress=False, log=lambda _m: None)
+    assert [s["relpath"] for s in res.record.config["skipped"]] == [victim]
+    assert "sha256" in res.record.config["skipped"][0]["reason"]
+
+
+def test_cli_and_config_files(tiny_split, tmp_path):
+    from featsvm.cli import main
+
+    for name in ("cpu.toml", "gpu.toml"):
+        cfg = ft.finetune_config(load_toml(REPO / "configs" / name), name)
+        for model in cfg.models:
+            cfg.for_model(model)  # overrides are valid keys
+    cpu = ft.finetune_config(load_toml(REPO / "configs" / "cpu.toml"))
+    assert cpu.for_model("efficientnet_lite0").freeze == "auto"
+    with pytest.raises(ConfigError, match="unknown key"):
+        ft.finetune_config({"finetune": {"epoch": 3}})
+    with pytest.raises(ConfigError):
+        ft.FinetuneConfig(overrides={"basic-cnn": {"lrr": 1}}).for_model("basic-cnn")
+
+    data, split = tiny_split
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(
+        "[finetune]\nbatch_size = 8\nbasic_cnn_size = 32\nbasic_cnn_channels = [8]\n"
+        "basic_cnn_dense = 8\nn_boot = 5\nchannels_last = false\n", encoding="utf-8")
+    result = CliRunner().invoke(main, [
+        "finetune", str(data), "--split", str(split), "--model", "basic-cnn", "--epochs", "1",
+        "--runs", str(tmp_path / "runs"), "--config", str(toml), "--quiet", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "test (n=8): accuracy" in result.output
+    (run,), _ = runs.list_runs(tmp_path / "runs")
+    assert run.config["finetune"]["epochs"] == 1 and run.config["finetune"]["batch_size"] == 8
+    bad = CliRunner().invoke(main, [
+        "finetune", str(data), "--split", str(split), "--model", "basic-cnn",
+        "--weights", "x.pth", "--runs", str(tmp_path / "runs"), "--quiet",
+    ])
+    assert bad.exit_code != 0 and "from scratch" in bad.output
