@@ -64,6 +64,10 @@ def command(
                           log=click.echo)
     except (ConfigError, FinetuneError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: the last finished epoch is checkpointed; run the same command "
+                   "again to resume from it (or pass --no-resume to start over)", err=True)
+        raise SystemExit(130) from None
     rec = result.record
     assert rec is not None
     t = rec.config["timing"]
