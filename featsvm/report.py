@@ -26,7 +26,7 @@ import csv
 import html
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -404,15 +404,22 @@ def write_report(
     out_dir: str | os.PathLike[str],
     data_dir: str | os.PathLike[str] | None = None,
     config: ReportConfig | None = None,
+    only: Collection[str] | None = None,
 ) -> ReportResult:
     """Read every complete run under `runs_dir` and write the report into `out_dir`.
 
     `data_dir` is the image folder the runs' relpaths are relative to; without it the example
-    grid (Figure 5) is skipped with a note. Raises FileNotFoundError when there are no runs.
+    grid (Figure 5) is skipped with a note. `only`: restrict to these run ids (what `featsvm
+    run` made or reused), leaving other runs in the folder out. Raises FileNotFoundError when
+    there are no runs.
     """
     cfg = config or ReportConfig()
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     runs, incomplete = list_runs(runs_dir)
+    if only is not None:
+        wanted = set(only)
+        runs = [r for r in runs if r.run_id in wanted]
+        incomplete = [n for n in incomplete if n in wanted]
     if not runs:
         raise FileNotFoundError(
             f"no complete run records under {runs_dir}; create some with `featsvm fit`, "

@@ -1,0 +1,413 @@
+"""`featsvm run CONFIG.toml`: the whole study from one config file.
+
+Steps, each reusing what is already on disk with the same fingerprint (and saying so):
+
+1. **split**: the duplicate-aware split manifest (`featsvm.split`); reused when the file
+   exists and its recorded settings (data folder, seed, ratios, folds) and sha256 match;
+2. **extract** every configured backbone into the feature cache (`featsvm.extract`); the
+   cache itself skips images it already holds;
+3. **fit** every backbone x head (`featsvm.fit`); skipped when a complete run record exists
+   for the same split sha256, cache fingerprint and head settings;
+4. **fine-tune** every model in ``[finetune] models`` (`featsvm.finetune`); skipped when a
+   complete run with the same training fingerprint exists (an unfinished one is resumed);
+5. **report** on exactly the runs of this study (`featsvm.report`).
+
+A failing step (e.g. weights that cannot be found for one backbone) is reported by name and
+the study goes on with the rest; the summary lists it and the command exits non-zero.
+
+Config sections: ``[study]`` (this module: paths, seed, ratios, what to run), ``[extract]``
+(this module: device, precision, batch size), ``[fit]`` (`featsvm.heads.HeadConfig`),
+``[finetune]`` (`featsvm.finetune.FinetuneConfig`), ``[report]``
+(`featsvm.report.ReportConfig`), ``[split]`` (the split module's own options, if any).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featsvm.config import ConfigError, load_toml, section
+from featsvm.fileio import sha256_file, write_json_atomic
+from featsvm.runs import RunRecord, list_runs
+
+DATA_HELP = (
+    "The dataset is the Kaggle 'Acute Lymphoblastic Leukemia (ALL) image dataset' "
+    "(Taleqani hospital, 3,256 images, doi:10.34740/KAGGLE/DSV/2175623): open "
+    "https://doi.org/10.34740/KAGGLE/DSV/2175623 or run `kaggle datasets download -d "
+    "mehradaria/leukemia`, unzip it, and pass the folder that holds Original/ with --data DIR "
+    "(or set [study] data in the config)."
+)
+
+
+class StudyError(RuntimeError):
+    """The study cannot start (missing data, bad config); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The ``[study]`` table. Relative paths are relative to the working directory."""
+
+    data: str = "../shared/data/all-taleqani"  # image folder; --data overrides it
+    split: str = "split.csv"  # the split manifest to write / reuse
+    cache: str = "cache"
+    runs: str = "runs"
+    report: str = "report"
+    seed: int = 0
+    ratios: tuple[float, ...] = (0.8, 0.1, 0.1)  # train / val / test
+    folds: int = 0  # grouped folds inside train written into the manifest (0 = none)
+    backbones: tuple[str, ...] = ("vgg16", "inception_v3", "efficientnet_lite0")
+    heads: tuple[str, ...] = ("svm", "logreg")
+    weights_dir: str = ""  # "" = the FEATSVM_WEIGHTS_DIR environment variable
+    # per-backbone --weights: "none" (random), "default" (library download) or a file path
+    weights: dict[str, str] = field(default_factory=dict)
+    layers: dict[str, str] = field(default_factory=dict)  # per-backbone embedding layer
+    finetune: bool = True  # train the [finetune] models
+
+    def __post_init__(self) -> None:
+        if len(self.ratios) != 3 or abs(sum(self.ratios) - 1.0) > 1e-6:
+            raise ConfigError(f"[study] ratios must be three numbers summing to 1: {self.ratios}")
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """The ``[extract]`` table: how `featsvm run` calls `featsvm.extract.extract`."""
+
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 32
+    workers: int = -1  # -1 = extract's default for the device
+
+
+@dataclass
+class Step:
+    name: str
+    status: str  # "done" | "skipped" | "failed"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class StudyResult:
+    steps: list[Step] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
+    report_dir: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[Step]:
+        return [s for s in self.steps if s.status == "failed"]
+
+
+@dataclass(frozen=True)
+class Study:
+    """Every section of a study config, built and checked before anything runs."""
+
+    path: Path
+    study: StudyConfig
+    extract: ExtractSettings
+    fit: Any  # featsvm.heads.HeadConfig
+    finetune: Any  # featsvm.finetune.FinetuneConfig
+    report: Any  # featsvm.report.ReportConfig
+    split_options: dict[str, Any]
+
+
+def load_study(path: str | os.PathLike[str]) -> Study:
+    from featsvm.finetune import finetune_config
+    from featsvm.heads import HeadConfig
+    from featsvm.report import ReportConfig
+
+    path = Path(path)
+    doc = load_toml(path)
+    src = str(path)
+    split_options = doc.get("split", {})
+    if not isinstance(split_options, dict):
+        raise ConfigError(f"{src}: [split] must be a table")
+    return Study(
+        path=path,
+        study=section(StudyConfig, doc, "study", src),
+        extract=section(ExtractSettings, doc, "extract", src),
+        fit=section(HeadConfig, doc, "fit", src),
+        finetune=finetune_config(doc, src),
+        report=section(ReportConfig, doc, "report", src),
+        split_options=dict(split_options),
+    )
+
+
+# ---------------------------------------------------------------- step helpers
+
+
+def _split_settings(data_dir: Path, cfg: StudyConfig, options: dict[str, Any]) -> dict[str, Any]:
+    return {"data_dir": str(data_dir.resolve()), "seed": cfg.seed, "ratios": list(cfg.ratios),
+            "folds": cfg.folds, "options": options}
+
+
+def _split_meta_path(split_path: Path) -> Path:
+    return split_path.with_name(split_path.name + ".study.json")
+
+
+def ensure_split(data_dir: Path, study: Study, log: Callable[[str], None]) -> tuple[Path, bool]:
+    """The split manifest for this data and these settings: reused when its recorded settings
+    and sha256 match, else (re)made. Returns (path, reused)."""
+    cfg = study.study
+    split_path = Path(cfg.split)
+    meta_path = _split_meta_path(split_path)
+    settings = _split_settings(data_dir, cfg, study.split_options)
+    if split_path.is_file() and meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+        if meta.get("settings") == settings and meta.get("sha256") == sha256_file(split_path):
+            return split_path, True
+        log(f"split: {split_path} was made with other settings or changed; re-splitting")
+    elif split_path.is_file():
+        log(f"split: {split_path} exists but has no {meta_path.name} record of its settings; "
+            "re-splitting")
+    _make_split(data_dir, split_path, cfg, study.split_options)
+    write_json_atomic(meta_path, {"settings": settings, "sha256": sha256_file(split_path)})
+    return split_path, False
+
+
+def _make_split(data_dir: Path, out: Path, cfg: StudyConfig, options: dict[str, Any]) -> None:
+    from featsvm import split as split_mod
+
+    split_mod.make_split(data_dir, out, seed=cfg.seed, ratios=tuple(cfg.ratios),
+                         folds=cfg.folds or None, **options)
+
+
+def _weights_for(cfg: StudyConfig, backbone: str) -> str | None:
+    return cfg.weights.get(backbone) or None
+
+
+def _weights_dir(cfg: StudyConfig) -> str | None:
+    return cfg.weights_dir or None  # None: featsvm.weights falls back to FEATSVM_WEIGHTS_DIR
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclass/tuple values as they look after a JSON round trip."""
+    return json.loads(json.dumps(asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj,
+                                 sort_keys=True, default=list))
+
+
+def find_head_run(
+    runs: list[RunRecord], backbone: str, head: str, split_sha: str, cache_fp: str,
+    head_config: Any,
+) -> RunRecord | None:
+    """A complete head run of the same backbone, head, split, cache and head settings."""
+    want = _plain(head_config)
+    for r in reversed(runs):  # newest id last: prefer the latest
+        c = r.config
+        if (c.get("kind") == "head" and c.get("backbone") == backbone and c.get("head") == head
+                and (c.get("split") or {}).get("sha256") == split_sha
+                and (c.get("cache") or {}).get("fingerprint") == cache_fp
+                and _plain(c.get("head_config")) == want):
+            return r
+    return None
+
+
+def finetune_fingerprint(model: str, study: Study, split_sha: str, data_dir: Path) -> str:
+    """The fingerprint `featsvm.finetune` records for this model, computed without training
+    (weights are only resolved and hashed, not loaded into a model)."""
+    from featsvm import finetune as ft
+
+    cfg = study.finetune.for_model(model)
+    if model == ft.BASIC_CNN:
+        weights = {"label": "none", "sha256": None}
+    else:
+        from featsvm.backbones import describe
+
+        _spec, info, _pre = describe(model, _weights_for(study.study, model),
+                                     _weights_dir(study.study))
+        weights = {"label": info.label, "sha256": info.sha256}
+    return ft.fingerprint(cfg, split_sha, weights, data_dir)
+
+
+def find_finetune_run(runs: list[RunRecord], fp: str) -> RunRecord | None:
+    for r in reversed(runs):
+        if r.config.get("kind") == "end_to_end" and r.config.get("fingerprint") == fp:
+            return r
+    return None
+
+
+# ---------------------------------------------------------------- the study
+
+
+def run_study(
+    config_path: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> StudyResult:
+    """Run (or complete) the study described by `config_path`; see the module docstring."""
+    t_start = time.perf_counter()
+    study = load_study(config_path)
+    cfg = study.study
+    data = Path(data_dir) if data_dir is not None else Path(cfg.data)
+    if not data.is_dir():
+        raise StudyError(f"data folder {data} not found. {DATA_HELP}")
+    from featsvm.dataset import find_class_dir
+
+    try:
+        find_class_dir(data)
+    except FileNotFoundError as exc:
+        raise StudyError(f"{exc}. {DATA_HELP}") from None
+
+    res = StudyResult()
+
+    def step(name: str, fn: Callable[[], tuple[str, str]]) -> bool:
+        log(f"== {name}")
+        t0 = time.perf_counter()
+        try:
+            status, detail = fn()
+        except Exception as exc:  # noqa: BLE001 - one failing step must not hide the others
+            detail = f"{type(exc).__name__}: {exc}"
+            res.steps.append(Step(name, "failed", detail, time.perf_counter() - t0))
+            log(f"FAILED {name}: {detail}")
+            if os.environ.get("FEATSVM_DEBUG"):
+                log(traceback.format_exc())
+            return False
+        res.steps.append(Step(name, status, detail, time.perf_counter() - t0))
+        log(f"{'skipped' if status == 'skipped' else 'done'} {name}: {detail} "
+            f"({time.perf_counter() - t0:.1f} s)")
+        return True
+
+    # 1. split
+    split_holder: dict[str, Any] = {}
+
+    def do_split() -> tuple[str, str]:
+        from featsvm.manifest import read_manifest
+
+        path, reused = ensure_split(data, study, log)
+        man = read_manifest(path)
+        split_holder["manifest"] = man
+        counts = ", ".join(f"{s} {len(man.subset(s))}" for s in ("train", "val", "test"))
+        if reused:
+            return "skipped", f"{path} already made with these settings ({counts})"
+        return "done", f"wrote {path} ({counts})"
+
+    if not step("split", do_split):
+        res.seconds = time.perf_counter() - t_start
+        return res
+    manifest = split_holder["manifest"]
+    runs_dir = Path(cfg.runs)
+
+    # 2. extract
+    extracted: set[str] = set()
+    for backbone in cfg.backbones:
+        def do_extract(backbone: str = backbone) -> tuple[str, str]:
+            from featsvm.extract import extract
+
+            ex = study.extract
+            s = extract(
+                data, backbone, weights=_weights_for(cfg, backbone),
+                weights_dir=_weights_dir(cfg), cache_dir=cfg.cache, device=ex.device,
+                precision=ex.precision, batch_size=ex.batch_size,
+                workers=None if ex.workers < 0 else ex.workers,
+                layer=cfg.layers.get(backbone), progress=progress, records=manifest.rows,
+            )
+            bad = f"; {len(s.skipped)} image(s) skipped: " + ", ".join(
+                f"{p} ({why})" for p, why in s.skipped[:5]) if s.skipped else ""
+            if s.n_new == 0:
+                return "skipped", f"all {s.n_cached} images already cached in {s.cache_path}{bad}"
+            return "done", (f"{s.n_new} new, {s.n_cached} cached, {s.images_per_s:.1f} img/s "
+                            f"-> {s.cache_path}{bad}")
+
+        if step(f"extract {backbone}", do_extract):
+            extracted.add(backbone)
+
+    # 3. fit
+    for backbone in cfg.backbones:
+        for head in cfg.heads:
+            name = f"fit {backbone} + {head}"
+            if backbone not in extracted:
+                res.steps.append(Step(name, "failed", f"extract {backbone} failed"))
+                log(f"FAILED {name}: extract {backbone} failed")
+                continue
+
+            def do_fit(backbone: str = backbone, head: str = head) -> tuple[str, str]:
+                from featsvm.cache import locate_cache, read_cache
+                from featsvm.fit import fit
+
+                cache_file = locate_cache(cfg.cache, backbone, _weights_for(cfg, backbone),
+                                          _weights_dir(cfg), study.extract.precision,
+                                          cfg.layers.get(backbone))
+                fp = read_cache(cache_file).attrs.get("fingerprint")
+                existing, _ = list_runs(runs_dir)
+                found = find_head_run(existing, backbone, head, manifest.sha256, fp, study.fit)
+                if found is not None:
+                    res.run_ids.append(found.run_id)
+                    return "skipped", f"run {found.run_id} has the same split, cache and grid"
+                rec = fit(backbone, head, manifest.path, cache_dir=cfg.cache,
+                          weights=_weights_for(cfg, backbone), weights_dir=_weights_dir(cfg),
+                          runs_dir=runs_dir, config=study.fit,
+                          precision=study.extract.precision, layer=cfg.layers.get(backbone),
+                          progress=progress)
+                res.run_ids.append(rec.run_id)
+                return "done", _headline(rec)
+
+            step(name, do_fit)
+
+    # 4. fine-tune
+    if cfg.finetune:
+        for model in study.finetune.models:
+            def do_finetune(model: str = model) -> tuple[str, str]:
+                from featsvm.finetune import finetune
+
+                fp = finetune_fingerprint(model, study, manifest.sha256, data)
+                existing, _ = list_runs(runs_dir)
+                found = find_finetune_run(existing, fp)
+                if found is not None:
+                    res.run_ids.append(found.run_id)
+                    return "skipped", f"run {found.run_id} has the same training fingerprint"
+                out = finetune(data, manifest.path, study.finetune.for_model(model),
+                               weights=_weights_for(cfg, model), weights_dir=_weights_dir(cfg),
+                               runs_dir=runs_dir, progress=progress, log=log)
+                if out.record is None:
+                    raise RuntimeError(f"training stopped before the end; resumable in "
+                                       f"{out.run_dir}")
+                res.run_ids.append(out.record.run_id)
+                return "done", _headline(out.record)
+
+            step(f"finetune {model}", do_finetune)
+
+    # 5. report
+    def do_report() -> tuple[str, str]:
+        from featsvm.report import write_report
+
+        if not res.run_ids:
+            raise RuntimeError("no run finished, nothing to report")
+        rep = write_report(runs_dir, cfg.report, data_dir=data, config=study.report,
+                           only=res.run_ids)
+        res.report_dir = rep.out_dir
+        for note in rep.notes:
+            log(f"note: {note}")
+        return "done", f"{len(rep.files)} files in {rep.out_dir} (open index.html)"
+
+    step("report", do_report)
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+def _headline(rec: RunRecord) -> str:
+    t = rec.metrics.get("test") or {}
+    b = t.get("binary") or {}
+
+    def pct(v: Any) -> str:
+        return "–" if v is None else f"{100 * float(v):.1f}%"
+
+    return (f"run {rec.run_id}: test accuracy {pct(t.get('accuracy'))}, sensitivity "
+            f"{pct(b.get('sensitivity'))}, specificity {pct(b.get('specificity'))}")
+
+
+def summary_lines(res: StudyResult) -> list[str]:
+    width = max((len(s.name) for s in res.steps), default=4)
+    lines = [f"{s.name:<{width}}  {s.status:<7}  {s.seconds:7.1f} s  {s.detail}"
+             for s in res.steps]
+    lines.append(f"total wall time {res.seconds / 60:.1f} min")
+    return lines

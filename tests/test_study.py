@@ -1,0 +1,138 @@
+"""`featsvm run` end to end on a tiny generated dataset with a tiny config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import make_dataset
+
+from featsvm.cli import main
+from featsvm.study import StudyError, load_study, run_study
+
+TINY_CONFIG = """
+[study]
+data = "{data}"
+split = "{root}/split.csv"
+cache = "{root}/cache"
+runs = "{root}/runs"
+report = "{root}/report"
+seed = 0
+ratios = [0.5, 0.25, 0.25]
+backbones = ["efficientnet_lite0"]
+heads = ["logreg"]
+weights = {{ efficientnet_lite0 = "none" }}
+finetune = true
+
+[extract]
+device = "cpu"
+batch_size = 8
+workers = 0
+
+[fit]
+cv_folds = 2
+logreg_C = [1.0]
+class_weight = ["none"]
+n_jobs = 1
+n_boot = 10
+
+[finetune]
+models = ["basic-cnn"]
+epochs = 1
+batch_size = 4
+basic_cnn_size = 32
+basic_cnn_channels = [4, 8]
+basic_cnn_dense = 8
+n_boot = 10
+workers = 1
+device = "cpu"
+
+[report]
+best = 1
+examples = 2
+"""
+
+
+@pytest.fixture
+def tiny_study(tmp_path: Path) -> Path:
+    data = make_dataset(tmp_path / "data", per_class=8, size=40, seed=5)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_CONFIG.format(data=data, root=tmp_path))
+    return cfg
+
+
+def test_run_end_to_end_then_everything_is_skipped(tiny_study: Path) -> None:
+    root = tiny_study.parent
+    lines: list[str] = []
+    res = run_study(tiny_study, log=lines.append, progress=False)
+    assert not res.failed, [(s.name, s.detail) for s in res.failed]
+    assert [s.name for s in res.steps] == [
+        "split", "extract efficientnet_lite0", "fit efficientnet_lite0 + logreg",
+        "finetune basic-cnn", "report"]
+    assert all(s.status == "done" for s in res.steps)
+    assert (root / "split.csv").is_file()
+    assert len(res.run_ids) == 2
+    report = root / "report"
+    for name in ("index.html", "table.md", "table.csv", "table.json", "fig4_metrics.png",
+                 "fig5_examples.png"):
+        assert (report / name).is_file(), name
+    rows = json.loads((report / "table.json").read_text())["rows"]
+    assert sorted(r["run_id"] for r in rows if r["source"] == "measured") == sorted(res.run_ids)
+    kinds = {r["kind"] for r in rows}
+    assert {"head", "end_to_end", "published"} <= kinds
+
+    # second run: split, cache, head and CNN are all reused and said to be
+    lines2: list[str] = []
+    res2 = run_study(tiny_study, log=lines2.append, progress=False)
+    status = {s.name: s.status for s in res2.steps}
+    assert status == {"split": "skipped", "extract efficientnet_lite0": "skipped",
+                      "fit efficientnet_lite0 + logreg": "skipped", "finetune basic-cnn": "skipped",
+                      "report": "done"}
+    assert sorted(res2.run_ids) == sorted(res.run_ids)
+    assert sum(line.startswith("skipped ") for line in lines2) == 4
+    assert len([p for p in (root / "runs").iterdir() if p.is_dir()]) == 2
+
+    # a changed head grid refits only the head; split and cache are still reused
+    text = tiny_study.read_text().replace("logreg_C = [1.0]", "logreg_C = [0.1]")
+    tiny_study.write_text(text.replace('models = ["basic-cnn"]', "models = []"))
+    res3 = run_study(tiny_study, progress=False, log=lambda _m: None)
+    status = {s.name: s.status for s in res3.steps}
+    assert status == {"split": "skipped", "extract efficientnet_lite0": "skipped",
+                      "fit efficientnet_lite0 + logreg": "done", "report": "done"}
+    assert res3.run_ids[0] not in res.run_ids
+
+
+def test_missing_data_says_how_to_get_it(tiny_study: Path, tmp_path: Path) -> None:
+    with pytest.raises(StudyError, match="10.34740/KAGGLE/DSV/2175623"):
+        run_study(tiny_study, data_dir=tmp_path / "absent", progress=False)
+    result = CliRunner().invoke(main, ["run", str(tiny_study), "--data", str(tmp_path / "no")])
+    assert result.exit_code != 0
+    assert "Acute Lymphoblastic Leukemia (ALL) image dataset" in result.output
+
+
+def test_failed_backbone_is_reported_and_the_rest_goes_on(tiny_study: Path,
+                                                          monkeypatch) -> None:
+    text = tiny_study.read_text().replace('backbones = ["efficientnet_lite0"]',
+                                          'backbones = ["efficientnet_lite0", "vgg16"]')
+    text = text.replace('efficientnet_lite0 = "none"',
+                        'efficientnet_lite0 = "none", vgg16 = "/no/such/file.pth"')
+    text = text.replace("finetune = true", "finetune = false")
+    tiny_study.write_text(text)
+    res = run_study(tiny_study, progress=False, log=lambda _m: None)
+    status = {s.name: s.status for s in res.steps}
+    assert status["extract vgg16"] == "failed"
+    assert status["fit vgg16 + logreg"] == "failed"
+    assert status["fit efficientnet_lite0 + logreg"] == "done"
+    assert status["report"] == "done"
+    result = CliRunner().invoke(main, ["run", str(tiny_study), "--quiet"])
+    assert result.exit_code != 0
+    assert "extract vgg16" in result.output
+
+
+@pytest.mark.parametrize("name", ["cpu.toml", "paper.toml"])
+def test_shipped_configs_load(name: str) -> None:
+    study = load_study(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert study.study.heads == ("svm", "logreg")
+    assert "basic-cnn" in study.finetune.models
