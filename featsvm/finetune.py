@@ -120,6 +120,10 @@ class FinetuneConfig:
     color_jitter: float = 0.1  # +-10 % brightness, contrast, saturation
     select_metric: str = "macro_f1"
     patience: int = 5  # epochs without val improvement before stopping; 0 = never stop early
+    # Wall-clock cap on training (minutes, 0 = none): no epoch is started that would end past
+    # it by the mean epoch time so far. The cosine schedule is still laid out over `epochs`,
+    # so set `epochs` to what fits and keep this as a guard for slower machines.
+    max_train_minutes: float = 0.0
     freeze: str = "none"
     head_dropout: float = 0.2
     basic_cnn_size: int = 128
@@ -701,11 +705,17 @@ def finetune(
         f"{steps_per_epoch} steps per epoch; run folder {run_dir}")
 
     epoch = start_epoch
-    stopped_early = False
+    stopped_early = stopped_by_budget = False
     with _deterministic(device.type == "cpu"):
         while epoch < cfg.epochs:
             if best_epoch and cfg.patience and epoch - best_epoch >= cfg.patience:
                 stopped_early = True
+                break
+            budget = cfg.max_train_minutes * 60.0
+            if budget > 0 and epoch > 0 and train_seconds * (epoch + 1) / epoch > budget:
+                stopped_by_budget = True
+                log(f"stopping after epoch {epoch}: another epoch would exceed "
+                    f"max_train_minutes = {cfg.max_train_minutes:g}")
                 break
             if max_epochs_this_call is not None and epoch - start_epoch >= max_epochs_this_call:
                 return FinetuneResult(run_dir, False, None, epoch, best_epoch, skipped,
@@ -802,6 +812,7 @@ def finetune(
         "epochs_run": epoch,
         "best_epoch": best_epoch,
         "stopped_early": stopped_early,
+        "stopped_by_budget": stopped_by_budget,
         "select_metric": cfg.select_metric,
         "best_val_score": best_score,
         "resumed": resumed_from > 0,

@@ -251,3 +251,9 @@ def test_cli_and_config_files(tiny_split, tmp_path):
         "--weights", "x.pth", "--runs", str(tmp_path / "runs"), "--quiet",
     ])
     assert bad.exit_code != 0 and "from scratch" in bad.output
+
+
+def test_time_budget_stops_training_between_epochs(tiny_split, tmp_path):
+    res = _run(tiny_split, tmp_path, dataclasses.replace(TINY, max_train_minutes=1e-6))
+    assert res.finished and res.epochs_done == 1
+    assert res.record.config["stopped_by_budget"] is True
