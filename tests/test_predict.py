@@ -134,3 +134,42 @@ def test_cli_predict_writes_csv(head_run: Path, tiny: dict[str, Path]) -> None:
         probs = [float(r[f"prob_{lab}"]) for lab in ("benign", "early_pre_b", "pre_b", "pro_b")]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
         assert float(r["prob_malignant"]) == pytest.approx(sum(probs[1:]), abs=1e-5)
+
+
+def test_head_run_with_real_weights_resolves_them_by_sha256(
+    tiny: dict[str, Path], shared_weights: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The shared EfficientNet-Lite0 file: found again at its recorded path, or through a
+    weights folder when the recorded path is gone; predictions match the run's own."""
+    import json
+
+    from featsvm.extract import extract
+    from featsvm.fit import fit
+    from featsvm.heads import HeadConfig
+
+    monkeypatch.delenv("FEATSVM_WEIGHTS_DIR", raising=False)
+    cache = tmp_path / "cache"
+    extract(tiny["data"], "efficientnet_lite0", weights_dir=shared_weights, cache_dir=cache,
+            batch_size=8, workers=0, progress=False)
+    cfg = HeadConfig(cv_folds=2, logreg_C=(1.0,), class_weight=("none",), n_boot=10, n_jobs=1)
+    rec = fit("efficientnet_lite0", "logreg", tiny["split"], cache_dir=cache,
+              weights_dir=shared_weights, runs_dir=tmp_path / "runs", config=cfg,
+              progress=False)
+    assert rec.config["weights"]["sha256"].startswith("0e570cb8")
+    _agrees_with_record(rec.path, tiny["data"], atol=1e-4)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(rec.path, moved)
+    cfg_json = json.loads((moved / "config.json").read_text())
+    cfg_json["weights"]["source"] = str(tmp_path / "gone.pth")
+    (moved / "config.json").write_text(json.dumps(cfg_json))
+    import featsvm.weights as fw
+
+    def offline(url: str) -> Path:
+        raise OSError("offline")
+
+    monkeypatch.setattr(fw, "_fetch_url", offline)  # never download in a test
+    with pytest.raises(PredictError, match="efficientnet_lite0 weights"):
+        Predictor.from_run(moved)
+    monkeypatch.setenv("FEATSVM_WEIGHTS_DIR", str(shared_weights))
+    _agrees_with_record(moved, tiny["data"], atol=1e-4)
