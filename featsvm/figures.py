@@ -141,6 +141,9 @@ def roc_curves(
     proba = np.asarray(proba, dtype=float)
     fig = _new_figure(5.6, 5.0)
     ax = fig.add_subplot(1, 1, 1)
+    # near-perfect curves hug the corner: an inset magnifies FPR <= 0.2, TPR >= 0.8
+    zoom = ax.inset_axes((0.38, 0.36, 0.58, 0.36))
+    curves: list[tuple[np.ndarray, np.ndarray, dict]] = []
     for k, lab in enumerate(LABELS):
         pos = y == k
         name = DISPLAY_NAMES.get(lab, lab)
@@ -149,14 +152,23 @@ def roc_curves(
             continue
         fpr, tpr, _ = roc_curve(pos, proba[:, k])
         auc = roc_auc_score(pos, proba[:, k])
-        ax.plot(fpr, tpr, color=_COLOURS[k], lw=1.4, label=f"{name} vs rest (AUC {auc:.3f})")
+        curves.append((fpr, tpr, {"color": _COLOURS[k], "lw": 1.4,
+                                  "label": f"{name} vs rest (AUC {auc:.3f})"}))
     mal = np.isin(np.array(true_labels), sorted(MALIGNANT))
     if mal.any() and not mal.all():
         score = proba[:, [LABELS.index(m) for m in LABELS if m in MALIGNANT]].sum(axis=1)
         fpr, tpr, _ = roc_curve(mal, score)
         auc = roc_auc_score(mal, score)
-        ax.plot(fpr, tpr, color="black", lw=1.6, ls="--",
-                label=f"malignant vs benign (AUC {auc:.3f})")
+        curves.append((fpr, tpr, {"color": "black", "lw": 1.6, "ls": "--",
+                                  "label": f"malignant vs benign (AUC {auc:.3f})"}))
+    for fpr, tpr, style in curves:
+        ax.plot(fpr, tpr, **style)
+        zoom.plot(fpr, tpr, **{k: v for k, v in style.items() if k != "label"})
+    zoom.set_xlim(-0.005, 0.2)
+    zoom.set_ylim(0.8, 1.005)
+    zoom.tick_params(labelsize=6)
+    zoom.set_title("zoom: top-left corner", fontsize=6)
+    zoom.grid(alpha=0.3)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set_xlim(-0.01, 1.0)
     ax.set_ylim(0.0, 1.01)
