@@ -27,7 +27,7 @@ import json
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,8 @@ def _split_meta_path(split_path: Path) -> Path:
     return split_path.with_name(split_path.name + ".study.json")
 
 
-def ensure_split(data_dir: Path, study: Study, log: Callable[[str], None]) -> tuple[Path, bool]:
+def ensure_split(data_dir: Path, study: Study, log: Callable[[str], None],
+                 progress: bool = True) -> tuple[Path, bool]:
     """The split manifest for this data and these settings: reused when its recorded settings
     and sha256 match, else (re)made. Returns (path, reused)."""
     cfg = study.study
@@ -169,16 +170,40 @@ def ensure_split(data_dir: Path, study: Study, log: Callable[[str], None]) -> tu
     elif split_path.is_file():
         log(f"split: {split_path} exists but has no {meta_path.name} record of its settings; "
             "re-splitting")
-    _make_split(data_dir, split_path, cfg, study.split_options)
+    _make_split(data_dir, split_path, cfg, study.split_options, progress, log)
     write_json_atomic(meta_path, {"settings": settings, "sha256": sha256_file(split_path)})
     return split_path, False
 
 
-def _make_split(data_dir: Path, out: Path, cfg: StudyConfig, options: dict[str, Any]) -> None:
+def _make_split(data_dir: Path, out: Path, cfg: StudyConfig, options: dict[str, Any],
+                progress: bool, log: Callable[[str], None]) -> None:
+    """`featsvm.split.make_split` with the ``[split]`` table: ``subset``, ``class_map`` and a
+    ``[split.duplicates]`` sub-table (`featsvm.duplicates.DuplicateConfig`)."""
     from featsvm import split as split_mod
+    from featsvm.config import build
+    from featsvm.duplicates import DuplicateConfig
 
-    split_mod.make_split(data_dir, out, seed=cfg.seed, ratios=tuple(cfg.ratios),
-                         folds=cfg.folds or None, **options)
+    opts = dict(options)
+    unknown = sorted(set(opts) - {"subset", "class_map", "duplicates"})
+    if unknown:
+        raise ConfigError(f"[split]: unknown key(s) {unknown}; allowed: class_map, duplicates, "
+                          "subset (seed, ratios and folds are set in [study])")
+    dup = opts.pop("duplicates", None)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        def bar(it: Iterable, **kw: Any) -> Iterable:
+            return tqdm(it, unit="img", leave=False, **kw)
+
+    result = split_mod.make_split(
+        data_dir, out, seed=cfg.seed, ratios=tuple(cfg.ratios),  # type: ignore[arg-type]
+        folds=cfg.folds or None,
+        duplicate_config=build(DuplicateConfig, dup, "[split.duplicates]") if dup else None,
+        progress=bar, **opts,
+    )
+    for line in split_mod.summary_lines(result, max_groups=5):
+        log(f"  {line}")
 
 
 def _weights_for(cfg: StudyConfig, backbone: str) -> str | None:
@@ -283,7 +308,7 @@ def run_study(
     def do_split() -> tuple[str, str]:
         from featsvm.manifest import read_manifest
 
-        path, reused = ensure_split(data, study, log)
+        path, reused = ensure_split(data, study, log, progress)
         man = read_manifest(path)
         split_holder["manifest"] = man
         counts = ", ".join(f"{s} {len(man.subset(s))}" for s in ("train", "val", "test"))
