@@ -102,7 +102,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         lo, hi = float(arr.min()), float(arr.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         arr8 = np.clip((arr - lo) * scale, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
+        return Image.fromarray(arr8).convert("RGB")
     if im.mode == "P":
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
