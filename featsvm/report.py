@@ -322,19 +322,42 @@ def _image_tiles(
 # ---------------------------------------------------------------- provenance
 
 
+def _known_weights_note(backbone: str, sha256: str) -> str | None:
+    """What featsvm.backbones knows about a weights file that is not plain ImageNet."""
+    if sha256 in KNOWN_NOT_IMAGENET:
+        return KNOWN_NOT_IMAGENET[sha256]
+    try:
+        from featsvm.backbones import get_spec
+
+        known = get_spec(backbone).known_file(sha256)
+    except Exception:  # noqa: BLE001 - unknown backbone name or no torch: nothing known
+        return None
+    if known is not None and known.not_imagenet_from:
+        return f"NOT plain ImageNet from {known.not_imagenet_from} on: {known.note}"
+    return None
+
+
 def weight_provenance(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
-    """Distinct (backbone, weights) pairs with a note on anything that is not plain ImageNet."""
+    """Distinct (backbone, weights) pairs with a note on anything that is not plain ImageNet,
+    and the embedding layers the runs used (a layer below the non-ImageNet blocks is still an
+    ImageNet feature)."""
     seen: dict[tuple[str, str, str], dict[str, str]] = {}
+    layers: dict[tuple[str, str, str], set[str]] = {}
     for r in runs:
         c = r.config
         w = c.get("weights") or {}
         key = (str(c.get("backbone") or c.get("model") or ""), str(w.get("label", "")),
                str(w.get("sha256") or ""))
+        pre = c.get("preprocessing") or {}
+        layer = pre.get("layer") if isinstance(pre, dict) else None
+        layers.setdefault(key, set()).add(
+            f"{layer} ({c.get('kind')})" if layer else str(c.get("kind")))
         if key in seen:
             continue
         label_l = key[1].lower()
-        if key[2] in KNOWN_NOT_IMAGENET:
-            note = KNOWN_NOT_IMAGENET[key[2]]
+        known = _known_weights_note(key[0], key[2]) if key[2] else None
+        if known:
+            note = known
         elif label_l == "random":
             note = "NOT pretrained: random initialisation"
         elif label_l == "none" or not c.get("backbone"):
@@ -344,6 +367,8 @@ def weight_provenance(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
         else:
             note = "ImageNet"
         seen[key] = {"backbone": key[0], "label": key[1], "sha256": key[2], "note": note}
+    for key, entry in seen.items():
+        entry["layers"] = ", ".join(sorted(layers[key]))
     return [seen[k] for k in sorted(seen)]
 
 
@@ -518,6 +543,20 @@ img{max-width:100%;border:1px solid #eee}
 """
 
 
+def _settings(c: dict[str, Any]) -> str:
+    """The few settings a reader needs to judge a run: chosen hyper-parameters for a head,
+    epochs / freezing for an end-to-end model."""
+    parts: list[str] = []
+    if isinstance(c.get("hyperparameters"), dict):
+        parts += [f"{k}={v}" for k, v in sorted(c["hyperparameters"].items())]
+    if (c.get("calibration") or {}).get("method") not in (None, "none"):
+        parts.append(f"calibration={c['calibration']['method']}")
+    for key in ("epochs_run", "best_epoch", "freeze_until", "stopped_early"):
+        if c.get(key) not in (None, False):
+            parts.append(f"{key}={c[key]}")
+    return ", ".join(parts) or "–"
+
+
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
@@ -592,21 +631,21 @@ def render_html(
                   if data_dir else "") + ".</p>")
 
     out.append("<h2>Weight provenance</h2><table><tr><th>Backbone</th><th>Weights label</th>"
-               "<th>sha256</th><th>Note</th></tr>")
+               "<th>sha256</th><th>Used at</th><th>Note</th></tr>")
     for p in provenance:
         flag = ' class="flag"' if p["note"].startswith("NOT") else ""
         out.append(f"<tr><td>{e(p['backbone'])}</td><td>{e(p['label'])}</td>"
-                   f"<td><code>{e(p['sha256'] or '–')}</code></td><td{flag}>{e(p['note'])}</td>"
-                   "</tr>")
+                   f"<td><code>{e(p['sha256'] or '–')}</code></td><td>{e(p['layers'])}</td>"
+                   f"<td{flag}>{e(p['note'])}</td></tr>")
     out.append("</table>")
 
     out.append("<h2>Runs</h2><table><tr><th>Run id</th><th>Model</th><th>Kind</th><th>Seed</th>"
-               "<th>Created</th></tr>")
+               "<th>Chosen settings</th><th>Created</th></tr>")
     for r in runs:
         c = r.config
         out.append(f"<tr><td>{e(r.run_id)}</td><td>{e(str(c.get('model')))}</td>"
                    f"<td>{e(str(c.get('kind')))}</td><td>{e(str(c.get('seed')))}</td>"
-                   f"<td>{e(str(c.get('created')))}</td></tr>")
+                   f"<td>{e(_settings(c))}</td><td>{e(str(c.get('created')))}</td></tr>")
     out.append("</table>")
 
     out.append("<h2>Versions</h2><ul>")
