@@ -491,6 +491,11 @@ def write_report(
 
     fig5: Path | None = None
     if data_dir is None:
+        data_dir = _recorded_data_dir(runs)
+        if data_dir is not None:
+            notes.append(f"example images read from the image folder recorded in the runs: "
+                         f"{data_dir}")
+    if data_dir is None:
         notes.append("Figure 5 (example images) skipped: no image folder given (--data DIR)")
     elif not Path(data_dir).is_dir():
         notes.append(f"Figure 5 (example images) skipped: image folder {data_dir} not found")
@@ -517,6 +522,15 @@ def write_report(
     write_text_atomic(out_dir / HTML_FILE, page)
     res.files.append(out_dir / HTML_FILE)
     return res
+
+
+def _recorded_data_dir(runs: Sequence[RunRecord]) -> Path | None:
+    """An existing image folder recorded in a run's config (``data_dir``), if any."""
+    for r in sorted(runs, key=lambda r: r.run_id):
+        d = r.config.get("data_dir")
+        if d and Path(str(d)).is_dir():
+            return Path(str(d))
+    return None
 
 
 def _remove_stale(out_dir: Path, keep: set[str]) -> None:

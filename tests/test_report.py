@@ -43,7 +43,7 @@ def make_split(data_dir: Path, out: Path) -> Path:
 def write_fake_run(
     runs_dir: Path, split_path: Path, *, model: str, kind: str = "head",
     backbone: str | None = "vgg16", head: str | None = "svm", skill: float = 2.0,
-    seed: int = 0, weights: dict | None = None,
+    seed: int = 0, weights: dict | None = None, extra: dict | None = None,
 ) -> Path:
     """A complete run record whose predictions are noisy but better than chance; metrics.json
     comes from featsvm.metrics so its keys are the real ones."""
@@ -68,6 +68,7 @@ def write_fake_run(
         "timing": {"fit_seconds": 1.5 + seed, "extract_images_per_s": 40.0 + seed},
         "versions": versions(), "created": "2026-01-01T00:00:00Z",
     }
+    config.update(extra or {})
     assert set(REQUIRED_CONFIG_KEYS) <= set(config)
     metrics = score_predictions(man, [r.relpath for r in scored], proba, n_boot=50, seed=0)
     finish_run(run_dir, config, metrics, [r.relpath for r in scored], [r.sha256 for r in scored],
@@ -171,6 +172,15 @@ def test_without_images_grid_is_skipped_with_a_note(study: dict[str, Path]) -> N
     assert not (out / "fig5_examples.png").exists()
     assert any("Figure 5" in n for n in res.notes)
     assert "--data DIR" in (out / "index.html").read_text()
+
+
+def test_grid_uses_a_recorded_data_dir(study: dict[str, Path]) -> None:
+    runs = study["root"] / "runs-recorded"
+    write_fake_run(runs, study["split"], model="basic-cnn", kind="end_to_end", backbone=None,
+                   head=None, extra={"data_dir": str(study["data"])})
+    res = report.write_report(runs, study["root"] / "recorded")
+    assert (study["root"] / "recorded" / "fig5_examples.png").is_file()
+    assert any(str(study["data"]) in n for n in res.notes)
 
 
 def test_provenance_flags_non_imagenet_weights(study: dict[str, Path]) -> None:

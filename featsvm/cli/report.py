@@ -13,7 +13,8 @@ import click
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("report"),
               show_default=True, help="Folder to write the report into.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Image folder the runs were made from (for the example-image grid).")
+              help="Image folder the runs were made from (for the example-image grid); "
+              "default: a data_dir recorded in the runs, if it exists.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="TOML file whose [report] table sets best / examples / split.")
 def command(runs_dir: Path, out_dir: Path, data_dir: Path | None,
