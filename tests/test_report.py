@@ -92,9 +92,15 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"data": data, "split": split, "runs": runs, "root": tmp_path}
 
 
-def test_report_files_and_table_values(study: dict[str, Path]) -> None:
+@pytest.fixture(scope="module")
+def written(study: dict[str, Path]) -> report.ReportResult:
+    return report.write_report(study["runs"], study["root"] / "report", data_dir=study["data"])
+
+
+def test_report_files_and_table_values(study: dict[str, Path],
+                                       written: report.ReportResult) -> None:
     out = study["root"] / "report"
-    res = report.write_report(study["runs"], out, data_dir=study["data"])
+    res = written
     names = {p.name for p in res.files}
     run_ids = sorted(p.name for p in study["runs"].iterdir() if p.name != "crashed-run")
     expected = {"table.md", "table.csv", "table.json", "fig4_metrics.png", "fig5_examples.png",
@@ -147,18 +153,17 @@ def test_report_files_and_table_values(study: dict[str, Path]) -> None:
     assert "24 images in 24 duplicate groups" in page
 
 
-def test_best_models_ranked_on_val_not_test(study: dict[str, Path]) -> None:
-    res = report.write_report(study["runs"], study["root"] / "r", config=report.ReportConfig(
-        best=1))
+def test_best_models_ranked_on_val_not_test(study: dict[str, Path],
+                                            written: report.ReportResult) -> None:
     runs = {p.name: json.loads((p / "metrics.json").read_text())
             for p in study["runs"].iterdir() if (p / "metrics.json").is_file()}
-    best_val = max(runs, key=lambda k: runs[k]["val"]["macro_f1"])
-    assert res.best_run_ids == [best_val]
+    by_val = sorted(runs, key=lambda k: (-runs[k]["val"]["macro_f1"],
+                                         -runs[k]["val"]["balanced_accuracy"], k))
+    assert written.best_run_ids == by_val[:3]
 
 
-def test_report_is_deterministic(study: dict[str, Path]) -> None:
-    a, b = study["root"] / "a", study["root"] / "b"
-    report.write_report(study["runs"], a, data_dir=study["data"])
+def test_report_is_deterministic(study: dict[str, Path], written: report.ReportResult) -> None:
+    a, b = written.out_dir, study["root"] / "b"
     report.write_report(study["runs"], b, data_dir=study["data"])
     files_a = sorted(p.name for p in a.iterdir())
     assert files_a == sorted(p.name for p in b.iterdir())
@@ -168,7 +173,7 @@ def test_report_is_deterministic(study: dict[str, Path]) -> None:
 
 def test_without_images_grid_is_skipped_with_a_note(study: dict[str, Path]) -> None:
     out = study["root"] / "nodata"
-    res = report.write_report(study["runs"], out)
+    res = report.write_report(study["runs"], out, config=report.ReportConfig(best=1))
     assert not (out / "fig5_examples.png").exists()
     assert any("Figure 5" in n for n in res.notes)
     assert "--data DIR" in (out / "index.html").read_text()
@@ -198,15 +203,18 @@ def test_stale_figures_are_removed(study: dict[str, Path]) -> None:
     out = study["root"] / "stale"
     out.mkdir()
     (out / "confusion-gone-run.png").write_bytes(b"old")
-    report.write_report(study["runs"], out)
+    report.write_report(study["runs"], out, config=report.ReportConfig(best=0))
     assert not (out / "confusion-gone-run.png").exists()
 
 
 def test_cli_report(study: dict[str, Path]) -> None:
     out = study["root"] / "cli-report"
+    cfg = study["root"] / "report.toml"
+    cfg.write_text("[report]\nbest = 1\nexamples = 2\n")
     result = CliRunner().invoke(main, ["report", "--runs", str(study["runs"]), "--out", str(out),
-                                       "--data", str(study["data"])])
+                                       "--data", str(study["data"]), "--config", str(cfg)])
     assert result.exit_code == 0, result.output
+    assert len(list(out.glob("roc-*.png"))) == 1 and (out / "fig5_examples.png").is_file()
     assert "VGG16 (reference study, published)" in result.output
     assert (out / "index.html").is_file()
     empty = CliRunner().invoke(main, ["report", "--runs", str(study["root"] / "none"),
