@@ -105,6 +105,15 @@ class ReportConfig:
     examples: int = 6  # images per grid row (one row of correct, one of wrong per model)
     split: str = "test"  # the split the table and figures describe
 
+    def __post_init__(self) -> None:
+        from featsvm.config import ConfigError
+
+        if self.best < 0 or self.examples < 1:
+            raise ConfigError(f"[report] best must be >= 0 and examples >= 1 (got best="
+                              f"{self.best}, examples={self.examples})")
+        if self.split not in ("val", "test"):
+            raise ConfigError(f"[report] split must be 'val' or 'test', got {self.split!r}")
+
 
 @dataclass
 class ReportResult:
