@@ -51,7 +51,7 @@ def save_png(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def metric_bars(rows: Sequence[dict], path: str | os.PathLike[str]) -> Path:
+def metric_bars(rows: Sequence[dict], path: str | os.PathLike[str], split: str = "test") -> Path:
     """Figure 4 of the reference study: grouped bars of accuracy, sensitivity, specificity and
     precision per model, with 95 % CI error bars where the row has them.
 
@@ -86,7 +86,7 @@ def metric_bars(rows: Sequence[dict], path: str | os.PathLike[str]) -> Path:
     ax.set_xticks(x)
     ax.set_xticklabels([_wrap(r["model"]) for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("test split (binary: malignant vs benign)")
+    ax.set_ylabel(f"{split} split (sens./spec./prec.: malignant vs benign)")
     ax.set_title("Accuracy (4-class), sensitivity, specificity, precision with 95 % CI\n"
                  "hatched = published by the reference study, not measured here", fontsize=9)
     ax.grid(axis="y", alpha=0.3)

@@ -472,7 +472,7 @@ def write_report(
     write_text_atomic(out_dir / TABLE_CSV, table_csv(rows))
     write_json_atomic(out_dir / TABLE_JSON, {"split": cfg.split, "rows": rows})
     res.files += [out_dir / TABLE_MD, out_dir / TABLE_CSV, out_dir / TABLE_JSON]
-    res.files.append(figures.metric_bars(rows, out_dir / FIG4))
+    res.files.append(figures.metric_bars(rows, out_dir / FIG4, cfg.split))
 
     preds = {r.run_id: r.predictions().select(cfg.split) for r in runs}
     confusion_files: dict[str, Path] = {}
