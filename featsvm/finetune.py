@@ -124,6 +124,13 @@ class FinetuneConfig:
     # it by the mean epoch time so far. The cosine schedule is still laid out over `epochs`,
     # so set `epochs` to what fits and keep this as a guard for slower machines.
     max_train_minutes: float = 0.0
+    # Frozen-trunk cache (CPU speed-up for freeze != "none"): run the frozen leading layers
+    # once per image and train only the rest on the stored outputs. Augmentation then has to
+    # happen before the trunk, so it is limited to `cache_views` precomputed dihedral views
+    # per train image (1 = none; up to 8) and there is no colour jitter.
+    cache_frozen: bool = False
+    cache_views: int = 1
+    cache_max_gb: float = 4.0
     freeze: str = "none"
     head_dropout: float = 0.2
     basic_cnn_size: int = 128
@@ -151,6 +158,8 @@ class FinetuneConfig:
             raise ConfigError(f"[finetune] class_weights must be one of {CLASS_WEIGHTS}")
         if self.epochs < 1 or self.batch_size < 2 or self.eval_batch_size < 1:
             raise ConfigError("[finetune] epochs must be >= 1 and batch_size >= 2")
+        if not 1 <= self.cache_views <= 8:
+            raise ConfigError("[finetune] cache_views must be between 1 and 8")
         if not 0.0 <= self.color_jitter < 1.0:
             raise ConfigError("[finetune] color_jitter must be in [0, 1)")
         return self
@@ -185,7 +194,8 @@ def fingerprint(cfg: FinetuneConfig, split_sha256: str, weights: dict[str, Any],
                 data_dir: Path) -> str:
     """What makes two training runs the same run (device, threads and CIs left out)."""
     settings = _plain(cfg)
-    for key in ("models", "overrides", "device", "threads", "workers", "n_boot"):
+    for key in ("models", "overrides", "device", "threads", "workers", "n_boot",
+                "cache_max_gb"):
         settings.pop(key)
     blob = json.dumps(
         {"settings": settings, "split": split_sha256, "weights": weights,
@@ -326,6 +336,12 @@ def augment(x: torch.Tensor, gen: torch.Generator, jitter: float) -> torch.Tenso
         x = (x - gray) * sat + gray
         x = x.clamp(0.0, 1.0)
     return x
+
+
+def dihedral(x: torch.Tensor, d: int) -> torch.Tensor:
+    """The d-th (0..7) of the 8 flips/rotations of images [..., H, W] (0 = identity)."""
+    x = torch.rot90(x, d % 4, dims=(-2, -1))
+    return x.flip(-1) if d >= 4 else x
 
 
 # ---------------------------------------------------------------- models
@@ -471,6 +487,125 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, floor: float
     return f
 
 
+# ---------------------------------------------------------------- inputs: pixels or cache
+
+
+def _chain(module: nn.Module) -> list[nn.Module]:
+    """`module` as a flat list of stages whose composition is its forward: plain
+    ``nn.Sequential`` containers are expanded recursively, anything else is one stage."""
+    if type(module) is nn.Sequential:
+        return [m for child in module for m in _chain(child)]
+    return [module]
+
+
+def split_trunk(model: nn.Module) -> tuple[nn.Sequential, nn.Module]:
+    """(trunk, rest) of a FinetuneModel: the trunk is the longest leading run of embedder
+    stages with no trainable parameter; rest = remaining stages + head. Both share the
+    model's modules, so training `rest` trains `model`."""
+    stages = _chain(model.embedder)  # type: ignore[union-attr]
+    cut = 0
+    while cut < len(stages) and not any(p.requires_grad for p in stages[cut].parameters()):
+        cut += 1
+    if cut == 0:
+        raise FinetuneError("cache_frozen needs frozen leading layers: set freeze (e.g. auto)")
+    return nn.Sequential(*stages[:cut]), nn.Sequential(*stages[cut:], model.head)  # type: ignore[union-attr]
+
+
+class PixelFeeder:
+    """Inputs straight from the decoded images: augmented per batch for training."""
+
+    def __init__(self, net: nn.Module, sets: dict[str, ImageSet], normaliser: Normaliser,
+                 cfg: FinetuneConfig, device: torch.device) -> None:
+        self.net, self.sets, self.normaliser = net, sets, normaliser
+        self.cfg, self.device = cfg, device
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normaliser(x).to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def train(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = self.sets["train"].pixels[idx].float().div_(255.0)
+        if self.cfg.augment:
+            x = augment(x, gen, self.cfg.color_jitter)
+        return self._prep(x)
+
+    def eval(self, split: str, sl: slice) -> torch.Tensor:
+        return self._prep(self.sets[split].pixels[sl].float().div_(255.0))
+
+
+class CachedFeeder:
+    """Inputs from the frozen trunk's stored outputs (see FinetuneConfig.cache_frozen)."""
+
+    def __init__(self, net: nn.Module, feats: dict[str, torch.Tensor], cfg: FinetuneConfig,
+                 device: torch.device) -> None:
+        self.net, self.feats, self.cfg, self.device = net, feats, cfg, device
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        if self.cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def train(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        views = self.feats["train"]  # [V, N, ...]
+        v = torch.randint(0, views.shape[0], (len(idx),), generator=gen)
+        return self._prep(views[v, idx])
+
+    def eval(self, split: str, sl: slice) -> torch.Tensor:
+        return self._prep(self.feats[split][sl])
+
+
+@torch.no_grad()
+def cache_trunk(
+    trunk: nn.Module,
+    sets: dict[str, ImageSet],
+    normaliser: Normaliser,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Frozen-trunk outputs: train [V, N, ...] (view 0 as is, views 1.. a seeded random
+    flip/rotation per image), val and test [N, ...]; computed in eval mode."""
+    from featsvm.device import autocast_context
+
+    trunk.eval()
+    first = sets["train"].pixels[:1].float().div_(255.0)
+    x0 = normaliser(first).to(device)
+    shape = tuple(trunk(x0).shape[1:])
+    per = int(np.prod(shape)) * 4
+    n_total = cfg.cache_views * len(sets["train"]) + len(sets["val"]) + len(sets["test"])
+    if per * n_total > cfg.cache_max_gb * 1e9:
+        raise FinetuneError(
+            f"the frozen-trunk cache would take {per * n_total / 1e9:.1f} GB ({shape} per "
+            f"image x {n_total}), over cache_max_gb = {cfg.cache_max_gb:g}: freeze a deeper "
+            "module, lower cache_views, raise cache_max_gb, or set cache_frozen = false"
+        )
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
+    jobs: list[tuple[str, int]] = [("train", v) for v in range(cfg.cache_views)]
+    jobs += [("val", 0), ("test", 0)]
+    out: dict[str, list[torch.Tensor]] = {"train": [], "val": [], "test": []}
+    total = sum(len(sets[name]) for name, _ in jobs)
+    bar = tqdm(total=total, desc="frozen trunk", disable=not progress, unit="img", leave=False)
+    for name, view in jobs:
+        pixels = sets[name].pixels
+        ds = (torch.zeros(len(pixels), dtype=torch.int64) if view == 0
+              else torch.randint(1, 8, (len(pixels),), generator=gen))
+        chunks = []
+        for sl in _batches(len(pixels), cfg.eval_batch_size):
+            x = pixels[sl].float().div_(255.0)
+            x = torch.stack([dihedral(img, int(d)) for img, d in zip(x, ds[sl], strict=True)])
+            x = normaliser(x).to(device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, cfg.precision):
+                y = trunk(x)
+            chunks.append(y.float().cpu().contiguous())
+            bar.update(sl.stop - sl.start)
+        out[name].append(torch.cat(chunks) if chunks else torch.zeros((0, *shape)))
+    bar.close()
+    return {"train": torch.stack(out["train"]), "val": out["val"][0], "test": out["test"][0]}
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -504,6 +639,19 @@ def predict_proba(
     if not out:
         return np.zeros((0, len(LABELS)))
     return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def _predict(feeder: PixelFeeder | CachedFeeder, split: str, n: int) -> np.ndarray:
+    from featsvm.device import autocast_context
+
+    feeder.net.eval()
+    out = []
+    for sl in _batches(n, feeder.cfg.eval_batch_size):
+        with autocast_context(feeder.device, feeder.cfg.precision):
+            logits = feeder.net(feeder.eval(split, sl))
+        out.append(torch.softmax(logits.float(), dim=1).cpu().double())
+    return torch.cat(out).numpy() if out else np.zeros((0, len(LABELS)))
 
 
 def _val_scores(proba: np.ndarray, targets: torch.Tensor) -> dict[str, float]:
@@ -656,6 +804,23 @@ def finetune(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    cache_seconds = 0.0
+    if cfg.cache_frozen:
+        if built.backbone is None:
+            raise FinetuneError("cache_frozen applies to pretrained backbones, not basic-cnn")
+        tc = time.perf_counter()
+        trunk, rest = split_trunk(model)
+        feats = cache_trunk(trunk, sets, normaliser, cfg, device, progress)
+        cache_seconds = time.perf_counter() - tc
+        feeder: PixelFeeder | CachedFeeder = CachedFeeder(rest, feats, cfg, device)
+        augmentation = (f"{cfg.cache_views} cached view(s) per train image (identity + random "
+                        "flips/90-degree rotations); no colour jitter")
+        log(f"cached the frozen trunk ({len(list(trunk))} stages, output "
+            f"{tuple(feats['val'].shape[1:])}) in {cache_seconds:.0f} s")
+    else:
+        feeder = PixelFeeder(model, sets, normaliser, cfg, device)
+        augmentation = (f"per batch: flips, 90-degree rotations, colour jitter "
+                        f"+-{cfg.color_jitter:g}" if cfg.augment else "none")
     groups = _param_groups(model, built.backbone, cfg)
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "name"} for g in groups],
@@ -721,10 +886,9 @@ def finetune(
                 return FinetuneResult(run_dir, False, None, epoch, best_epoch, skipped,
                                       resumed_from)
             te = time.perf_counter()
-            tr_loss, tr_acc = _train_epoch(model, train_set, normaliser, optimizer, scheduler,
+            tr_loss, tr_acc = _train_epoch(feeder, train_set.targets, optimizer, scheduler,
                                            scaler, criterion, cfg, device, epoch, progress)
-            proba = predict_proba(model, val_set.pixels, normaliser, device, cfg.precision,
-                                  cfg.eval_batch_size, cfg.channels_last)
+            proba = _predict(feeder, "val", len(val_set))
             val = _val_scores(proba, val_set.targets)
             seconds = time.perf_counter() - te
             train_seconds += seconds
@@ -767,10 +931,8 @@ def finetune(
     eval_rows: list[ManifestRow] = []
     probas: list[np.ndarray] = []
     for name in ("val", "test"):
-        s = sets[name]
-        probas.append(predict_proba(model, s.pixels, normaliser, device, cfg.precision,
-                                    cfg.eval_batch_size, cfg.channels_last))
-        eval_rows.extend(s.rows)
+        probas.append(_predict(feeder, name, len(sets[name])))
+        eval_rows.extend(sets[name].rows)
     proba = np.concatenate(probas) if probas else np.zeros((0, len(LABELS)))
     predict_seconds = time.perf_counter() - tp
     relpaths = [r.relpath for r in eval_rows]
@@ -795,7 +957,9 @@ def finetune(
         "seed": cfg.seed,
         "model_file": MODEL_FILE,
         "timing": {
-            "fit_seconds": round(train_seconds, 2),
+            "fit_seconds": round(train_seconds + cache_seconds, 2),
+            "train_epochs_seconds": round(train_seconds, 2),
+            "cache_seconds": round(cache_seconds, 2),
             "preload_seconds": round(preload_seconds, 2),
             "predict_seconds": round(predict_seconds, 2),
             "seconds_per_epoch": round(train_seconds / max(1, epoch), 2),
@@ -808,6 +972,7 @@ def finetune(
         "threads": torch.get_num_threads(),
         "finetune": {k: v for k, v in _plain(cfg).items() if k not in ("models", "overrides")},
         "freeze_until": frozen_until,
+        "augmentation": augmentation,
         "parameters": {"total": n_params, "trainable": n_train_params},
         "epochs_run": epoch,
         "best_epoch": best_epoch,
@@ -837,9 +1002,8 @@ def _train_batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 def _train_epoch(
-    model: nn.Module,
-    data: ImageSet,
-    normaliser: Normaliser,
+    feeder: PixelFeeder | CachedFeeder,
+    targets: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
@@ -854,21 +1018,17 @@ def _train_epoch(
     seed = cfg.seed * 100_003 + epoch
     torch.manual_seed(seed)  # dropout masks of this epoch
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=gen)
+    order = torch.randperm(len(targets), generator=gen)
+    model = feeder.net
     _set_train_mode(model)
     total_loss, correct, seen = 0.0, 0, 0
-    batches = list(_train_batches(len(data), cfg.batch_size))
+    batches = list(_train_batches(len(targets), cfg.batch_size))
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                leave=False, unit="batch")
     for sl in bar:
         idx = order[sl]
-        x = data.pixels[idx].float().div_(255.0)
-        if cfg.augment:
-            x = augment(x, gen, cfg.color_jitter)
-        x = normaliser(x).to(device)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = data.targets[idx].to(device)
+        x = feeder.train(idx, gen)
+        y = targets[idx].to(device)
         with autocast_context(device, cfg.precision):
             logits = model(x)
         loss = criterion(logits.float(), y)

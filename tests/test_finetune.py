@@ -189,19 +189,43 @@ def test_freeze_rules_resolve_for_every_backbone():
         "head.1.weight", "head.1.bias"]
 
 
-def test_finetuning_a_backbone_end_to_end(tiny_split, tmp_path):
-    """EfficientNet-Lite0 (random init, the last block + head trainable), one short epoch."""
+def test_finetuning_a_backbone_end_to_end_with_the_frozen_trunk_cache(tiny_split, tmp_path):
+    """EfficientNet-Lite0 (random init; blocks.6, conv_head, bn2 and the head trainable), one
+    short epoch on cached trunk outputs; the saved full model must reproduce the predictions
+    from raw images, so training on the cache really trained the model that is saved."""
+    data, _ = tiny_split
     cfg = dataclasses.replace(TINY, model="efficientnet_lite0", freeze="auto", epochs=1,
-                              batch_size=12)
+                              batch_size=12, cache_frozen=True, cache_views=2)
     res = _run(tiny_split, tmp_path, cfg, weights="none")
     c = res.record.config
     assert c["backbone"] == "efficientnet_lite0" and c["weights"]["label"] == "random"
-    assert c["freeze_until"] == "blocks.5"
+    assert c["freeze_until"] == "blocks.5" and "cached view" in c["augmentation"]
     assert 0 < c["parameters"]["trainable"] < c["parameters"]["total"]
-    assert c["preprocessing"]["input_size"] == 224
+    assert c["preprocessing"]["input_size"] == 224 and c["timing"]["cache_seconds"] > 0
     hist = _history(res.run_dir)
     assert float(hist[0]["lr_backbone"]) == pytest.approx(
         float(hist[0]["lr_head"]) * cfg.backbone_lr_mult)
+    model, transform, _ = ft.load_finetuned(res.run_dir)
+    test = res.record.predictions().select("test")
+    x = torch.stack([transform(load_rgb(data / p)) for p in test.relpath])
+    with torch.no_grad():
+        proba = torch.softmax(model(x), 1).numpy()
+    np.testing.assert_allclose(proba, test.proba, atol=1e-4)
+
+
+def test_trunk_split_composes_to_the_model():
+    built = ft.build_model("efficientnet_lite0", ft.FinetuneConfig(), weights="none")
+    ft.apply_freeze(built, "auto")
+    trunk, rest = ft.split_trunk(built.model)
+    assert not any(p.requires_grad for p in trunk.parameters())
+    assert any(p.requires_grad for p in rest[0].parameters())
+    built.model.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(rest(trunk(x)), built.model(x), rtol=1e-4, atol=1e-4)
+    unfrozen = ft.build_model("efficientnet_lite0", ft.FinetuneConfig(), weights="none")
+    with pytest.raises(ft.FinetuneError, match="freeze"):
+        ft.split_trunk(unfrozen.model)
 
 
 def test_bad_and_changed_images_are_skipped_and_listed(tiny_split, tmp_path):

@@ -26,6 +26,9 @@ from featsvm.finetune import MODELS, FinetuneConfig, FinetuneError, finetune, fi
 @click.option("--freeze", default=None,
               help="none | all | auto (all but the last block) | a module name such as "
               "blocks.5, Mixed_7b, features.21: freeze everything up to and including it.")
+@click.option("--cache-frozen/--no-cache-frozen", default=None,
+              help="Run the frozen layers once and train on their stored outputs (CPU speed-up; "
+              "augmentation limited to cached flips/rotations).")
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default=None, help="auto | cpu | cuda | mps")
 @click.option("--precision", type=click.Choice(("fp32", "bf16", "fp16")), default=None)
@@ -41,7 +44,8 @@ from featsvm.finetune import MODELS, FinetuneConfig, FinetuneError, finetune, fi
 def command(
     data_dir: Path, split_path: Path, model: str | None, weights: str | None,
     weights_dir: Path | None, epochs: int | None, batch_size: int | None, lr: float | None,
-    freeze: str | None, seed: int | None, device: str | None, precision: str | None,
+    freeze: str | None, cache_frozen: bool | None, seed: int | None, device: str | None,
+    precision: str | None,
     runs_dir: Path, config_path: Path | None, resume_dir: Path | None, no_resume: bool,
     quiet: bool,
 ) -> None:
@@ -57,7 +61,8 @@ def command(
         base = (finetune_config(load_toml(config_path), str(config_path))
                 if config_path else FinetuneConfig())
         cfg = base.for_model(model, epochs=epochs, batch_size=batch_size, lr=lr, freeze=freeze,
-                             seed=seed, device=device, precision=precision)
+                             cache_frozen=cache_frozen, seed=seed, device=device,
+                             precision=precision)
         resume: Path | bool = resume_dir if resume_dir is not None else not no_resume
         result = finetune(data_dir, split_path, cfg, weights=weights, weights_dir=weights_dir,
                           runs_dir=runs_dir, resume=resume, progress=not quiet,
