@@ -120,9 +120,10 @@ class FinetuneConfig:
     color_jitter: float = 0.1  # +-10 % brightness, contrast, saturation
     select_metric: str = "macro_f1"
     patience: int = 5  # epochs without val improvement before stopping; 0 = never stop early
-    # Wall-clock cap on training (minutes, 0 = none): no epoch is started that would end past
-    # it by the mean epoch time so far. The cosine schedule is still laid out over `epochs`,
-    # so set `epochs` to what fits and keep this as a guard for slower machines.
+    # Wall-clock cap on training (minutes, 0 = none; the frozen-trunk cache counts): no epoch
+    # is started that would end past it by the mean epoch time so far. The cosine schedule is
+    # still laid out over `epochs`, so set `epochs` to what fits; this is a guard for slower
+    # machines.
     max_train_minutes: float = 0.0
     # Frozen-trunk cache (CPU speed-up for freeze != "none"): run the frozen leading layers
     # once per image and train only the rest on the stored outputs. Augmentation then has to
@@ -877,7 +878,8 @@ def finetune(
                 stopped_early = True
                 break
             budget = cfg.max_train_minutes * 60.0
-            if budget > 0 and epoch > 0 and train_seconds * (epoch + 1) / epoch > budget:
+            spent = train_seconds + cache_seconds
+            if budget > 0 and epoch > 0 and spent + train_seconds / epoch > budget:
                 stopped_by_budget = True
                 log(f"stopping after epoch {epoch}: another epoch would exceed "
                     f"max_train_minutes = {cfg.max_train_minutes:g}")
