@@ -168,11 +168,33 @@ def ensure_split(data_dir: Path, study: Study, log: Callable[[str], None],
             return split_path, True
         log(f"split: {split_path} was made with other settings or changed; re-splitting")
     elif split_path.is_file():
-        log(f"split: {split_path} exists but has no {meta_path.name} record of its settings; "
-            "re-splitting")
+        problem = _manifest_mismatch(split_path, data_dir)
+        if problem is None:
+            log(f"split: reusing {split_path}, made outside `featsvm run` (its seed and ratios "
+                f"are not recorded; delete it to re-split with the [study] settings)")
+            return split_path, True
+        log(f"split: {split_path} does not match {data_dir} ({problem}); re-splitting")
     _make_split(data_dir, split_path, cfg, study.split_options, progress, log)
     write_json_atomic(meta_path, {"settings": settings, "sha256": sha256_file(split_path)})
     return split_path, False
+
+
+def _manifest_mismatch(split_path: Path, data_dir: Path) -> str | None:
+    """Why an existing manifest does not describe the images in `data_dir` (None: it does,
+    every listed file is there with its recorded sha256)."""
+    from featsvm.manifest import read_manifest
+
+    try:
+        man = read_manifest(split_path)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    for r in man.rows:
+        path = data_dir / r.relpath
+        if not path.is_file():
+            return f"{r.relpath} is missing"
+        if sha256_file(path) != r.sha256:
+            return f"{r.relpath} has another sha256"
+    return None if man.rows else "it lists no images"
 
 
 def _make_split(data_dir: Path, out: Path, cfg: StudyConfig, options: dict[str, Any],

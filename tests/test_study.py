@@ -136,3 +136,31 @@ def test_shipped_configs_load(name: str) -> None:
     study = load_study(Path(__file__).resolve().parents[1] / "configs" / name)
     assert study.study.heads == ("svm", "logreg")
     assert "basic-cnn" in study.finetune.models
+
+
+def test_split_made_outside_run_is_reused_only_if_it_matches_the_data(tiny_study: Path) -> None:
+    from featsvm.manifest import read_manifest, write_manifest
+    from featsvm.split import make_split
+    from featsvm.study import ensure_split
+
+    root = tiny_study.parent
+    study = load_study(tiny_study)
+    data = Path(study.study.data)
+    make_split(data, root / "split.csv", seed=0, ratios=(0.5, 0.25, 0.25))  # no .study.json
+    before = (root / "split.csv").read_bytes()
+    msgs: list[str] = []
+    path, reused = ensure_split(data, study, msgs.append, progress=False)
+    assert reused and "made outside" in msgs[0]
+    assert path.read_bytes() == before
+
+    man = read_manifest(path)
+    rows = list(man.rows)
+    rows[0] = type(rows[0])(rows[0].relpath, "0" * 64, rows[0].label, rows[0].group,
+                            rows[0].split)
+    write_manifest(path, rows)
+    msgs.clear()
+    path, reused = ensure_split(data, study, msgs.append, progress=False)
+    assert not reused and "another sha256" in msgs[0]
+    assert (root / "split.csv.study.json").is_file()
+    msgs.clear()
+    assert ensure_split(data, study, msgs.append, progress=False)[1]  # now recorded: reused
