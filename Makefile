@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 DATA ?= ../shared/data/all-taleqani
 CONFIG ?= configs/cpu.toml
+# Offline weights folder with a weights.toml index; empty = torchvision/timm ImageNet downloads.
+WEIGHTS_DIR ?=
 
 .PHONY: setup test study lint
 
@@ -17,4 +19,4 @@ lint: setup
 	$(VENV)/bin/ruff check featsvm tests benchmarks
 
 study: setup
-	$(VENV)/bin/featsvm run $(CONFIG) --data $(DATA)
+	$(if $(WEIGHTS_DIR),FEATSVM_WEIGHTS_DIR=$(abspath $(WEIGHTS_DIR)),) $(VENV)/bin/featsvm run $(CONFIG) --data $(DATA)
