@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from PIL import Image
@@ -25,6 +27,12 @@ EXPECTED = {
     "alexnet": (224, 256, "bilinear", "fc7", 4096),
     "efficientnet_lite0": (224, 256, "bicubic", "pre_logits", 1280),
 }
+
+
+@functools.cache
+def _random(name: str):
+    """One random-weights build per backbone for the whole module (builds are slow)."""
+    return load_backbone(name, weights="none")
 
 
 def test_spec_table() -> None:
@@ -67,7 +75,7 @@ def test_unknown_names() -> None:
     ("name", "size"), [("alexnet", 64), ("efficientnet_lite0", 64), ("inception_v3", 80)]
 )
 def test_embedders_random(name: str, size: int) -> None:
-    lb = load_backbone(name, weights="none")
+    lb = _random(name)
     assert lb.weights.label == "random" and lb.weights.sha256 is None
     assert not lb.model.training and not lb.embedder.training
     model_params = {p.data_ptr() for p in lb.model.parameters()}
@@ -84,7 +92,7 @@ def test_embedders_random(name: str, size: int) -> None:
 
 
 def test_random_weights_are_reproducible() -> None:
-    a = load_backbone("alexnet", weights="none").model.state_dict()
+    a = _random("alexnet").model.state_dict()
     b = load_backbone("alexnet", weights="none").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -111,3 +119,31 @@ def test_keras_avgpool_hook_excludes_padding() -> None:
     block(torch.ones(1, 8, 5, 5))
     # Keras 'same' average of a constant is that constant, also at borders and corners
     assert torch.allclose(seen[0], torch.ones_like(seen[0]))
+
+
+def _reference_embedding(name: str, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The same embeddings computed through each library's own forward code."""
+    if name == "efficientnet_lite0":
+        return m.forward_head(m.forward_features(x), pre_logits=True)
+    if name == "inception_v3":
+        fc, m.fc = m.fc, nn.Identity()
+        try:
+            return m(x)
+        finally:
+            m.fc = fc
+    # torchvision VGG/AlexNet: full model with the last Linear removed
+    last, m.classifier[-1] = m.classifier[-1], nn.Identity()
+    try:
+        return m(x)
+    finally:
+        m.classifier[-1] = last
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("alexnet", 64), ("efficientnet_lite0", 64), ("inception_v3", 80)]
+)
+def test_embedder_equals_library_forward(name: str, size: int) -> None:
+    lb = _random(name)
+    x = torch.randn(2, 3, size, size)
+    with torch.inference_mode():
+        torch.testing.assert_close(lb.embedder(x), _reference_embedding(name, lb.model, x))
