@@ -89,6 +89,8 @@ def test_embedders_random(name: str, size: int) -> None:
         head = nn.Sequential(lb.embedder, nn.Linear(lb.dim, 4)).train()
         head(torch.randn(2, 3, size, size)).sum().backward()
         assert lb.model.features[0].weight.grad is not None
+        lb.model.eval()  # the shared modules were switched to train mode with the head
+        lb.model.zero_grad(set_to_none=True)
 
 
 def test_random_weights_are_reproducible() -> None:
