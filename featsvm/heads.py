@@ -63,8 +63,11 @@ class HeadConfig:
 
     ``pca``: grid of PCA sizes, 0 = no PCA, an integer >= 1 = that many components, a fraction
     in (0, 1) = the share of variance to keep. ``class_weight``: grid of "none" / "balanced".
-    ``svm_gamma_scale``: multiples of scikit-learn's ``gamma="scale"`` (1 / (n_features x
-    variance)), so one grid suits 512-d and 4,096-d features alike.
+    ``svm_C`` and ``svm_gamma_scale`` form the RBF grid; ``svm_gamma_scale`` holds multiples
+    of scikit-learn's ``gamma="scale"`` (1 / (n_features x variance)), so one grid suits 512-d
+    and 4,096-d features alike. ``svm_linear_C`` is the linear kernel's own C grid: CNN
+    embeddings of a few thousand images are usually linearly separable, so a linear SVM needs
+    much smaller C values than an RBF one before C changes anything.
     """
 
     scoring: str = "balanced_accuracy"
@@ -74,8 +77,9 @@ class HeadConfig:
     class_weight: tuple[str, ...] = ("none", "balanced")
     pca: tuple[float, ...] = (0,)
     svm_kernels: tuple[str, ...] = ("rbf", "linear")
-    svm_C: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
-    svm_gamma_scale: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+    svm_C: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
+    svm_gamma_scale: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+    svm_linear_C: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     logreg_C: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
     logreg_max_iter: int = 3000
     calibration: str = "auto"
@@ -98,7 +102,7 @@ class HeadConfig:
             raise ConfigError(f"[fit] svm_kernels entries must be 'rbf' or 'linear': {bad_k}")
         if any(p < 0 for p in self.pca):
             raise ConfigError(f"[fit] pca entries must be >= 0 (0 = no PCA): {self.pca}")
-        for name in ("svm_C", "svm_gamma_scale", "logreg_C", "pca"):
+        for name in ("svm_C", "svm_gamma_scale", "svm_linear_C", "logreg_C", "pca"):
             if not getattr(self, name):
                 raise ConfigError(f"[fit] {name} must list at least one value")
 
@@ -285,9 +289,12 @@ def param_grid(head: str, cfg: HeadConfig | None = None) -> list[dict[str, list[
     if head == "svm":
         grids = []
         for kernel in cfg.svm_kernels:
-            g: dict[str, list[Any]] = {**common, "clf__kernel": [kernel], "clf__C": list(cfg.svm_C)}
+            g: dict[str, list[Any]] = {**common, "clf__kernel": [kernel]}
             if kernel == "rbf":
+                g["clf__C"] = list(cfg.svm_C)
                 g["clf__gamma_scale"] = list(cfg.svm_gamma_scale)
+            else:
+                g["clf__C"] = list(cfg.svm_linear_C)
             grids.append(g)
         return grids
     if head == "logreg":

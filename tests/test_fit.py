@@ -19,12 +19,14 @@ from featsvm.manifest import ManifestRow, read_manifest, write_manifest
 from featsvm.runs import REQUIRED_CONFIG_KEYS, is_complete, load_joblib
 
 TINY = HeadConfig(cv_folds=2, n_jobs=1, svm_C=(1.0, 10.0), svm_gamma_scale=(1.0,),
+                  svm_linear_C=(1.0,),
                   logreg_C=(0.1,), class_weight=("balanced",), n_boot=50)
 TINY_TOML = """[fit]
 cv_folds = 2
 n_jobs = 1
 svm_C = [1.0]
 svm_gamma_scale = [1.0]
+svm_linear_C = [1.0]
 logreg_C = [0.1]
 class_weight = ["balanced"]
 n_boot = 50
@@ -69,7 +71,7 @@ def test_fit_writes_a_complete_run_record(env: dict[str, Path], head: str) -> No
     assert cfg["split"]["sha256"] == read_manifest(env["split"]).sha256
     assert cfg["split"]["n"] == {"train": 16, "val": 8, "test": 8}
     assert cfg["hyperparameters"] and cfg["cv"]["best_score"] is not None
-    assert len(cfg["cv"]["candidates"]) == (4 if head == "svm" else 1)  # rbf + linear
+    assert len(cfg["cv"]["candidates"]) == (3 if head == "svm" else 1)  # rbf + linear
     assert cfg["calibration"]["fitted_on"] == ("val" if head == "svm" else None)
     assert cfg["timing"]["fit_seconds"] > 0
     # metrics: one block per scored split, the documented shape

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A small, fast grid (one process: loky start-up would dominate these tiny fits).
 SMALL = H.HeadConfig(cv_folds=3, n_jobs=1, svm_C=(1.0, 10.0), svm_gamma_scale=(1.0,),
-                     logreg_C=(0.1, 1.0), class_weight=("balanced",))
+                     svm_linear_C=(0.1,), logreg_C=(0.1, 1.0), class_weight=("balanced",))
 
 
 def blobs(n: int = 240, d: int = 16, seed: int = 0, sep: float = 3.0,
@@ -88,6 +88,8 @@ def test_pipeline_and_grids() -> None:
     assert kernels == ["linear", "rbf"]
     rbf = next(g for g in grid if g["clf__kernel"] == ["rbf"])
     assert rbf["clf__C"] == list(cfg.svm_C) and rbf["clf__gamma_scale"] == list(cfg.svm_gamma_scale)
+    linear = next(g for g in grid if g["clf__kernel"] == ["linear"])
+    assert linear["clf__C"] == list(cfg.svm_linear_C) and "clf__gamma_scale" not in linear
     assert rbf["clf__class_weight"] == [None, "balanced"]
     assert rbf["pca"][0] == "passthrough" and rbf["pca"][1].n_components == 8
     lr = H.param_grid("logreg", cfg)
@@ -110,7 +112,7 @@ def test_fit_head_learns_and_gives_four_probabilities(head: str) -> None:
     acc = np.mean(np.array(fitted.predict(X[200:])) == np.array(y[200:]))
     assert acc > 0.9
     assert fitted.cv_best_score > 0.8
-    assert len(fitted.cv_results) == (4 if head == "svm" else 2)  # rbf x2 C + linear x2 C
+    assert len(fitted.cv_results) == (3 if head == "svm" else 2)  # rbf x2 C + linear x1 C
     assert {c["rank"] for c in fitted.cv_results} >= {1}
 
 
@@ -159,7 +161,7 @@ def test_temperature_calibration_keeps_labels_and_needs_every_class_in_val() -> 
 
 def test_sigmoid_calibration_and_pca_option() -> None:
     X, y, g = blobs(240, 16)
-    cfg = H.HeadConfig(cv_folds=3, n_jobs=1, svm_kernels=("linear",), svm_C=(1.0,),
+    cfg = H.HeadConfig(cv_folds=3, n_jobs=1, svm_kernels=("linear",), svm_linear_C=(1.0,),
                        class_weight=("none",), pca=(6,), calibration="sigmoid")
     fitted = H.calibrate(H.fit_head(X[:160], y[:160], g[:160], "svm", cfg), X[160:200],
                          y[160:200])
