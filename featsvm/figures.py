@@ -67,10 +67,14 @@ def metric_bars(rows: Sequence[dict], path: str | os.PathLike[str], split: str =
         vals = np.array([_num(r.get(key)) for r in rows], dtype=float)
         pos = x + (j - (len(FOUR_METRICS) - 1) / 2) * width
         bars = ax.bar(pos, np.nan_to_num(vals), width, label=label, color=_COLOURS[j])
-        for bar, r in zip(bars, rows, strict=True):
+        for bar, r, v in zip(bars, rows, vals, strict=True):
             if r.get("source") == "published":
                 bar.set_hatch("//")
                 bar.set_edgecolor("white")
+            if np.isfinite(v) and v >= 0.25:  # the value, written inside the bar's top
+                ax.text(bar.get_x() + bar.get_width() / 2, v - 0.02, f"{100 * v:.1f}",
+                        rotation=90, ha="center", va="top", fontsize=6.5, color="white",
+                        fontweight="bold")
         # error bars only where the row has a CI (the published row has none)
         err_x, err_v, err_lo, err_hi = [], [], [], []
         for p, r, v in zip(pos, rows, vals, strict=True):
@@ -84,7 +88,8 @@ def metric_bars(rows: Sequence[dict], path: str | os.PathLike[str], split: str =
             ax.errorbar(err_x, err_v, yerr=np.array([err_lo, err_hi]), fmt="none",
                         ecolor="#222222", elinewidth=0.8, capsize=2)
     ax.set_xticks(x)
-    ax.set_xticklabels([_wrap(r["model"]) for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([_wrap(r.get("label") or r["model"]) for r in rows], rotation=30,
+                       ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"{split} split (sens./spec./prec.: malignant vs benign)")
     ax.set_title("Accuracy (4-class), sensitivity, specificity, precision with 95 % CI\n"

@@ -180,10 +180,20 @@ def build_table(runs: Sequence[RunRecord], split: str = "test") -> list[dict[str
     """Measured rows (heads first, then end-to-end models; each group by name) and the
     published reference row last."""
     rows = [run_row(r, split) for r in sorted(runs, key=_sort_key)]
+    names = [r["model"] for r in rows]
+    for r in rows:  # two runs of one model: tell them apart by the run id's date-time
+        r["label"] = (r["model"] if names.count(r["model"]) == 1
+                      else f"{r['model']} ({_id_suffix(r['run_id'])})")
     pub = {col: None for col in rows[0]} if rows else {}
     pub.update(PUBLISHED_ROW)
+    pub["label"] = PUBLISHED_ROW["model"]
     pub["split"] = "published"
     return [*rows, pub]
+
+
+def _id_suffix(run_id: str) -> str:
+    parts = run_id.split("-")
+    return "-".join(parts[-2:]) if len(parts) >= 3 else run_id
 
 
 def _pct(v: Any) -> str:
@@ -224,7 +234,7 @@ def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
         cells = [
-            r["model"].replace("|", "/"),
+            r["label"].replace("|", "/"),
             r["source"],
             "" if r.get("n") is None else str(r["n"]),
             *(_fmt_metric(r, c) for c in MD_COLUMNS),
@@ -475,13 +485,14 @@ def write_report(
     res.files.append(figures.metric_bars(rows, out_dir / FIG4, cfg.split))
 
     preds = {r.run_id: r.predictions().select(cfg.split) for r in runs}
+    label = {row["run_id"]: row["label"] for row in rows if row["source"] == "measured"}
     confusion_files: dict[str, Path] = {}
     for r in sorted(runs, key=_sort_key):
         p = preds[r.run_id]
         if not p.relpath:
             continue
         confusion_files[r.run_id] = figures.confusion_pair(
-            confusion_counts(p), f"{r.config.get('model')}: {cfg.split} split, n={len(p.relpath)}",
+            confusion_counts(p), f"{label[r.run_id]}: {cfg.split} split, n={len(p.relpath)}",
             out_dir / f"{CONFUSION_PREFIX}{r.run_id}.png",
         )
     res.files += confusion_files.values()
@@ -493,7 +504,7 @@ def write_report(
     for r in best:
         p = preds[r.run_id]
         roc_files[r.run_id] = figures.roc_curves(
-            p.true_label, p.proba, f"{r.config.get('model')}: one-vs-rest ROC, {cfg.split} split",
+            p.true_label, p.proba, f"{label[r.run_id]}: one-vs-rest ROC, {cfg.split} split",
             out_dir / f"{ROC_PREFIX}{r.run_id}.png",
         )
     res.files += roc_files.values()
@@ -512,7 +523,7 @@ def write_report(
         panels: list[tuple[str, Sequence[figures.Tile]]] = []
         for r in best:
             ok, bad = _image_tiles(r, preds[r.run_id], Path(data_dir), cfg.examples, notes)
-            name = str(r.config.get("model"))
+            name = label[r.run_id]
             panels += [(f"{name}: correct", ok), (f"{name}: wrong", bad)]
         if any(tiles for _, tiles in panels):
             fig5 = figures.example_grid(panels, out_dir / FIG5, ncols=cfg.examples)
@@ -525,6 +536,7 @@ def write_report(
     page = render_html(
         rows=rows, runs=sorted(runs, key=_sort_key), out_dir=out_dir,
         confusion_files=confusion_files, roc_files=roc_files, fig5=fig5, rank_how=rank_how,
+        labels=label,
         best=best, protocol=protocol, provenance=weight_provenance(runs),
         versions=collect_versions(runs), notes=notes, data_dir=data_dir, split=cfg.split,
     )
@@ -587,6 +599,7 @@ def _img(path: Path, alt: str) -> str:
 
 def render_html(
     *, rows: Sequence[dict[str, Any]], runs: Sequence[RunRecord], out_dir: Path,
+    labels: dict[str, str],
     confusion_files: dict[str, Path], roc_files: dict[str, Path], fig5: Path | None,
     rank_how: str, best: Sequence[RunRecord], protocol: Sequence[str],
     provenance: Sequence[dict[str, str]], versions: dict[str, list[str]], notes: Sequence[str],
@@ -607,7 +620,7 @@ def render_html(
     out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
     for r in rows:
         cls = ' class="published"' if r["source"] == "published" else ""
-        cells = [r["model"], r["source"], "" if r.get("n") is None else str(r["n"]),
+        cells = [r["label"], r["source"], "" if r.get("n") is None else str(r["n"]),
                  *(_fmt_metric(r, c) for c in MD_COLUMNS), _fmt_other(r.get("train_seconds")),
                  _fmt_other(r.get("extract_images_per_s"))]
         out.append(f"<tr{cls}>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
@@ -623,11 +636,11 @@ def render_html(
     out.append("<h2>Figures 6-8: confusion matrices</h2>")
     for r in runs:
         if r.run_id in confusion_files:
-            out.append(f"<h3>{e(str(r.config.get('model')))} <small>({e(r.run_id)})</small></h3>")
+            out.append(f"<h3>{e(labels[r.run_id])} <small>({e(r.run_id)})</small></h3>")
             out.append(_img(confusion_files[r.run_id], f"confusion matrix {r.run_id}"))
 
     out.append("<h2>Figure 5: example test images from the best models</h2>")
-    out.append(f"<p>Best models: {e(', '.join(str(r.config.get('model')) for r in best))} "
+    out.append(f"<p>Best models: {e(', '.join(labels[r.run_id] for r in best))} "
                f"({e(rank_how)}). Correct examples rotate through the classes; wrong ones are "
                "the most confident mistakes.</p>")
     if fig5 is not None:
