@@ -26,7 +26,7 @@ def command(run_dir: Path, inputs: tuple[Path, ...], out_csv: Path | None,
             data_root: Path | None, weights: str | None, weights_dir: Path | None,
             device: str, batch_size: int, quiet: bool) -> None:
     """Predict the class of every image in INPUTS (files or folders) with the run RUN_DIR."""
-    from featsvm.labels import DISPLAY_NAMES, LABELS
+    from featsvm.labels import LABELS
     from featsvm.predict import PredictError, predict, write_predictions_csv
     from featsvm.runs import RunRecordError
 
@@ -42,7 +42,7 @@ def command(run_dir: Path, inputs: tuple[Path, ...], out_csv: Path | None,
             f"{lab:>11}" for lab in LABELS)
         click.echo(head)
         for p in res.predictions:
-            click.echo(f"{p.file:<{width}}  {DISPLAY_NAMES[p.pred_label]:<12.12} "
+            click.echo(f"{p.file:<{width}}  {p.pred_label:<12} "
                        f"{p.prob_malignant:>9.4f}  " + "  ".join(f"{v:>11.4f}" for v in p.proba))
     for f, why in res.skipped:
         click.echo(f"skipped {f}: {why}", err=True)
