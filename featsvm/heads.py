@@ -62,7 +62,9 @@ class HeadConfig:
     """The ``[fit]`` section: search grids and fitting options (defaults in configs/heads.toml).
 
     ``pca``: grid of PCA sizes, 0 = no PCA, an integer >= 1 = that many components, a fraction
-    in (0, 1) = the share of variance to keep. ``class_weight``: grid of "none" / "balanced".
+    in (0, 1) = the share of variance to keep. ``class_weight``: grid of "none" / "balanced"
+    (default balanced only: benign is 15 % of the images, and on the real embeddings the CV
+    scores of the two differed by < 0.003 while listing both doubles the search time).
     ``svm_C`` and ``svm_gamma_scale`` form the RBF grid; ``svm_gamma_scale`` holds multiples
     of scikit-learn's ``gamma="scale"`` (1 / (n_features x variance)), so one grid suits 512-d
     and 4,096-d features alike. ``svm_linear_C`` is the linear kernel's own C grid: CNN
@@ -74,7 +76,7 @@ class HeadConfig:
     cv_folds: int = 5
     seed: int = 0
     n_jobs: int = -1
-    class_weight: tuple[str, ...] = ("none", "balanced")
+    class_weight: tuple[str, ...] = ("balanced",)
     pca: tuple[float, ...] = (0,)
     svm_kernels: tuple[str, ...] = ("rbf", "linear")
     svm_C: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
@@ -128,8 +130,21 @@ def load_head_config(path: str | os.PathLike[str] | None) -> HeadConfig:
 # ---------------------------------------------------------------- the SVM
 
 
-_GRAM_CACHE: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+@dataclass
+class _TrainEntry:
+    X: np.ndarray  # the training matrix itself (a reference, not a copy)
+    gram: np.ndarray  # X X^T
+    sq: np.ndarray  # squared row norms
+    cross: OrderedDict[str, np.ndarray] = field(default_factory=OrderedDict)  # test X -> X_t X^T
+
+    @property
+    def nbytes(self) -> int:
+        return self.X.nbytes + self.gram.nbytes + sum(c.nbytes for c in self.cross.values())
+
+
+_GRAM_CACHE: OrderedDict[str, _TrainEntry] = OrderedDict()
 _GRAM_CACHE_BYTES = 1 << 30  # per process
+_CROSS_PER_TRAIN = 4
 
 
 def _fingerprint(X: np.ndarray) -> str:
@@ -140,22 +155,37 @@ def _fingerprint(X: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _gram(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(X X^T, squared row norms), cached by content: every grid candidate of a CV fold sees
-    the same scaled training matrix, so the matrix product is done once per fold."""
+def _gram(X: np.ndarray) -> tuple[str, _TrainEntry]:
+    """(key, entry with X X^T and squared row norms), cached by content: every grid candidate
+    of a CV fold sees the same scaled training matrix, so the product is done once per fold."""
     key = _fingerprint(X)
     hit = _GRAM_CACHE.get(key)
     if hit is not None:
         _GRAM_CACHE.move_to_end(key)
-        return hit
-    G = X @ X.T
-    sq = np.einsum("ij,ij->i", X, X)
-    _GRAM_CACHE[key] = (G, sq)
-    while len(_GRAM_CACHE) > 1 and sum(g.nbytes for g, _ in _GRAM_CACHE.values()) > (
+        return key, hit
+    entry = _TrainEntry(X=X.copy(), gram=X @ X.T, sq=np.einsum("ij,ij->i", X, X))
+    _GRAM_CACHE[key] = entry
+    while len(_GRAM_CACHE) > 1 and sum(e.nbytes for e in _GRAM_CACHE.values()) > (
         _GRAM_CACHE_BYTES
     ):
         _GRAM_CACHE.popitem(last=False)
-    return G, sq
+    return key, entry
+
+
+def _cross_dots(train_key: str, X: np.ndarray) -> np.ndarray | None:
+    """X @ X_train^T for a training matrix still in this process's cache (else None): every
+    candidate of a CV fold scores the same validation rows against the same training rows."""
+    entry = _GRAM_CACHE.get(train_key)
+    if entry is None:
+        return None
+    key = _fingerprint(X)
+    dots = entry.cross.get(key)
+    if dots is None:
+        dots = X @ entry.X.T
+        entry.cross[key] = dots
+        while len(entry.cross) > _CROSS_PER_TRAIN:
+            entry.cross.popitem(last=False)
+    return dots
 
 
 class KernelSVC(ClassifierMixin, BaseEstimator):
@@ -205,8 +235,9 @@ class KernelSVC(ClassifierMixin, BaseEstimator):
             self.gamma_ = float(self.gamma_scale / (X.shape[1] * var)) if var > 0 else 1.0
         else:
             self.gamma_ = float(self.gamma) * float(self.gamma_scale)
-        G, sq = _gram(X)
-        K = self._kernel(sq, sq, G)
+        self._train_key, entry = _gram(X)
+        sq = entry.sq
+        K = self._kernel(sq, sq, entry.gram)
         svc = SVC(
             kernel="precomputed", C=self.C, class_weight=self.class_weight, tol=self.tol,
             random_state=self.random_state,
@@ -226,7 +257,9 @@ class KernelSVC(ClassifierMixin, BaseEstimator):
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has shape {X.shape}; the model expects {self.n_features_in_} "
                              "features per row")
-        dots = X @ self.support_vectors_.T
+        cross = _cross_dots(getattr(self, "_train_key", ""), X)
+        # inside a grid search: reuse this fold's test x train products
+        dots = cross[:, self.svc_.support_] if cross is not None else X @ self.support_vectors_.T
         k_sv = self._kernel(np.einsum("ij,ij->i", X, X), self._sv_sq, dots)
         # libsvm reads a precomputed test kernel only at the support-vector columns
         K = np.zeros((X.shape[0], self._n_train))

@@ -53,13 +53,23 @@ def test_gamma_scale_multiplies_sklearn_scale() -> None:
 
 
 def test_gram_cache_is_keyed_by_content() -> None:
-    X, _, _ = blobs(30, 5)
-    g1, _ = H._gram(X)
-    g2, _ = H._gram(X.copy())
-    assert g1 is g2  # same content, same cached matrix
+    X, y, _ = blobs(30, 5)
+    k1, e1 = H._gram(X)
+    k2, e2 = H._gram(X.copy())
+    assert k1 == k2 and e1 is e2  # same content, same cached matrix
     X2 = X.copy()
     X2[0, 0] += 1e-9
-    assert H._gram(X2)[0] is not g1
+    assert H._gram(X2)[1] is not e1
+
+
+def test_cached_and_uncached_prediction_agree() -> None:
+    X, y, _ = blobs(120, 8, sep=0.8)
+    model = H.KernelSVC(C=3.0).fit(X[:80], y[:80])
+    cached = model.decision_function(X[80:])  # test x train products from the fold cache
+    assert H._cross_dots(model._train_key, X[80:]) is not None
+    H._GRAM_CACHE.clear()  # as in a fresh process that loaded the model from disk
+    fresh = model.decision_function(X[80:])
+    np.testing.assert_allclose(cached, fresh, rtol=1e-9, atol=1e-9)
 
 
 def test_config_defaults_match_configs_file_and_validate(tmp_path: Path) -> None:
