@@ -93,9 +93,17 @@ def main() -> None:
                      "kernel_svc_rbf_one_fit_seconds": ours}
         print(f"one RBF fit on {len(Xs)} rows: sklearn SVC {ref:.1f} s, KernelSVC {ours:.1f} s")
 
+    try:
+        import subprocess
+
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
     result = {
         "benchmark": "fit_speed",
         "created": now_iso(),
+        "git_commit": commit,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "versions": versions(),
