@@ -335,7 +335,7 @@ def run_study(
         split_holder["manifest"] = man
         counts = ", ".join(f"{s} {len(man.subset(s))}" for s in ("train", "val", "test"))
         if reused:
-            return "skipped", f"{path} already made with these settings ({counts})"
+            return "skipped", f"reused {path} ({counts})"
         return "done", f"wrote {path} ({counts})"
 
     if not step("split", do_split):
