@@ -349,6 +349,11 @@ class CacheWriter:
         self.n_rows = n1
         self._sha.update(sha256)
 
+    def note(self, key: str, value: Any) -> None:
+        """Record an informational attribute (e.g. the extraction speed) and flush it."""
+        self._file.attrs[key] = _attr_value(value)
+        self._file.flush()
+
     def close(self) -> None:
         if getattr(self, "_file", None) is not None:
             with contextlib.suppress(Exception):
