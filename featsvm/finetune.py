@@ -1058,7 +1058,7 @@ def load_finetuned(run_dir: str | os.PathLike[str]
     ``weights_only=True`` (no code runs). The backbone architecture is rebuilt from its spec
     with random weights and then filled from the checkpoint, so no weights file is needed.
     """
-    from featsvm.backbones import load_backbone, make_transform
+    from featsvm.backbones import HOOKS, load_backbone, make_transform
 
     record = runs.read_run(run_dir)
     if record.config.get("kind") != "end_to_end":
@@ -1071,7 +1071,13 @@ def load_finetuned(run_dir: str | os.PathLike[str]
         net: nn.Module = BasicCNN(len(LABELS), BasicCNNSpec(
             spec["input_size"], tuple(spec["channels"]), spec["dense"], spec["dropout"]))
     else:
-        loaded = load_backbone(arch["backbone"], weights="none")
+        pre = ck["preprocessing"]
+        loaded = load_backbone(arch["backbone"], weights="none", layer=pre.get("layer"))
+        # hooks the training weights needed (e.g. Keras pooling for the nsfwjs InceptionV3)
+        # are not implied by random weights: re-apply what the run recorded
+        for hook in pre.get("hooks", []):
+            if hook not in loaded.preprocessing.get("hooks", []):
+                HOOKS[hook](loaded.model)
         net = FinetuneModel(loaded.embedder, int(arch["dim"]), len(LABELS), arch["head_dropout"])
     net.load_state_dict(ck["state_dict"])
     net.eval()
