@@ -39,8 +39,8 @@ from featsvm.runs import RunRecord, list_runs
 DATA_HELP = (
     "The dataset is the Kaggle 'Acute Lymphoblastic Leukemia (ALL) image dataset' "
     "(Taleqani hospital, 3,256 images, doi:10.34740/KAGGLE/DSV/2175623): open "
-    "https://doi.org/10.34740/KAGGLE/DSV/2175623 or run `kaggle datasets download -d "
-    "mehradaria/leukemia`, unzip it, and pass the folder that holds Original/ with --data DIR "
+    "https://doi.org/10.34740/KAGGLE/DSV/2175623, download and unzip it, and pass the folder "
+    "that holds Original/ with --data DIR "
     "(or set [study] data in the config)."
 )
 
