@@ -151,10 +151,12 @@ def fit(
     for key in ("images_per_s", "extract_images_per_s"):
         if key in attrs:
             timing["extract_images_per_s"] = attrs[key]
+    # an explicitly chosen embedding layer is part of the model's name (report rows)
+    model_backbone = f"{backbone}[{attrs.get('layer')}]" if layer else backbone
     config_json: dict[str, Any] = {
         "run_id": run_dir.name,
         "kind": "head",
-        "model": f"{backbone} + {head}",
+        "model": f"{model_backbone} + {head}",
         "backbone": backbone,
         "head": head,
         "weights": {

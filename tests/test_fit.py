@@ -63,6 +63,7 @@ def test_fit_writes_a_complete_run_record(env: dict[str, Path], head: str) -> No
     cfg = rec.config
     assert set(REQUIRED_CONFIG_KEYS) <= set(cfg)
     assert cfg["kind"] == "head" and cfg["head"] == head and cfg["backbone"] == "alexnet"
+    assert cfg["model"] == f"alexnet + {head}"  # default layer: not named
     assert cfg["weights"]["label"] == "random" and cfg["weights"]["sha256"] is None
     cached = read_cache(env["cache_file"])
     assert cfg["cache"]["fingerprint"] == cached.attrs["fingerprint"]
@@ -89,6 +90,17 @@ def test_fit_writes_a_complete_run_record(env: dict[str, Path], head: str) -> No
     again = model.predict_proba(cached.lookup(test_rows.sha256))
     np.testing.assert_allclose(again, test_rows.proba, atol=1e-6)
     assert model.predict(cached.lookup(test_rows.sha256)) == test_rows.pred_label
+
+
+def test_explicit_layer_is_named_in_the_model(env: dict[str, Path]) -> None:
+    from featsvm.extract import extract
+
+    extract(env["data"], "alexnet", weights="none", cache_dir=env["cache"], device="cpu",
+            layer="gap", progress=False)
+    rec = fit("alexnet", "logreg", env["split"], cache_dir=env["cache"], weights="none",
+              runs_dir=env["root"] / "runs-layer", config=TINY, progress=False, layer="gap")
+    assert rec.config["model"] == "alexnet[gap] + logreg"
+    assert rec.config["cache"]["dim"] == 256
 
 
 def test_missing_cache_names_the_extract_command(env: dict[str, Path], tmp_path: Path) -> None:
