@@ -95,6 +95,14 @@ def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
     return [i for i, _ in good], xs, bad
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Images per forward pass. On the CPU small batches are faster (they stay in cache):
+    on the 2-core development machine batch 4 ran VGG16 at 6.2 img/s vs 5.7 at 32,
+    InceptionV3 (mixed_6c) 20.9 vs 16.3 and EfficientNet-Lite0 84 vs 45 (fp32, forward only).
+    Accelerators want large batches."""
+    return 4 if device.type == "cpu" else 64
+
+
 def default_workers(device: torch.device) -> int:
     cpus = os.cpu_count() or 1
     if device.type == "cpu":  # the forward pass needs the cores; decoding is cheap
@@ -110,7 +118,7 @@ def extract(
     cache_dir: str | os.PathLike[str] = "cache",
     device: str = "auto",
     precision: str = "fp32",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     workers: int | None = None,
     layer: str | None = None,
     progress: bool = True,
@@ -123,6 +131,7 @@ def extract(
     root = Path(data_dir)
     dev = resolve_device(device)
     check_precision(dev, precision)
+    batch_size = default_batch_size(dev) if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     skipped: list[tuple[str, str]] = []

@@ -80,7 +80,7 @@ class ExtractSettings:
 
     device: str = "auto"
     precision: str = "fp32"
-    batch_size: int = 32
+    batch_size: int = -1  # -1 = extract's default for the device
     workers: int = -1  # -1 = extract's default for the device
 
 
@@ -354,7 +354,8 @@ def run_study(
             s = extract(
                 data, backbone, weights=_weights_for(cfg, backbone),
                 weights_dir=_weights_dir(cfg), cache_dir=cfg.cache, device=ex.device,
-                precision=ex.precision, batch_size=ex.batch_size,
+                precision=ex.precision,
+                batch_size=None if ex.batch_size < 0 else ex.batch_size,
                 workers=None if ex.workers < 0 else ex.workers,
                 layer=cfg.layers.get(backbone), progress=progress, records=manifest.rows,
             )

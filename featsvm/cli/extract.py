@@ -24,7 +24,9 @@ from featsvm.device import DEVICES, PRECISIONS
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
               help="fp16 is refused on the CPU (use bf16).")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=None, type=click.IntRange(1),
+              help="Images per forward pass (default: 4 on the CPU, where small batches are "
+              "faster, 64 on an accelerator).")
 @click.option("--workers", default=None, type=click.IntRange(0),
               help="DataLoader worker processes (default: 1 on small CPUs, more on GPU).")
 @click.option("--layer", default=None,
