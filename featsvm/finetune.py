@@ -4,8 +4,9 @@ What it does, in order:
 
 1. reads the split manifest and decodes every train/val/test image **once** into memory as
    uint8 at the model's input geometry (3,256 images at 224 px is about 0.5 GB), checking each
-   file's sha256 against the manifest; unreadable or changed files are reported and skipped;
-2. builds the model: `basic_cnn.BasicCNN`, or the pretrained embedder from
+   file's sha256 against the manifest; unreadable or changed files are reported and skipped
+   (`featsvm.pixels`);
+2. builds the model (`featsvm.networks`): `basic_cnn.BasicCNN`, or the pretrained embedder from
    `featsvm.backbones.load_backbone` (the same specs and weight resolution as ``extract``;
    no second copy of model code) followed by a new dropout + ``Linear(D, 4)`` head;
 3. trains with AdamW (discriminative learning rates: backbone ``lr * backbone_lr_mult``, head
@@ -45,42 +46,34 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
 from featsvm import metrics as fm
 from featsvm import runs
-from featsvm.basic_cnn import BasicCNN, BasicCNNSpec, basic_cnn_preprocessing
 from featsvm.config import ConfigError, build
-from featsvm.dataset import ImageError, _decode, to_rgb
-from featsvm.fileio import atomic_path, sha256_bytes, write_text_atomic
+from featsvm.fileio import atomic_path, write_text_atomic
 from featsvm.labels import LABELS
 from featsvm.manifest import Manifest, ManifestRow, read_manifest
+from featsvm.networks import (
+    BASIC_CNN,
+    MODELS,
+    FinetuneError,
+    apply_freeze,
+    build_model,
+    split_trunk,
+)
+from featsvm.pixels import ImageSet, Normaliser, augment, batches, dihedral, preload
 
-BASIC_CNN = "basic-cnn"
-PRETRAINED_MODELS = ("vgg16", "inception_v3", "alexnet", "efficientnet_lite0")
-MODELS = (BASIC_CNN, *PRETRAINED_MODELS)
 SELECT_METRICS = ("macro_f1", "balanced_accuracy")
 CLASS_WEIGHTS = ("balanced", "none")
-
-# freeze="auto": the module (path in the backbone's full model) up to which, inclusive,
-# everything is frozen, leaving the last block (and for VGG16/AlexNet with a pretrained
-# classifier, fc6/fc7) plus the new head trainable. A test checks that each resolves.
-FREEZE_AUTO: dict[str, str] = {
-    "vgg16": "features.21",  # block4's last conv; block5 (features.24-28) trains
-    "alexnet": "features.8",  # the fourth conv; the fifth (features.10) trains
-    "inception_v3": "Mixed_7b",  # Mixed_7c trains
-    "efficientnet_lite0": "blocks.5",  # blocks.6, conv_head and bn2 train
-}
 
 MODEL_FILE = "model.pt"
 LAST_CHECKPOINT = "checkpoint-last.pt"
@@ -90,10 +83,6 @@ HISTORY_COLUMNS = (
     "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1",
     "val_balanced_accuracy", "lr_head", "lr_backbone", "seconds", "best",
 )
-
-
-class FinetuneError(RuntimeError):
-    """A fine-tuning request that cannot run; the message says what to change."""
 
 
 # ---------------------------------------------------------------- configuration
@@ -206,251 +195,6 @@ def fingerprint(cfg: FinetuneConfig, split_sha256: str, weights: dict[str, Any],
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-# ---------------------------------------------------------------- images in memory
-
-
-@dataclass
-class ImageSet:
-    """Decoded images of one split: uint8 pixels [N, 3, H, W] and integer targets."""
-
-    rows: list[ManifestRow]
-    pixels: torch.Tensor
-    targets: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-@dataclass(frozen=True)
-class Normaliser:
-    """The affine normalisation of a transform, recovered so that pixels can be kept as
-    uint8 (1/4 of the memory) and normalised per batch after augmentation."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def probe(cls, transform: Callable[[Image.Image], torch.Tensor], size: int = 32) -> Normaliser:
-        """Read mean/std off `transform` by feeding it a black and a white image: a normalising
-        transform maps 0 to -mean/std and 1 to (1-mean)/std. Works whatever the preprocessing
-        dict calls its keys, and guarantees training normalises exactly as predict does."""
-        black = transform(Image.new("RGB", (size, size), (0, 0, 0))).float()
-        white = transform(Image.new("RGB", (size, size), (255, 255, 255))).float()
-        lo = black.mean(dim=(1, 2))
-        hi = white.mean(dim=(1, 2))
-        std = 1.0 / (hi - lo)
-        mean = -lo * std
-        return cls(tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[arg-type]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: float [B, 3, H, W] in [0, 1] -> normalised."""
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of __call__ for one image [3, H, W], rounded back to uint8."""
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x.float() * std + mean).mul(255.0).round().clamp(0, 255).to(torch.uint8)
-
-
-def preload(
-    data_dir: Path,
-    rows: Sequence[ManifestRow],
-    transform: Callable[[Image.Image], torch.Tensor],
-    normaliser: Normaliser,
-    workers: int = 2,
-    progress: bool = True,
-    desc: str = "decode",
-) -> tuple[ImageSet, list[tuple[str, str]]]:
-    """Decode, check (sha256 against the manifest) and transform `rows` once.
-
-    Returns the image set and the skipped files as (relpath, reason).
-    """
-
-    def load(row: ManifestRow) -> torch.Tensor | str:
-        path = Path(data_dir) / row.relpath
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            return f"cannot read {path}: {exc.strerror or exc}"
-        if sha256_bytes(data) != row.sha256:
-            return "sha256 differs from the split manifest (file changed since `featsvm split`)"
-        try:
-            img = to_rgb(_decode(data, str(path)))
-        except ImageError as exc:
-            return str(exc)
-        return normaliser.to_uint8(transform(img))
-
-    kept: list[ManifestRow] = []
-    tensors: list[torch.Tensor] = []
-    skipped: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        outcomes = pool.map(load, rows)
-        for row, out in tqdm(zip(rows, outcomes, strict=True), total=len(rows), desc=desc,
-                             disable=not progress, unit="img", leave=False):
-            if isinstance(out, str):
-                skipped.append((row.relpath, out))
-            else:
-                kept.append(row)
-                tensors.append(out)
-    empty = torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
-    pixels = torch.stack(tensors) if tensors else empty
-    targets = torch.tensor([LABELS.index(r.label) for r in kept], dtype=torch.int64)
-    return ImageSet(kept, pixels, targets), skipped
-
-
-# ---------------------------------------------------------------- augmentation
-
-
-def augment(x: torch.Tensor, gen: torch.Generator, jitter: float) -> torch.Tensor:
-    """Random flips, 90-degree rotations and mild colour jitter, per image.
-
-    x: float [B, 3, H, W] in [0, 1] (square images for the rotations). Smear images have no
-    canonical orientation, so the 8 dihedral transforms are label-preserving; colour jitter
-    stays mild because stain colour carries class information.
-    """
-    b = x.shape[0]
-    flip_h = torch.rand(b, generator=gen) < 0.5
-    flip_v = torch.rand(b, generator=gen) < 0.5
-    rot = torch.randint(0, 4, (b,), generator=gen)
-    x = torch.where(flip_h.view(b, 1, 1, 1), x.flip(3), x)
-    x = torch.where(flip_v.view(b, 1, 1, 1), x.flip(2), x)
-    if x.shape[2] == x.shape[3]:
-        out = x.clone()
-        for k in (1, 2, 3):
-            sel = rot == k
-            if sel.any():
-                out[sel] = torch.rot90(x[sel], k, dims=(2, 3))
-        x = out
-    if jitter > 0:
-        def factor() -> torch.Tensor:
-            return (1.0 + (torch.rand(b, generator=gen) * 2 - 1) * jitter).view(b, 1, 1, 1)
-
-        bright, contrast, sat = factor(), factor(), factor()
-        x = x * bright
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = (x - gray.mean(dim=(2, 3), keepdim=True)) * contrast + gray.mean(
-            dim=(2, 3), keepdim=True)
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = (x - gray) * sat + gray
-        x = x.clamp(0.0, 1.0)
-    return x
-
-
-def dihedral(x: torch.Tensor, d: int) -> torch.Tensor:
-    """The d-th (0..7) of the 8 flips/rotations of images [..., H, W] (0 = identity)."""
-    x = torch.rot90(x, d % 4, dims=(-2, -1))
-    return x.flip(-1) if d >= 4 else x
-
-
-# ---------------------------------------------------------------- models
-
-
-class FinetuneModel(nn.Module):
-    """A pretrained embedder ([N, 3, H, W] -> [N, D]) with a new dropout + linear head."""
-
-    def __init__(self, embedder: nn.Module, dim: int, num_classes: int = len(LABELS),
-                 dropout: float = 0.2) -> None:
-        super().__init__()
-        self.embedder = embedder
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embedder(x))
-
-
-@dataclass
-class BuiltModel:
-    model: nn.Module
-    preprocessing: dict[str, Any]
-    transform: Callable[[Image.Image], torch.Tensor]
-    backbone: str | None
-    weights: dict[str, Any]  # {"label": ..., "sha256": ...}
-    architecture: dict[str, Any]  # what load_finetuned needs to rebuild the module
-    full_model: nn.Module | None = None  # the backbone's whole network (names for --freeze)
-
-
-def _basic_spec(cfg: FinetuneConfig) -> BasicCNNSpec:
-    return BasicCNNSpec(cfg.basic_cnn_size, tuple(cfg.basic_cnn_channels), cfg.basic_cnn_dense,
-                        cfg.basic_cnn_dropout)
-
-
-def build_model(
-    model: str,
-    cfg: FinetuneConfig,
-    weights: str | None = None,
-    weights_dir: str | os.PathLike[str] | None = None,
-) -> BuiltModel:
-    """The network to train, its preprocessing and its weights provenance."""
-    from featsvm.backbones import load_backbone, make_transform
-
-    if model == BASIC_CNN:
-        if weights not in (None, "none"):
-            raise FinetuneError("basic-cnn is trained from scratch: it takes no --weights")
-        spec = _basic_spec(cfg)
-        pre = basic_cnn_preprocessing(spec)
-        return BuiltModel(
-            BasicCNN(len(LABELS), spec), pre, make_transform(pre), None,
-            {"label": "none", "sha256": None},
-            {"kind": BASIC_CNN, "spec": dataclasses.asdict(spec)},
-        )
-    if model not in PRETRAINED_MODELS:
-        raise FinetuneError(f"unknown model {model!r}; use one of {', '.join(MODELS)}")
-    loaded = load_backbone(model, weights=weights, weights_dir=weights_dir)
-    net = FinetuneModel(loaded.embedder, int(loaded.dim), len(LABELS), cfg.head_dropout)
-    info = loaded.weights
-    wdict = {"label": info.label, "sha256": info.sha256}
-    pre = dict(loaded.preprocessing)
-    return BuiltModel(net, pre, make_transform(pre), model, wdict,
-                      {"kind": "backbone", "backbone": model, "dim": int(loaded.dim),
-                       "head_dropout": cfg.head_dropout}, loaded.model)
-
-
-def apply_freeze(built: BuiltModel, freeze: str) -> str | None:
-    """Freeze embedder parameters per `freeze` (see the module docstring); returns the module
-    frozen up to (None when nothing is frozen).
-
-    A module name is looked up first in the backbone's full model (``blocks.5``,
-    ``Mixed_7b``, ``features.21``: the names users know) and mapped to the embedder by
-    identity, then among the embedder's own module names.
-    """
-    freeze = (freeze or "none").strip()
-    if built.backbone is None:
-        if freeze != "none":
-            raise FinetuneError("basic-cnn is trained from scratch: use --freeze none")
-        return None
-    if freeze == "none":
-        return None
-    embedder = built.model.embedder  # type: ignore[union-attr]
-    params = list(embedder.named_parameters())
-    if freeze == "all":
-        for _, p in params:
-            p.requires_grad_(False)
-        return "all"
-    until = FREEZE_AUTO.get(built.backbone) if freeze == "auto" else freeze
-    if until is None:
-        raise FinetuneError(f"--freeze auto has no rule for {built.backbone}; name a module")
-    full = dict(built.full_model.named_modules()) if built.full_model is not None else {}
-    own = dict(embedder.named_modules())
-    target = full.get(until) or own.get(until)
-    if target is None or not any(target is m for m in own.values()):
-        tops = [n for n, _ in (full or own).items() if n and n.count(".") <= 1]
-        raise FinetuneError(
-            f"--freeze {until!r}: no module of that name in the {built.backbone} embedder; "
-            f"use none, all, auto or one of: {', '.join(tops[:80])}"
-        )
-    inside = {id(p) for p in target.parameters()}
-    last = max((i for i, (_, p) in enumerate(params) if id(p) in inside), default=-1)
-    if last < 0:
-        raise FinetuneError(f"--freeze {until!r}: that module has no parameters; name a layer "
-                            "that has weights (a convolution or a block)")
-    for i, (_, p) in enumerate(params):
-        p.requires_grad_(i > last)
-    return until
-
-
 def _set_train_mode(model: nn.Module) -> None:
     """train() but keep fully frozen BatchNorm layers in eval mode (fixed statistics)."""
     model.train()
@@ -490,26 +234,6 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, floor: float
 
 # ---------------------------------------------------------------- inputs: pixels or cache
 
-
-def _chain(module: nn.Module) -> list[nn.Module]:
-    """`module` as a flat list of stages whose composition is its forward: plain
-    ``nn.Sequential`` containers are expanded recursively, anything else is one stage."""
-    if type(module) is nn.Sequential:
-        return [m for child in module for m in _chain(child)]
-    return [module]
-
-
-def split_trunk(model: nn.Module) -> tuple[nn.Sequential, nn.Module]:
-    """(trunk, rest) of a FinetuneModel: the trunk is the longest leading run of embedder
-    stages with no trainable parameter; rest = remaining stages + head. Both share the
-    model's modules, so training `rest` trains `model`."""
-    stages = _chain(model.embedder)  # type: ignore[union-attr]
-    cut = 0
-    while cut < len(stages) and not any(p.requires_grad for p in stages[cut].parameters()):
-        cut += 1
-    if cut == 0:
-        raise FinetuneError("cache_frozen needs frozen leading layers: set freeze (e.g. auto)")
-    return nn.Sequential(*stages[:cut]), nn.Sequential(*stages[cut:], model.head)  # type: ignore[union-attr]
 
 
 class PixelFeeder:
@@ -592,7 +316,7 @@ def cache_trunk(
         ds = (torch.zeros(len(pixels), dtype=torch.int64) if view == 0
               else torch.randint(1, 8, (len(pixels),), generator=gen))
         chunks = []
-        for sl in _batches(len(pixels), cfg.eval_batch_size):
+        for sl in batches(len(pixels), cfg.eval_batch_size):
             x = pixels[sl].float().div_(255.0)
             x = torch.stack([dihedral(img, int(d)) for img, d in zip(x, ds[sl], strict=True)])
             x = normaliser(x).to(device)
@@ -610,45 +334,13 @@ def cache_trunk(
 # ---------------------------------------------------------------- evaluation
 
 
-def _batches(n: int, size: int) -> Iterator[slice]:
-    for i in range(0, n, size):
-        yield slice(i, min(n, i + size))
-
-
-@torch.no_grad()
-def predict_proba(
-    model: nn.Module,
-    pixels: torch.Tensor,
-    normaliser: Normaliser,
-    device: torch.device,
-    precision: str = "fp32",
-    batch_size: int = 64,
-    channels_last: bool = False,
-) -> np.ndarray:
-    """Softmax probabilities (float64, LABELS order) for uint8 pixels [N, 3, H, W]."""
-    from featsvm.device import autocast_context
-
-    model.eval()
-    out = []
-    for sl in _batches(len(pixels), batch_size):
-        x = normaliser(pixels[sl].float().div_(255.0)).to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, precision):
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1).cpu().double())
-    if not out:
-        return np.zeros((0, len(LABELS)))
-    return torch.cat(out).numpy()
-
-
 @torch.no_grad()
 def _predict(feeder: PixelFeeder | CachedFeeder, split: str, n: int) -> np.ndarray:
     from featsvm.device import autocast_context
 
     feeder.net.eval()
     out = []
-    for sl in _batches(n, feeder.cfg.eval_batch_size):
+    for sl in batches(n, feeder.cfg.eval_batch_size):
         with autocast_context(feeder.device, feeder.cfg.precision):
             logits = feeder.net(feeder.eval(split, sl))
         out.append(torch.softmax(logits.float(), dim=1).cpu().double())
@@ -998,7 +690,7 @@ def finetune(
 
 def _train_batches(n: int, batch_size: int) -> Iterator[slice]:
     """Batches of an epoch; a trailing batch of one image is dropped (BatchNorm needs two)."""
-    for sl in _batches(n, batch_size):
+    for sl in batches(n, batch_size):
         if sl.stop - sl.start >= 2:
             yield sl
 
@@ -1024,8 +716,8 @@ def _train_epoch(
     model = feeder.net
     _set_train_mode(model)
     total_loss, correct, seen = 0.0, 0, 0
-    batches = list(_train_batches(len(targets), cfg.batch_size))
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+    steps = list(_train_batches(len(targets), cfg.batch_size))
+    bar = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                leave=False, unit="batch")
     for sl in bar:
         idx = order[sl]
@@ -1045,40 +737,3 @@ def _train_epoch(
         seen += b
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
     return total_loss / max(1, seen), correct / max(1, seen)
-
-
-# ---------------------------------------------------------------- loading a finished run
-
-
-def load_finetuned(run_dir: str | os.PathLike[str]
-                   ) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
-    """(model in eval mode, PIL->tensor transform, config) of an end-to-end run record.
-
-    The checkpoint's sha256 sidecar is checked first; the file is loaded with
-    ``weights_only=True`` (no code runs). The backbone architecture is rebuilt from its spec
-    with random weights and then filled from the checkpoint, so no weights file is needed.
-    """
-    from featsvm.backbones import HOOKS, load_backbone, make_transform
-
-    record = runs.read_run(run_dir)
-    if record.config.get("kind") != "end_to_end":
-        raise FinetuneError(f"{run_dir} is a {record.config.get('kind')!r} run, not end_to_end")
-    runs.verify_sidecar(record.model_path)
-    ck = torch.load(record.model_path, map_location="cpu", weights_only=True)
-    arch = ck["architecture"]
-    if arch["kind"] == BASIC_CNN:
-        spec = arch["spec"]
-        net: nn.Module = BasicCNN(len(LABELS), BasicCNNSpec(
-            spec["input_size"], tuple(spec["channels"]), spec["dense"], spec["dropout"]))
-    else:
-        pre = ck["preprocessing"]
-        loaded = load_backbone(arch["backbone"], weights="none", layer=pre.get("layer"))
-        # hooks the training weights needed (e.g. Keras pooling for the nsfwjs InceptionV3)
-        # are not implied by random weights: re-apply what the run recorded
-        for hook in pre.get("hooks", []):
-            if hook not in loaded.preprocessing.get("hooks", []):
-                HOOKS[hook](loaded.model)
-        net = FinetuneModel(loaded.embedder, int(arch["dim"]), len(LABELS), arch["head_dropout"])
-    net.load_state_dict(ck["state_dict"])
-    net.eval()
-    return net, make_transform(ck["preprocessing"]), record.config

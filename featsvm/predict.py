@@ -162,7 +162,8 @@ class Predictor:
         import torch
 
         from featsvm.device import check_precision, resolve_device
-        from featsvm.finetune import Normaliser, load_finetuned, predict_proba
+        from featsvm.networks import load_finetuned, predict_proba
+        from featsvm.pixels import Normaliser
 
         net, transform, cfg = load_finetuned(record.path)  # checks the sidecar first
         dev = resolve_device(device)

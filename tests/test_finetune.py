@@ -14,6 +14,8 @@ from conftest import make_dataset
 
 from featsvm import finetune as ft
 from featsvm import metrics as fm
+from featsvm import networks as nw
+from featsvm import pixels as px
 from featsvm import runs
 from featsvm.backbones import make_transform
 from featsvm.basic_cnn import BasicCNNSpec, basic_cnn_preprocessing
@@ -98,7 +100,7 @@ def test_run_record_is_complete_and_predict_agrees(tiny_split, tmp_path):
     assert len(_history(res.run_dir)) == cfg["epochs_run"] == 3
     assert not (res.run_dir / ft.LAST_CHECKPOINT).exists()
     # the saved model, reloaded with its own transform, reproduces predictions.csv
-    model, transform, _ = ft.load_finetuned(res.run_dir)
+    model, transform, _ = nw.load_finetuned(res.run_dir)
     test = preds.select("test")
     x = torch.stack([transform(load_rgb(data / p)) for p in test.relpath])
     with torch.no_grad():
@@ -131,7 +133,7 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(tiny_split, tmp_pat
 
 def test_resume_refuses_a_run_with_other_settings(tiny_split, tmp_path):
     part = _run(tiny_split, tmp_path, max_epochs_this_call=1)
-    with pytest.raises(ft.FinetuneError, match="fingerprint"):
+    with pytest.raises(nw.FinetuneError, match="fingerprint"):
         _run(tiny_split, tmp_path, dataclasses.replace(TINY, lr=1e-2), resume=part.run_dir)
     # and automatic resume ignores it, starting a fresh folder
     fresh = _run(tiny_split, tmp_path, dataclasses.replace(TINY, epochs=1), resume=True)
@@ -140,7 +142,7 @@ def test_resume_refuses_a_run_with_other_settings(tiny_split, tmp_path):
 
 def test_augmentation_only_touches_training_images(tiny_split, tmp_path, monkeypatch):
     seen: list[int] = []
-    real = ft.augment
+    real = px.augment
 
     def spy(x, gen, jitter):
         seen.append(x.shape[0])
@@ -155,36 +157,36 @@ def test_augmentation_only_touches_training_images(tiny_split, tmp_path, monkeyp
 def test_augment_is_label_preserving_geometry_and_mild_colour():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(16, 3, 8, 8)
-    y = ft.augment(x, gen, jitter=0.0)
+    y = px.augment(x, gen, jitter=0.0)
     assert y.shape == x.shape
     # without jitter each image is a dihedral transform: same multiset of pixel values
     assert torch.equal(y.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
     assert not torch.equal(x, y)
-    z = ft.augment(x, gen, jitter=0.1)
+    z = px.augment(x, gen, jitter=0.1)
     assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
     assert float((z.mean() - x.mean()).abs()) < 0.1
 
 
 def test_normaliser_recovers_the_transform_exactly():
     pre = basic_cnn_preprocessing(BasicCNNSpec(input_size=32, channels=(8,)))
-    norm = ft.Normaliser.probe(make_transform(pre))
+    norm = px.Normaliser.probe(make_transform(pre))
     np.testing.assert_allclose(norm.mean, pre["mean"], atol=1e-5)
     np.testing.assert_allclose(norm.std, pre["std"], atol=1e-5)
 
 
 def test_freeze_rules_resolve_for_every_backbone():
-    for name in ft.PRETRAINED_MODELS:
-        built = ft.build_model(name, ft.FinetuneConfig(model=name), weights="none")
-        until = ft.apply_freeze(built, "auto")
-        assert until == ft.FREEZE_AUTO[name]
+    for name in nw.PRETRAINED_MODELS:
+        built = nw.build_model(name, ft.FinetuneConfig(model=name), weights="none")
+        until = nw.apply_freeze(built, "auto")
+        assert until == nw.FREEZE_AUTO[name]
         trainable = [n for n, p in built.model.named_parameters() if p.requires_grad]
         frozen = [n for n, p in built.model.named_parameters() if not p.requires_grad]
         assert frozen and "head.1.weight" in trainable
         assert all(n.startswith("head.") for n in trainable[-2:])
-    built = ft.build_model("efficientnet_lite0", ft.FinetuneConfig(), weights="none")
-    with pytest.raises(ft.FinetuneError, match="blocks"):
-        ft.apply_freeze(built, "no_such_block")
-    ft.apply_freeze(built, "all")
+    built = nw.build_model("efficientnet_lite0", ft.FinetuneConfig(), weights="none")
+    with pytest.raises(nw.FinetuneError, match="blocks"):
+        nw.apply_freeze(built, "no_such_block")
+    nw.apply_freeze(built, "all")
     assert [n for n, p in built.model.named_parameters() if p.requires_grad] == [
         "head.1.weight", "head.1.bias"]
 
@@ -205,7 +207,7 @@ def test_finetuning_a_backbone_end_to_end_with_the_frozen_trunk_cache(tiny_split
     hist = _history(res.run_dir)
     assert float(hist[0]["lr_backbone"]) == pytest.approx(
         float(hist[0]["lr_head"]) * cfg.backbone_lr_mult)
-    model, transform, _ = ft.load_finetuned(res.run_dir)
+    model, transform, _ = nw.load_finetuned(res.run_dir)
     test = res.record.predictions().select("test")
     x = torch.stack([transform(load_rgb(data / p)) for p in test.relpath])
     with torch.no_grad():
@@ -214,18 +216,18 @@ def test_finetuning_a_backbone_end_to_end_with_the_frozen_trunk_cache(tiny_split
 
 
 def test_trunk_split_composes_to_the_model():
-    built = ft.build_model("efficientnet_lite0", ft.FinetuneConfig(), weights="none")
-    ft.apply_freeze(built, "auto")
-    trunk, rest = ft.split_trunk(built.model)
+    built = nw.build_model("efficientnet_lite0", ft.FinetuneConfig(), weights="none")
+    nw.apply_freeze(built, "auto")
+    trunk, rest = nw.split_trunk(built.model)
     assert not any(p.requires_grad for p in trunk.parameters())
     assert any(p.requires_grad for p in rest[0].parameters())
     built.model.eval()
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(rest(trunk(x)), built.model(x), rtol=1e-4, atol=1e-4)
-    unfrozen = ft.build_model("efficientnet_lite0", ft.FinetuneConfig(), weights="none")
-    with pytest.raises(ft.FinetuneError, match="freeze"):
-        ft.split_trunk(unfrozen.model)
+    unfrozen = nw.build_model("efficientnet_lite0", ft.FinetuneConfig(), weights="none")
+    with pytest.raises(nw.FinetuneError, match="freeze"):
+        nw.split_trunk(unfrozen.model)
 
 
 def test_bad_and_changed_images_are_skipped_and_listed(tiny_split, tmp_path):

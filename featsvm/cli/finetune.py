@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from featsvm.finetune import MODELS, FinetuneConfig, FinetuneError, finetune, finetune_config
+from featsvm.finetune import FinetuneConfig, finetune, finetune_config
+from featsvm.networks import MODELS, FinetuneError
 
 
 @click.command("finetune")

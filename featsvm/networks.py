@@ -1,0 +1,230 @@
+"""The end-to-end networks: building one (basic CNN or pretrained backbone + new head),
+freezing its leading layers, cutting off the frozen trunk, and reloading a finished run.
+
+Pretrained models reuse `featsvm.backbones.load_backbone` (the same specs and weight
+resolution as ``extract``; no second copy of model code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from featsvm import runs
+from featsvm.basic_cnn import BasicCNN, BasicCNNSpec, basic_cnn_preprocessing
+from featsvm.labels import LABELS
+from featsvm.pixels import Normaliser, batches
+
+if TYPE_CHECKING:
+    from featsvm.finetune import FinetuneConfig
+
+BASIC_CNN = "basic-cnn"
+PRETRAINED_MODELS = ("vgg16", "inception_v3", "alexnet", "efficientnet_lite0")
+MODELS = (BASIC_CNN, *PRETRAINED_MODELS)
+
+# freeze="auto": the module (path in the backbone's full model) up to which, inclusive,
+# everything is frozen, leaving the last block (and for VGG16/AlexNet with a pretrained
+# classifier, fc6/fc7) plus the new head trainable. A test checks that each resolves.
+FREEZE_AUTO: dict[str, str] = {
+    "vgg16": "features.21",  # block4's last conv; block5 (features.24-28) trains
+    "alexnet": "features.8",  # the fourth conv; the fifth (features.10) trains
+    "inception_v3": "Mixed_7b",  # Mixed_7c trains
+    "efficientnet_lite0": "blocks.5",  # blocks.6, conv_head and bn2 train
+}
+
+
+class FinetuneError(RuntimeError):
+    """A fine-tuning request that cannot run; the message says what to change."""
+
+
+class FinetuneModel(nn.Module):
+    """A pretrained embedder ([N, 3, H, W] -> [N, D]) with a new dropout + linear head."""
+
+    def __init__(self, embedder: nn.Module, dim: int, num_classes: int = len(LABELS),
+                 dropout: float = 0.2) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedder(x))
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    preprocessing: dict[str, Any]
+    transform: Callable[[Image.Image], torch.Tensor]
+    backbone: str | None
+    weights: dict[str, Any]  # {"label": ..., "sha256": ...}
+    architecture: dict[str, Any]  # what load_finetuned needs to rebuild the module
+    full_model: nn.Module | None = None  # the backbone's whole network (names for --freeze)
+
+
+def _basic_spec(cfg: FinetuneConfig) -> BasicCNNSpec:
+    return BasicCNNSpec(cfg.basic_cnn_size, tuple(cfg.basic_cnn_channels), cfg.basic_cnn_dense,
+                        cfg.basic_cnn_dropout)
+
+
+def build_model(
+    model: str,
+    cfg: FinetuneConfig,
+    weights: str | None = None,
+    weights_dir: str | os.PathLike[str] | None = None,
+) -> BuiltModel:
+    """The network to train, its preprocessing and its weights provenance."""
+    from featsvm.backbones import load_backbone, make_transform
+
+    if model == BASIC_CNN:
+        if weights not in (None, "none"):
+            raise FinetuneError("basic-cnn is trained from scratch: it takes no --weights")
+        spec = _basic_spec(cfg)
+        pre = basic_cnn_preprocessing(spec)
+        return BuiltModel(
+            BasicCNN(len(LABELS), spec), pre, make_transform(pre), None,
+            {"label": "none", "sha256": None},
+            {"kind": BASIC_CNN, "spec": dataclasses.asdict(spec)},
+        )
+    if model not in PRETRAINED_MODELS:
+        raise FinetuneError(f"unknown model {model!r}; use one of {', '.join(MODELS)}")
+    loaded = load_backbone(model, weights=weights, weights_dir=weights_dir)
+    net = FinetuneModel(loaded.embedder, int(loaded.dim), len(LABELS), cfg.head_dropout)
+    info = loaded.weights
+    wdict = {"label": info.label, "sha256": info.sha256}
+    pre = dict(loaded.preprocessing)
+    return BuiltModel(net, pre, make_transform(pre), model, wdict,
+                      {"kind": "backbone", "backbone": model, "dim": int(loaded.dim),
+                       "head_dropout": cfg.head_dropout}, loaded.model)
+
+
+def apply_freeze(built: BuiltModel, freeze: str) -> str | None:
+    """Freeze embedder parameters per `freeze` (see the module docstring); returns the module
+    frozen up to (None when nothing is frozen).
+
+    A module name is looked up first in the backbone's full model (``blocks.5``,
+    ``Mixed_7b``, ``features.21``: the names users know) and mapped to the embedder by
+    identity, then among the embedder's own module names.
+    """
+    freeze = (freeze or "none").strip()
+    if built.backbone is None:
+        if freeze != "none":
+            raise FinetuneError("basic-cnn is trained from scratch: use --freeze none")
+        return None
+    if freeze == "none":
+        return None
+    embedder = built.model.embedder  # type: ignore[union-attr]
+    params = list(embedder.named_parameters())
+    if freeze == "all":
+        for _, p in params:
+            p.requires_grad_(False)
+        return "all"
+    until = FREEZE_AUTO.get(built.backbone) if freeze == "auto" else freeze
+    if until is None:
+        raise FinetuneError(f"--freeze auto has no rule for {built.backbone}; name a module")
+    full = dict(built.full_model.named_modules()) if built.full_model is not None else {}
+    own = dict(embedder.named_modules())
+    target = full.get(until) or own.get(until)
+    if target is None or not any(target is m for m in own.values()):
+        tops = [n for n, _ in (full or own).items() if n and n.count(".") <= 1]
+        raise FinetuneError(
+            f"--freeze {until!r}: no module of that name in the {built.backbone} embedder; "
+            f"use none, all, auto or one of: {', '.join(tops[:80])}"
+        )
+    inside = {id(p) for p in target.parameters()}
+    last = max((i for i, (_, p) in enumerate(params) if id(p) in inside), default=-1)
+    if last < 0:
+        raise FinetuneError(f"--freeze {until!r}: that module has no parameters; name a layer "
+                            "that has weights (a convolution or a block)")
+    for i, (_, p) in enumerate(params):
+        p.requires_grad_(i > last)
+    return until
+
+
+def _chain(module: nn.Module) -> list[nn.Module]:
+    """`module` as a flat list of stages whose composition is its forward: plain
+    ``nn.Sequential`` containers are expanded recursively, anything else is one stage."""
+    if type(module) is nn.Sequential:
+        return [m for child in module for m in _chain(child)]
+    return [module]
+
+
+def split_trunk(model: nn.Module) -> tuple[nn.Sequential, nn.Module]:
+    """(trunk, rest) of a FinetuneModel: the trunk is the longest leading run of embedder
+    stages with no trainable parameter; rest = remaining stages + head. Both share the
+    model's modules, so training `rest` trains `model`."""
+    stages = _chain(model.embedder)  # type: ignore[union-attr]
+    cut = 0
+    while cut < len(stages) and not any(p.requires_grad for p in stages[cut].parameters()):
+        cut += 1
+    if cut == 0:
+        raise FinetuneError("cache_frozen needs frozen leading layers: set freeze (e.g. auto)")
+    return nn.Sequential(*stages[:cut]), nn.Sequential(*stages[cut:], model.head)  # type: ignore[union-attr]
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    normaliser: Normaliser,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 64,
+    channels_last: bool = False,
+) -> np.ndarray:
+    """Softmax probabilities (float64, LABELS order) for uint8 pixels [N, 3, H, W]."""
+    from featsvm.device import autocast_context
+
+    model.eval()
+    out = []
+    for sl in batches(len(pixels), batch_size):
+        x = normaliser(pixels[sl].float().div_(255.0)).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, precision):
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=1).cpu().double())
+    if not out:
+        return np.zeros((0, len(LABELS)))
+    return torch.cat(out).numpy()
+
+
+def load_finetuned(run_dir: str | os.PathLike[str]
+                   ) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
+    """(model in eval mode, PIL->tensor transform, config) of an end-to-end run record.
+
+    The checkpoint's sha256 sidecar is checked first; the file is loaded with
+    ``weights_only=True`` (no code runs). The backbone architecture is rebuilt from its spec
+    with random weights and then filled from the checkpoint, so no weights file is needed.
+    """
+    from featsvm.backbones import HOOKS, load_backbone, make_transform
+
+    record = runs.read_run(run_dir)
+    if record.config.get("kind") != "end_to_end":
+        raise FinetuneError(f"{run_dir} is a {record.config.get('kind')!r} run, not end_to_end")
+    runs.verify_sidecar(record.model_path)
+    ck = torch.load(record.model_path, map_location="cpu", weights_only=True)
+    arch = ck["architecture"]
+    if arch["kind"] == BASIC_CNN:
+        spec = arch["spec"]
+        net: nn.Module = BasicCNN(len(LABELS), BasicCNNSpec(
+            spec["input_size"], tuple(spec["channels"]), spec["dense"], spec["dropout"]))
+    else:
+        pre = ck["preprocessing"]
+        loaded = load_backbone(arch["backbone"], weights="none", layer=pre.get("layer"))
+        # hooks the training weights needed (e.g. Keras pooling for the nsfwjs InceptionV3)
+        # are not implied by random weights: re-apply what the run recorded
+        for hook in pre.get("hooks", []):
+            if hook not in loaded.preprocessing.get("hooks", []):
+                HOOKS[hook](loaded.model)
+        net = FinetuneModel(loaded.embedder, int(arch["dim"]), len(LABELS), arch["head_dropout"])
+    net.load_state_dict(ck["state_dict"])
+    net.eval()
+    return net, make_transform(ck["preprocessing"]), record.config

@@ -1,0 +1,164 @@
+"""Decoded images held in memory for end-to-end training, and their augmentation.
+
+Every train/val/test image is decoded **once** (sha256 checked against the split manifest)
+into uint8 at the model's input geometry; `Normaliser` recovers the transform's mean/std so
+that batches are normalised after augmentation, exactly as `predict` normalises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from featsvm.dataset import ImageError, _decode, to_rgb
+from featsvm.fileio import sha256_bytes
+from featsvm.labels import LABELS
+from featsvm.manifest import ManifestRow
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most `size` covering range(n)."""
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split: uint8 pixels [N, 3, H, W] and integer targets."""
+
+    rows: list[ManifestRow]
+    pixels: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """The affine normalisation of a transform, recovered so that pixels can be kept as
+    uint8 (1/4 of the memory) and normalised per batch after augmentation."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def probe(cls, transform: Callable[[Image.Image], torch.Tensor], size: int = 32) -> Normaliser:
+        """Read mean/std off `transform` by feeding it a black and a white image: a normalising
+        transform maps 0 to -mean/std and 1 to (1-mean)/std. Works whatever the preprocessing
+        dict calls its keys, and guarantees training normalises exactly as predict does."""
+        black = transform(Image.new("RGB", (size, size), (0, 0, 0))).float()
+        white = transform(Image.new("RGB", (size, size), (255, 255, 255))).float()
+        lo = black.mean(dim=(1, 2))
+        hi = white.mean(dim=(1, 2))
+        std = 1.0 / (hi - lo)
+        mean = -lo * std
+        return cls(tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[arg-type]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float [B, 3, H, W] in [0, 1] -> normalised."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of __call__ for one image [3, H, W], rounded back to uint8."""
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x.float() * std + mean).mul(255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def preload(
+    data_dir: Path,
+    rows: Sequence[ManifestRow],
+    transform: Callable[[Image.Image], torch.Tensor],
+    normaliser: Normaliser,
+    workers: int = 2,
+    progress: bool = True,
+    desc: str = "decode",
+) -> tuple[ImageSet, list[tuple[str, str]]]:
+    """Decode, check (sha256 against the manifest) and transform `rows` once.
+
+    Returns the image set and the skipped files as (relpath, reason).
+    """
+
+    def load(row: ManifestRow) -> torch.Tensor | str:
+        path = Path(data_dir) / row.relpath
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return f"cannot read {path}: {exc.strerror or exc}"
+        if sha256_bytes(data) != row.sha256:
+            return "sha256 differs from the split manifest (file changed since `featsvm split`)"
+        try:
+            img = to_rgb(_decode(data, str(path)))
+        except ImageError as exc:
+            return str(exc)
+        return normaliser.to_uint8(transform(img))
+
+    kept: list[ManifestRow] = []
+    tensors: list[torch.Tensor] = []
+    skipped: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        outcomes = pool.map(load, rows)
+        for row, out in tqdm(zip(rows, outcomes, strict=True), total=len(rows), desc=desc,
+                             disable=not progress, unit="img", leave=False):
+            if isinstance(out, str):
+                skipped.append((row.relpath, out))
+            else:
+                kept.append(row)
+                tensors.append(out)
+    empty = torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
+    pixels = torch.stack(tensors) if tensors else empty
+    targets = torch.tensor([LABELS.index(r.label) for r in kept], dtype=torch.int64)
+    return ImageSet(kept, pixels, targets), skipped
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, jitter: float) -> torch.Tensor:
+    """Random flips, 90-degree rotations and mild colour jitter, per image.
+
+    x: float [B, 3, H, W] in [0, 1] (square images for the rotations). Smear images have no
+    canonical orientation, so the 8 dihedral transforms are label-preserving; colour jitter
+    stays mild because stain colour carries class information.
+    """
+    b = x.shape[0]
+    flip_h = torch.rand(b, generator=gen) < 0.5
+    flip_v = torch.rand(b, generator=gen) < 0.5
+    rot = torch.randint(0, 4, (b,), generator=gen)
+    x = torch.where(flip_h.view(b, 1, 1, 1), x.flip(3), x)
+    x = torch.where(flip_v.view(b, 1, 1, 1), x.flip(2), x)
+    if x.shape[2] == x.shape[3]:
+        out = x.clone()
+        for k in (1, 2, 3):
+            sel = rot == k
+            if sel.any():
+                out[sel] = torch.rot90(x[sel], k, dims=(2, 3))
+        x = out
+    if jitter > 0:
+        def factor() -> torch.Tensor:
+            return (1.0 + (torch.rand(b, generator=gen) * 2 - 1) * jitter).view(b, 1, 1, 1)
+
+        bright, contrast, sat = factor(), factor(), factor()
+        x = x * bright
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = (x - gray.mean(dim=(2, 3), keepdim=True)) * contrast + gray.mean(
+            dim=(2, 3), keepdim=True)
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = (x - gray) * sat + gray
+        x = x.clamp(0.0, 1.0)
+    return x
+
+
+def dihedral(x: torch.Tensor, d: int) -> torch.Tensor:
+    """The d-th (0..7) of the 8 flips/rotations of images [..., H, W] (0 = identity)."""
+    x = torch.rot90(x, d % 4, dims=(-2, -1))
+    return x.flip(-1) if d >= 4 else x
