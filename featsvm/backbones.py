@@ -76,6 +76,9 @@ class BackboneSpec:
     ignore_key_prefixes: tuple[str, ...] = ()  # dropped from files (e.g. InceptionV3 AuxLogits)
     known_files: tuple[KnownFile, ...] = field(default=())
     gflops: float = 0.0  # multiply-adds x 2 per image at input_size, for the benchmark
+    # Fastest CPU batch size measured by benchmarks/batch_size.py (fp32, 2 cores): small
+    # batches stay in cache for the conv nets; AlexNet's big fully connected layers want more.
+    cpu_batch_size: int = 4
     reference: str = ""
 
     def layer(self, name: str) -> EmbeddingLayer:
@@ -296,6 +299,7 @@ SPECS: dict[str, BackboneSpec] = {
             library="torchvision",
             classifier_prefixes=("classifier.",),
             gflops=1.43,
+            cpu_batch_size=32,
             reference="Krizhevsky et al. 2012 (torchvision 'one weird trick' variant)",
         ),
         BackboneSpec(

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featsvm import __version__
-from featsvm.backbones import describe, load_backbone, make_transform
+from featsvm.backbones import BackboneSpec, describe, load_backbone, make_transform
 from featsvm.cache import CacheWriter, extract_command, file_name, fingerprint
 from featsvm.dataset import load_rgb, scan
 from featsvm.device import autocast_context, check_precision, resolve_device
@@ -95,12 +95,11 @@ def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
     return [i for i, _ in good], xs, bad
 
 
-def default_batch_size(device: torch.device) -> int:
-    """Images per forward pass. On the CPU small batches are faster (they stay in cache):
-    on the 2-core development machine batch 4 ran VGG16 at 6.2 img/s vs 5.7 at 32,
-    InceptionV3 (mixed_6c) 20.9 vs 16.3 and EfficientNet-Lite0 84 vs 45 (fp32, forward only).
-    Accelerators want large batches."""
-    return 4 if device.type == "cpu" else 64
+def default_batch_size(device: torch.device, spec: BackboneSpec) -> int:
+    """Images per forward pass: on the CPU the backbone's measured fastest batch (e.g. 4 for
+    VGG16: 6.6 img/s vs 4.6 at 32 on the 2-core machine, benchmarks/batch_size.py); on an
+    accelerator 64."""
+    return spec.cpu_batch_size if device.type == "cpu" else 64
 
 
 def default_workers(device: torch.device) -> int:
@@ -131,8 +130,7 @@ def extract(
     root = Path(data_dir)
     dev = resolve_device(device)
     check_precision(dev, precision)
-    batch_size = default_batch_size(dev) if batch_size is None else batch_size
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     skipped: list[tuple[str, str]] = []
     if records is None:
@@ -141,6 +139,7 @@ def extract(
         skipped.extend(found.skipped)
 
     spec, info, pre = describe(backbone, weights, weights_dir, layer)
+    batch_size = default_batch_size(dev, spec) if batch_size is None else batch_size
     path = Path(cache_dir) / file_name(backbone, info.sha256, pre, precision)
     attrs = {
         "backbone": backbone,

@@ -125,3 +125,21 @@ def test_bf16_matches_fp32(tiny_dataset: Path, tmp_path: Path) -> None:
     a, b = out["fp32"], out["bf16"]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.99
+
+
+def test_default_batch_size_comes_from_the_backbone_spec() -> None:
+    import torch
+
+    from featsvm.backbones import get_spec
+    from featsvm.extract import default_batch_size
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert default_batch_size(cpu, get_spec("vgg16")) == 4
+    assert default_batch_size(cpu, get_spec("alexnet")) == 32
+    assert default_batch_size(gpu, get_spec("vgg16")) == 64
+
+
+def test_zero_batch_size_is_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        extract(tmp_path / "does-not-matter", "alexnet", weights="none", device="cpu",
+                batch_size=0, cache_dir=tmp_path / "cache")

@@ -25,8 +25,8 @@ from featsvm.device import DEVICES, PRECISIONS
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
               help="fp16 is refused on the CPU (use bf16).")
 @click.option("--batch-size", default=None, type=click.IntRange(1),
-              help="Images per forward pass (default: 4 on the CPU, where small batches are "
-              "faster, 64 on an accelerator).")
+              help="Images per forward pass (default: the backbone's fastest CPU batch, e.g. 4 "
+              "for VGG16, 32 for AlexNet; 64 on an accelerator).")
 @click.option("--workers", default=None, type=click.IntRange(0),
               help="DataLoader worker processes (default: 1 on small CPUs, more on GPU).")
 @click.option("--layer", default=None,
