@@ -109,14 +109,15 @@ def naive_loop(model: torch.nn.Module, transform: Any, paths: list[Path]) -> flo
 
 
 def bench_backbone(name: str, records: list, data: Path, weights_dir: Path | None, sample: int,
-                   batch_size: int, workdir: Path) -> dict[str, Any]:
-    from featsvm.backbones import load_backbone
+                   batch_size: int | None, workdir: Path) -> dict[str, Any]:
+    from featsvm.backbones import get_spec, load_backbone
     from featsvm.dataset import load_rgb
     from featsvm.extract import extract
 
+    batch_size = batch_size or get_spec(name).cpu_batch_size
     has_file = weights_dir is not None and name in _index(weights_dir)
     kw = {"weights_dir": weights_dir} if has_file else {"weights": "none"}
-    out: dict[str, Any] = {"backbone": name, "n_images": len(records),
+    out: dict[str, Any] = {"backbone": name, "n_images": len(records), "batch_size": batch_size,
                            "weights": "weights.toml" if has_file else "random (no local file)"}
     print(f"[{name}] end-to-end over {len(records)} images ...", flush=True)
     cache = workdir / name
@@ -163,19 +164,22 @@ def table(res: dict[str, Any]) -> str:
     lines = [
         f"Large-GEMM peak (same run, best of matmul and 1x1-conv GEMM, start/end): fp32 "
         f"{p32:.1f} GFLOP/s, bf16 {p16:.1f} GFLOP/s; "
-        f"{res['machine']['threads']} threads, load average {res['machine']['load_start']} at "
-        f"start, {res['machine']['load_end']} at end.",
+        f"{res['machine']['threads']} threads, load average {res['machine']['load_start']:.2f} "
+        f"at start, {res['machine']['load_end']:.2f} at end; AVX-512 BF16: "
+        f"{'yes' if res['machine'].get('avx512_bf16') else 'no'}.",
         "",
-        "| backbone | layer | weights | GFLOP/img | end-to-end img/s | forward fp32 img/s | "
+        "| backbone | layer | weights | batch | GFLOP/img | end-to-end img/s | "
+        "forward fp32 img/s | "
         "forward bf16 img/s | bf16/fp32 | fp32 GFLOP/s (% peak) | bf16 GFLOP/s (% peak) | "
         "naive img/s | e2e / fwd | e2e / naive | bf16 cos mean (min) | cached re-run s "
         "(speed-up) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["backbones"]:
         lines.append(
             f"| {r['backbone']} | {r['layer']} ({r['dim']}) | {r['weights']} | "
-            f"{r['gflop_per_image']:.2f} | {r['e2e_images_per_s']:.2f} | "
+            f"{r.get('batch_size', res['batch_size'])} | {r['gflop_per_image']:.2f} | "
+            f"{r['e2e_images_per_s']:.2f} | "
             f"{r['fwd_fp32_images_per_s']:.2f} | {r['fwd_bf16_images_per_s']:.2f} | "
             f"{r['bf16_speedup']:.2f}x | "
             f"{r['gflops_fp32']:.1f} ({100 * r['gflops_fp32'] / p32:.0f} %) | "
@@ -187,8 +191,7 @@ def table(res: dict[str, Any]) -> str:
         )
     lines.append("")
     lines.append(f"End-to-end and cached re-run over {res['n_images']} images; forward-only, "
-                 f"bf16 and naive over the first {res['sample']} of them; batch size "
-                 f"{res['batch_size']}.")
+                 f"bf16 and naive over the first {res['sample']} of them.")
     return "\n".join(lines)
 
 
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                     default=["efficientnet_lite0", "alexnet", "inception_v3", "vgg16"])
     ap.add_argument("--n-images", type=int, default=256)
     ap.add_argument("--sample", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="default: each backbone's CPU batch (BackboneSpec.cpu_batch_size)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "extract.json")
     args = ap.parse_args(argv)
     if not (args.data / "Original").is_dir():
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if Path("/proc/cpuinfo").exists() else ""
     res: dict[str, Any] = {
         "created": now_iso(), "versions": versions(), "n_images": len(chosen),
-        "sample": min(args.sample, len(chosen)), "batch_size": args.batch_size,
+        "sample": min(args.sample, len(chosen)), "batch_size": args.batch_size or "per backbone",
         "machine": {
             "platform": platform.platform(), "processor": platform.processor(),
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
