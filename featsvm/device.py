@@ -20,8 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from featsvm.names import DEVICES, PRECISIONS
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

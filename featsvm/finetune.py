@@ -62,14 +62,8 @@ from featsvm.config import ConfigError, build
 from featsvm.fileio import atomic_path, write_text_atomic
 from featsvm.labels import LABELS
 from featsvm.manifest import Manifest, ManifestRow, read_manifest
-from featsvm.networks import (
-    BASIC_CNN,
-    MODELS,
-    FinetuneError,
-    apply_freeze,
-    build_model,
-    split_trunk,
-)
+from featsvm.names import BASIC_CNN, MODELS
+from featsvm.networks import FinetuneError, apply_freeze, build_model, split_trunk
 from featsvm.pixels import ImageSet, Normaliser, augment, batches, dihedral, preload
 
 SELECT_METRICS = ("macro_f1", "balanced_accuracy")

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from featsvm.heads import HEADS, FittedHead, HeadConfig, calibrate, fit_head, needs_calibration
+from featsvm.heads import FittedHead, HeadConfig, calibrate, fit_head, needs_calibration
 from featsvm.manifest import Manifest, read_manifest
 from featsvm.metrics import score_predictions
+from featsvm.names import HEADS
 from featsvm.runs import RunRecord, finish_run, new_run_dir, now_iso, save_joblib, versions
 
 MODEL_FILE = "model.joblib"

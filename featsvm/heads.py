@@ -49,8 +49,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from featsvm.config import ConfigError, load_toml, section
 from featsvm.labels import LABELS
+from featsvm.names import HEADS
 
-HEADS = ("svm", "logreg")
 SCORINGS = ("balanced_accuracy", "f1_macro")
 CALIBRATIONS = ("auto", "temperature", "sigmoid", "isotonic", "none")
 VAL_CALIBRATIONS = ("temperature", "sigmoid", "isotonic")

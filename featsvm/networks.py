@@ -21,14 +21,13 @@ from torch import nn
 from featsvm import runs
 from featsvm.basic_cnn import BasicCNN, BasicCNNSpec, basic_cnn_preprocessing
 from featsvm.labels import LABELS
+from featsvm.names import BACKBONES, BASIC_CNN, MODELS
 from featsvm.pixels import Normaliser, batches
 
 if TYPE_CHECKING:
     from featsvm.finetune import FinetuneConfig
 
-BASIC_CNN = "basic-cnn"
-PRETRAINED_MODELS = ("vgg16", "inception_v3", "alexnet", "efficientnet_lite0")
-MODELS = (BASIC_CNN, *PRETRAINED_MODELS)
+PRETRAINED_MODELS = BACKBONES
 
 # freeze="auto": the module (path in the backbone's full model) up to which, inclusive,
 # everything is frozen, leaving the last block (and for VGG16/AlexNet with a pretrained

@@ -149,3 +149,14 @@ def test_embedder_equals_library_forward(name: str, size: int) -> None:
     x = torch.randn(2, 3, size, size)
     with torch.inference_mode():
         torch.testing.assert_close(lb.embedder(x), _reference_embedding(name, lb.model, x))
+
+
+def test_the_light_name_lists_match_the_registries() -> None:
+    """featsvm.names (what the CLI offers without importing torch) agrees with the code."""
+    from featsvm import names
+    from featsvm.backbones import SPECS
+    from featsvm.networks import FREEZE_AUTO
+
+    assert tuple(SPECS) == names.BACKBONES
+    assert set(FREEZE_AUTO) == set(names.BACKBONES)
+    assert (names.BASIC_CNN, *names.BACKBONES) == names.MODELS

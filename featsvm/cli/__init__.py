@@ -12,8 +12,9 @@ from featsvm import __version__
 
 
 class _LazyGroup(click.Group):
-    """Imports a command's module only when that command runs (or help lists it), so that
-    e.g. `featsvm split` does not pay for importing torch."""
+    """Imports a command's module only when that command runs (or help lists it). Command
+    modules import only `featsvm.names` at the top (the library inside the command), so
+    `featsvm --help` and `featsvm split` do not pay for importing torch (tests/test_cli.py)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         import pkgutil

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import click
 
-from featsvm.backbones import SPECS
-from featsvm.device import DEVICES, PRECISIONS
+from featsvm.names import BACKBONES, DEVICES, PRECISIONS
 
 
 @click.command("extract")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--backbone", required=True, type=click.Choice(sorted(SPECS)),
+@click.option("--backbone", required=True, type=click.Choice(sorted(BACKBONES)),
               help="Pretrained CNN to embed with.")
 @click.option("--weights", default=None, metavar="PATH|none|default",
               help="Local state_dict file, 'none' (random init, labelled 'random') or "

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from featsvm.finetune import FinetuneConfig, finetune, finetune_config
-from featsvm.networks import MODELS, FinetuneError
+from featsvm.names import MODELS
 
 
 @click.command("finetune")
@@ -57,6 +56,8 @@ def command(
     last checkpoint (rerun the same command after an interruption); --no-resume starts anew.
     """
     from featsvm.config import ConfigError, load_toml
+    from featsvm.finetune import FinetuneConfig, finetune, finetune_config
+    from featsvm.networks import FinetuneError
 
     try:
         base = (finetune_config(load_toml(config_path), str(config_path))

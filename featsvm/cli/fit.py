@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from featsvm.heads import HEADS
+from featsvm.names import HEADS
 
 
 def _fmt(value: float | None, ci: list[float] | None = None) -> str:

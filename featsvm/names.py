@@ -1,0 +1,16 @@
+"""The names a user types: backbones, heads, end-to-end models, devices and precisions.
+
+They live here, in a module that imports nothing, so that the command line can offer them
+as choices (and `featsvm --help` can list its commands) without importing torch or
+scikit-learn. The modules that implement them take their names from here, and a test checks
+that the backbone registry matches.
+"""
+
+from __future__ import annotations
+
+BACKBONES = ("vgg16", "inception_v3", "alexnet", "efficientnet_lite0")  # featsvm.backbones
+HEADS = ("svm", "logreg")  # featsvm.heads
+BASIC_CNN = "basic-cnn"  # featsvm.basic_cnn
+MODELS = (BASIC_CNN, *BACKBONES)  # what `featsvm finetune` trains
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "fp16")
