@@ -36,12 +36,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from featsvm.fileio import FileLock
 from featsvm.weights import RANDOM_LABEL, RANDOM_SEED, WeightsInfo
-
-try:  # POSIX advisory locks; elsewhere the cache works without the writer lock
-    import fcntl
-except ImportError:  # pragma: no cover - non-POSIX
-    fcntl = None  # type: ignore[assignment]
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 64
@@ -157,40 +153,18 @@ def locate_cache(
 # ------------------------------------------------------------------------------ locking
 
 
-class _Lock:
+def _busy(lock_path: Path, exclusive: bool) -> CacheLockedError:
+    what = "write" if exclusive else "read"
+    return CacheLockedError(
+        f"cannot {what} {lock_path.with_suffix('')}: another featsvm extract process is "
+        f"writing it (lock held on {lock_path}). Wait for it to finish; a killed process "
+        "releases the lock automatically."
+    )
+
+
+def _cache_lock(path: Path, exclusive: bool) -> FileLock:
     """flock on ``<cache file>.lock``: exclusive for writers, shared for readers."""
-
-    def __init__(self, path: Path, exclusive: bool) -> None:
-        self.path = path.with_name(path.name + ".lock")
-        self.exclusive = exclusive
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        if fcntl is None:
-            return
-        if not self.exclusive and not self.path.exists():
-            return  # nobody ever wrote here with a lock
-        flags = os.O_RDWR | os.O_CREAT if self.exclusive else os.O_RDONLY
-        self._fd = os.open(self.path, flags, 0o644)
-        mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
-        try:
-            fcntl.flock(self._fd, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
-            what = "write" if self.exclusive else "read"
-            raise CacheLockedError(
-                f"cannot {what} {self.path.with_suffix('')}: another featsvm extract process is "
-                f"writing it (lock held on {self.path}). Wait for it to finish; a killed process "
-                "releases the lock automatically."
-            ) from None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[union-attr]
-            os.close(self._fd)
-            self._fd = None
+    return FileLock(path.with_name(path.name + ".lock"), exclusive, _busy)
 
 
 # ------------------------------------------------------------------------------ attrs checks
@@ -265,7 +239,7 @@ class CacheWriter:
     def __init__(self, path: str | os.PathLike[str], attrs: dict[str, Any]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _Lock(self.path, exclusive=True)
+        self._lock = _cache_lock(self.path, exclusive=True)
         self._lock.acquire()
         try:
             self._file = self._open_or_create(attrs)
@@ -413,7 +387,7 @@ def read_cache(path: str | os.PathLike[str]) -> CachedFeatures:
         raise CacheMissingError(
             f"feature cache {path} does not exist; build it with featsvm extract"
         )
-    lock = _Lock(path, exclusive=False)
+    lock = _cache_lock(path, exclusive=False)
     lock.acquire()
     try:
         with _open(path, "r") as f:

@@ -1,4 +1,4 @@
-"""Small file helpers shared by every artefact writer: hashing and atomic writes."""
+"""Small file helpers shared by every artefact writer: hashing, atomic writes, file locks."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:  # POSIX advisory locks; elsewhere the lock is a no-op
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 _CHUNK = 1 << 20
 
@@ -58,3 +63,49 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class FileLock:
+    """Non-blocking ``flock`` on a lock file: exclusive for writers, shared for readers.
+
+    The kernel releases it when the process dies, so a killed run never leaves a stale lock.
+    When another process holds it, `acquire` raises ``busy(lock_path, exclusive)`` (a message
+    that says who is busy and what to do). A shared lock on a file nobody ever created is
+    a no-op.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], exclusive: bool,
+                 busy: Callable[[Path, bool], Exception]) -> None:
+        self.path = Path(path)
+        self.exclusive = exclusive
+        self.busy = busy
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            return
+        if not self.exclusive and not self.path.exists():
+            return
+        flags = os.O_RDWR | os.O_CREAT if self.exclusive else os.O_RDONLY
+        self._fd = os.open(self.path, flags, 0o644)
+        mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(self._fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise self.busy(self.path, self.exclusive) from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[union-attr]
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

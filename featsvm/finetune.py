@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from featsvm import metrics as fm
 from featsvm import runs
 from featsvm.config import ConfigError, build
-from featsvm.fileio import atomic_path, write_text_atomic
+from featsvm.fileio import FileLock, atomic_path, write_text_atomic
 from featsvm.labels import LABELS
 from featsvm.manifest import Manifest, ManifestRow, read_manifest
 from featsvm.names import BASIC_CNN, MODELS
@@ -73,6 +73,7 @@ MODEL_FILE = "model.pt"
 LAST_CHECKPOINT = "checkpoint-last.pt"
 BEST_CHECKPOINT = "checkpoint-best.pt"
 FINGERPRINT_FILE = "fingerprint.txt"
+TRAIN_LOCK = "train.lock"  # flock held while a process trains in the run folder
 HISTORY_COLUMNS = (
     "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1",
     "val_balanced_accuracy", "lr_head", "lr_backbone", "seconds", "best",
@@ -364,6 +365,14 @@ def _save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def _run_busy(lock_path: Path, exclusive: bool) -> FinetuneError:
+    return FinetuneError(
+        f"{lock_path.parent} is being trained by another featsvm process right now (lock "
+        f"held on {lock_path}); wait for it to finish, or start a separate run with "
+        "--no-resume. A killed process releases the lock automatically."
+    )
+
+
 def find_resumable(runs_dir: Path, fp: str) -> Path | None:
     """The newest unfinished run folder under `runs_dir` with fingerprint `fp`."""
     if not Path(runs_dir).is_dir():
@@ -469,217 +478,223 @@ def finetune(
         run_dir = runs.new_run_dir(runs_dir, cfg.model.replace("_", "-"), "ft")
         write_text_atomic(run_dir / FINGERPRINT_FILE, fp + "\n")
 
-    # ---- data
-    t0 = time.perf_counter()
-    normaliser = Normaliser.probe(built.transform)
-    sets: dict[str, ImageSet] = {}
-    skipped: list[tuple[str, str]] = []
-    for name in ("train", "val", "test"):
-        sets[name], sk = preload(data_dir, manifest.subset(name), built.transform, normaliser,
-                                 cfg.workers, progress, desc=f"decode {name}")
-        skipped.extend(sk)
-    preload_seconds = time.perf_counter() - t0
-    for relpath, reason in skipped:
-        log(f"skipped {relpath}: {reason}")
-    train_set, val_set = sets["train"], sets["val"]
-    if len(train_set) < 2:
-        raise FinetuneError(f"{split}: fewer than 2 usable train images; nothing to train on")
-    if len(val_set) == 0:
-        raise FinetuneError(f"{split}: no usable val images; the val split selects the epoch")
+    # ---- one process per run folder (a second identical command is refused, not merged)
+    with FileLock(run_dir / TRAIN_LOCK, True, _run_busy):
+        # ---- data
+        t0 = time.perf_counter()
+        normaliser = Normaliser.probe(built.transform)
+        sets: dict[str, ImageSet] = {}
+        skipped: list[tuple[str, str]] = []
+        for name in ("train", "val", "test"):
+            sets[name], sk = preload(data_dir, manifest.subset(name), built.transform, normaliser,
+                                     cfg.workers, progress, desc=f"decode {name}")
+            skipped.extend(sk)
+        preload_seconds = time.perf_counter() - t0
+        for relpath, reason in skipped:
+            log(f"skipped {relpath}: {reason}")
+        train_set, val_set = sets["train"], sets["val"]
+        if len(train_set) < 2:
+            raise FinetuneError(f"{split}: fewer than 2 usable train images; nothing to train on")
+        if len(val_set) == 0:
+            raise FinetuneError(f"{split}: no usable val images; the val split selects the epoch")
 
-    # ---- optimisation
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    cache_seconds = 0.0
-    if cfg.cache_frozen:
-        if built.backbone is None:
-            raise FinetuneError("cache_frozen applies to pretrained backbones, not basic-cnn")
-        tc = time.perf_counter()
-        trunk, rest = split_trunk(model)
-        feats = cache_trunk(trunk, sets, normaliser, cfg, device, progress)
-        cache_seconds = time.perf_counter() - tc
-        feeder: PixelFeeder | CachedFeeder = CachedFeeder(rest, feats, cfg, device)
-        augmentation = (f"{cfg.cache_views} cached view(s) per train image (identity + random "
-                        "flips/90-degree rotations); no colour jitter")
-        log(f"cached the frozen trunk ({len(list(trunk))} stages, output "
-            f"{tuple(feats['val'].shape[1:])}) in {cache_seconds:.0f} s")
-    else:
-        feeder = PixelFeeder(model, sets, normaliser, cfg, device)
-        augmentation = (f"per batch: flips, 90-degree rotations, colour jitter "
-                        f"+-{cfg.color_jitter:g}" if cfg.augment else "none")
-    groups = _param_groups(model, built.backbone, cfg)
-    optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "name"} for g in groups],
-        lr=cfg.lr, weight_decay=cfg.weight_decay,
-    )
-    group_names = [g["name"] for g in groups]
-    n_train = len(train_set)
-    steps_per_epoch = len(list(_train_batches(n_train, cfg.batch_size)))
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, warmup, cfg.min_lr_ratio))
-    use_scaler = device.type == "cuda" and cfg.precision == "fp16"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    counts = torch.bincount(train_set.targets, minlength=len(LABELS)).double()
-    if cfg.class_weights == "balanced":
-        cw = torch.where(counts > 0, counts.sum() / (len(LABELS) * counts.clamp(min=1)), 0.0)
-    else:
-        cw = torch.ones(len(LABELS), dtype=torch.float64)
-    criterion = nn.CrossEntropyLoss(weight=cw.float().to(device),
-                                    label_smoothing=cfg.label_smoothing)
+        # ---- optimisation
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        cache_seconds = 0.0
+        if cfg.cache_frozen:
+            if built.backbone is None:
+                raise FinetuneError("cache_frozen applies to pretrained backbones, not basic-cnn")
+            tc = time.perf_counter()
+            trunk, rest = split_trunk(model)
+            feats = cache_trunk(trunk, sets, normaliser, cfg, device, progress)
+            cache_seconds = time.perf_counter() - tc
+            feeder: PixelFeeder | CachedFeeder = CachedFeeder(rest, feats, cfg, device)
+            augmentation = (f"{cfg.cache_views} cached view(s) per train image (identity + random "
+                            "flips/90-degree rotations); no colour jitter")
+            log(f"cached the frozen trunk ({len(list(trunk))} stages, output "
+                f"{tuple(feats['val'].shape[1:])}) in {cache_seconds:.0f} s")
+        else:
+            feeder = PixelFeeder(model, sets, normaliser, cfg, device)
+            augmentation = (f"per batch: flips, 90-degree rotations, colour jitter "
+                            f"+-{cfg.color_jitter:g}" if cfg.augment else "none")
+        groups = _param_groups(model, built.backbone, cfg)
+        optimizer = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k != "name"} for g in groups],
+            lr=cfg.lr, weight_decay=cfg.weight_decay,
+        )
+        group_names = [g["name"] for g in groups]
+        n_train = len(train_set)
+        steps_per_epoch = len(list(_train_batches(n_train, cfg.batch_size)))
+        total_steps = steps_per_epoch * cfg.epochs
+        warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_with_warmup(total_steps, warmup, cfg.min_lr_ratio))
+        use_scaler = device.type == "cuda" and cfg.precision == "fp16"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        counts = torch.bincount(train_set.targets, minlength=len(LABELS)).double()
+        if cfg.class_weights == "balanced":
+            cw = torch.where(counts > 0, counts.sum() / (len(LABELS) * counts.clamp(min=1)), 0.0)
+        else:
+            cw = torch.ones(len(LABELS), dtype=torch.float64)
+        criterion = nn.CrossEntropyLoss(weight=cw.float().to(device),
+                                        label_smoothing=cfg.label_smoothing)
 
-    # ---- state (fresh or resumed)
-    start_epoch, best_score, best_epoch, train_seconds = 0, -1.0, 0, 0.0
-    history: list[dict[str, Any]] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    if (run_dir / LAST_CHECKPOINT).is_file():
-        ck = torch.load(run_dir / LAST_CHECKPOINT, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if use_scaler and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        start_epoch, best_score = int(ck["epoch"]), float(ck["best_score"])
-        best_epoch, train_seconds = int(ck["best_epoch"]), float(ck["train_seconds"])
-        history = list(ck["history"])
-        best_state = torch.load(run_dir / BEST_CHECKPOINT, map_location="cpu",
-                                weights_only=True)
-        log(f"resuming {run_dir} after epoch {start_epoch} (best so far: epoch {best_epoch}, "
-            f"val {cfg.select_metric} {best_score:.4f})")
-    resumed_from = start_epoch
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"{cfg.model}: {n_train_params:,} of {n_params:,} parameters trainable"
-        f"{f' (frozen up to {frozen_until})' if frozen_until else ''}; {n_train} train / "
-        f"{len(val_set)} val / {len(sets['test'])} test images on {device}, "
-        f"{steps_per_epoch} steps per epoch; run folder {run_dir}")
+        # ---- state (fresh or resumed)
+        start_epoch, best_score, best_epoch, train_seconds = 0, -1.0, 0, 0.0
+        history: list[dict[str, Any]] = []
+        best_state: dict[str, torch.Tensor] | None = None
+        if (run_dir / LAST_CHECKPOINT).is_file():
+            ck = torch.load(run_dir / LAST_CHECKPOINT, map_location=device, weights_only=True)
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            if use_scaler and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+            start_epoch, best_score = int(ck["epoch"]), float(ck["best_score"])
+            best_epoch, train_seconds = int(ck["best_epoch"]), float(ck["train_seconds"])
+            history = list(ck["history"])
+            best_state = torch.load(run_dir / BEST_CHECKPOINT, map_location="cpu",
+                                    weights_only=True)
+            log(f"resuming {run_dir} after epoch {start_epoch} (best so far: epoch {best_epoch}, "
+                f"val {cfg.select_metric} {best_score:.4f})")
+        resumed_from = start_epoch
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"{cfg.model}: {n_train_params:,} of {n_params:,} parameters trainable"
+            f"{f' (frozen up to {frozen_until})' if frozen_until else ''}; {n_train} train / "
+            f"{len(val_set)} val / {len(sets['test'])} test images on {device}, "
+            f"{steps_per_epoch} steps per epoch; run folder {run_dir}")
 
-    epoch = start_epoch
-    stopped_early = stopped_by_budget = False
-    with _deterministic(device.type == "cpu"):
-        while epoch < cfg.epochs:
-            if best_epoch and cfg.patience and epoch - best_epoch >= cfg.patience:
-                stopped_early = True
-                break
-            budget = cfg.max_train_minutes * 60.0
-            spent = train_seconds + cache_seconds
-            if budget > 0 and epoch > 0 and spent + train_seconds / epoch > budget:
-                stopped_by_budget = True
-                log(f"stopping after epoch {epoch}: another epoch would exceed "
-                    f"max_train_minutes = {cfg.max_train_minutes:g}")
-                break
-            if max_epochs_this_call is not None and epoch - start_epoch >= max_epochs_this_call:
-                return FinetuneResult(run_dir, False, None, epoch, best_epoch, skipped,
-                                      resumed_from)
-            te = time.perf_counter()
-            tr_loss, tr_acc = _train_epoch(feeder, train_set.targets, optimizer, scheduler,
-                                           scaler, criterion, cfg, device, epoch, progress)
-            proba = _predict(feeder, "val", len(val_set))
-            val = _val_scores(proba, val_set.targets)
-            seconds = time.perf_counter() - te
-            train_seconds += seconds
-            epoch += 1
-            score = val[cfg.select_metric]
-            improved = score > best_score
-            if improved:
-                best_score, best_epoch = score, epoch
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                _save_torch(best_state, run_dir / BEST_CHECKPOINT)
-            lrs = {n: g["lr"] for n, g in zip(group_names, optimizer.param_groups, strict=True)}
-            history.append({
-                "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc,
-                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                "val_macro_f1": val["macro_f1"], "val_balanced_accuracy": val["balanced_accuracy"],
-                "lr_head": lrs.get("head", ""), "lr_backbone": lrs.get("backbone", ""),
-                "seconds": seconds, "best": int(improved),
-            })
-            _save_torch({
-                "fingerprint": fp, "epoch": epoch, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if use_scaler else {},
-                "best_score": best_score, "best_epoch": best_epoch,
-                "train_seconds": train_seconds, "history": history,
-            }, run_dir / LAST_CHECKPOINT)
-            _write_history(run_dir, history)
-            summary = (
-                f"epoch {epoch}/{cfg.epochs}  loss {tr_loss:.4f}  acc {tr_acc:.3f} | val loss "
-                f"{val['loss']:.4f}  acc {val['accuracy']:.3f}  macro-F1 {val['macro_f1']:.3f}  "
-                f"bal-acc {val['balanced_accuracy']:.3f} | {seconds:.0f} s"
-                f"{'  *best*' if improved else ''}"
-            )
-            if progress:
-                tqdm.write(summary)
+        epoch = start_epoch
+        stopped_early = stopped_by_budget = False
+        with _deterministic(device.type == "cpu"):
+            while epoch < cfg.epochs:
+                if best_epoch and cfg.patience and epoch - best_epoch >= cfg.patience:
+                    stopped_early = True
+                    break
+                budget = cfg.max_train_minutes * 60.0
+                spent = train_seconds + cache_seconds
+                if budget > 0 and epoch > 0 and spent + train_seconds / epoch > budget:
+                    stopped_by_budget = True
+                    log(f"stopping after epoch {epoch}: another epoch would exceed "
+                        f"max_train_minutes = {cfg.max_train_minutes:g}")
+                    break
+                if max_epochs_this_call is not None and epoch - start_epoch >= max_epochs_this_call:
+                    return FinetuneResult(run_dir, False, None, epoch, best_epoch, skipped,
+                                          resumed_from)
+                te = time.perf_counter()
+                tr_loss, tr_acc = _train_epoch(feeder, train_set.targets, optimizer, scheduler,
+                                               scaler, criterion, cfg, device, epoch, progress)
+                proba = _predict(feeder, "val", len(val_set))
+                val = _val_scores(proba, val_set.targets)
+                seconds = time.perf_counter() - te
+                train_seconds += seconds
+                epoch += 1
+                score = val[cfg.select_metric]
+                improved = score > best_score
+                if improved:
+                    best_score, best_epoch = score, epoch
+                    best_state = {k: v.detach().cpu().clone()
+                                  for k, v in model.state_dict().items()}
+                    _save_torch(best_state, run_dir / BEST_CHECKPOINT)
+                lrs = {n: g["lr"]
+                       for n, g in zip(group_names, optimizer.param_groups, strict=True)}
+                history.append({
+                    "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc,
+                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                    "val_macro_f1": val["macro_f1"],
+                    "val_balanced_accuracy": val["balanced_accuracy"],
+                    "lr_head": lrs.get("head", ""), "lr_backbone": lrs.get("backbone", ""),
+                    "seconds": seconds, "best": int(improved),
+                })
+                _save_torch({
+                    "fingerprint": fp, "epoch": epoch, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if use_scaler else {},
+                    "best_score": best_score, "best_epoch": best_epoch,
+                    "train_seconds": train_seconds, "history": history,
+                }, run_dir / LAST_CHECKPOINT)
+                _write_history(run_dir, history)
+                summary = (
+                    f"epoch {epoch}/{cfg.epochs}  loss {tr_loss:.4f}  acc {tr_acc:.3f} | val loss "
+                    f"{val['loss']:.4f}  acc {val['accuracy']:.3f}  "
+                    f"macro-F1 {val['macro_f1']:.3f}  "
+                    f"bal-acc {val['balanced_accuracy']:.3f} | {seconds:.0f} s"
+                    f"{'  *best*' if improved else ''}"
+                )
+                if progress:
+                    tqdm.write(summary)
 
-    # ---- final scoring with the best weights
-    assert best_state is not None
-    model.load_state_dict({k: v.to(device) for k, v in best_state.items()})
-    tp = time.perf_counter()
-    eval_rows: list[ManifestRow] = []
-    probas: list[np.ndarray] = []
-    for name in ("val", "test"):
-        probas.append(_predict(feeder, name, len(sets[name])))
-        eval_rows.extend(sets[name].rows)
-    proba = np.concatenate(probas) if probas else np.zeros((0, len(LABELS)))
-    predict_seconds = time.perf_counter() - tp
-    relpaths = [r.relpath for r in eval_rows]
-    metrics = fm.score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
+        # ---- final scoring with the best weights
+        assert best_state is not None
+        model.load_state_dict({k: v.to(device) for k, v in best_state.items()})
+        tp = time.perf_counter()
+        eval_rows: list[ManifestRow] = []
+        probas: list[np.ndarray] = []
+        for name in ("val", "test"):
+            probas.append(_predict(feeder, name, len(sets[name])))
+            eval_rows.extend(sets[name].rows)
+        proba = np.concatenate(probas) if probas else np.zeros((0, len(LABELS)))
+        predict_seconds = time.perf_counter() - tp
+        relpaths = [r.relpath for r in eval_rows]
+        metrics = fm.score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
 
-    model_path = run_dir / MODEL_FILE
-    _save_torch({
-        "format": "featsvm-finetune-1", "model": cfg.model, "labels": list(LABELS),
-        "architecture": built.architecture, "preprocessing": built.preprocessing,
-        "state_dict": best_state,
-    }, model_path)
-    runs.write_sidecar(model_path)
-    config = {
-        "run_id": run_dir.name,
-        "kind": "end_to_end",
-        "model": cfg.model if built.backbone is None else f"{cfg.model} (fine-tuned)",
-        "backbone": built.backbone,
-        "head": None,
-        "weights": built.weights,
-        "preprocessing": built.preprocessing,
-        "split": {"path": str(manifest.path), "sha256": manifest.sha256},
-        "seed": cfg.seed,
-        "model_file": MODEL_FILE,
-        "timing": {
-            "fit_seconds": round(train_seconds + cache_seconds, 2),
-            "train_epochs_seconds": round(train_seconds, 2),
-            "cache_seconds": round(cache_seconds, 2),
-            "preload_seconds": round(preload_seconds, 2),
-            "predict_seconds": round(predict_seconds, 2),
-            "seconds_per_epoch": round(train_seconds / max(1, epoch), 2),
-        },
-        "versions": runs.versions(),
-        "created": runs.now_iso(),
-        "data_dir": str(data_dir),
-        "device": str(device),
-        "precision": cfg.precision,
-        "threads": torch.get_num_threads(),
-        "finetune": {k: v for k, v in _plain(cfg).items() if k not in ("models", "overrides")},
-        "freeze_until": frozen_until,
-        "augmentation": augmentation,
-        "parameters": {"total": n_params, "trainable": n_train_params},
-        "epochs_run": epoch,
-        "best_epoch": best_epoch,
-        "stopped_early": stopped_early,
-        "stopped_by_budget": stopped_by_budget,
-        "select_metric": cfg.select_metric,
-        "best_val_score": best_score,
-        "resumed": resumed_from > 0,
-        "fingerprint": fp,
-        "n_images": {k: len(v) for k, v in sets.items()},
-        "skipped": [{"relpath": r, "reason": why} for r, why in skipped],
-    }
-    record = runs.finish_run(
-        run_dir, config, metrics, relpaths, [r.sha256 for r in eval_rows],
-        [r.split for r in eval_rows], [r.label for r in eval_rows], proba,
-    )
-    for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
-        (run_dir / name).unlink(missing_ok=True)
-    return FinetuneResult(run_dir, True, record, epoch, best_epoch, skipped, resumed_from)
+        model_path = run_dir / MODEL_FILE
+        _save_torch({
+            "format": "featsvm-finetune-1", "model": cfg.model, "labels": list(LABELS),
+            "architecture": built.architecture, "preprocessing": built.preprocessing,
+            "state_dict": best_state,
+        }, model_path)
+        runs.write_sidecar(model_path)
+        config = {
+            "run_id": run_dir.name,
+            "kind": "end_to_end",
+            "model": cfg.model if built.backbone is None else f"{cfg.model} (fine-tuned)",
+            "backbone": built.backbone,
+            "head": None,
+            "weights": built.weights,
+            "preprocessing": built.preprocessing,
+            "split": {"path": str(manifest.path), "sha256": manifest.sha256},
+            "seed": cfg.seed,
+            "model_file": MODEL_FILE,
+            "timing": {
+                "fit_seconds": round(train_seconds + cache_seconds, 2),
+                "train_epochs_seconds": round(train_seconds, 2),
+                "cache_seconds": round(cache_seconds, 2),
+                "preload_seconds": round(preload_seconds, 2),
+                "predict_seconds": round(predict_seconds, 2),
+                "seconds_per_epoch": round(train_seconds / max(1, epoch), 2),
+            },
+            "versions": runs.versions(),
+            "created": runs.now_iso(),
+            "data_dir": str(data_dir),
+            "device": str(device),
+            "precision": cfg.precision,
+            "threads": torch.get_num_threads(),
+            "finetune": {k: v for k, v in _plain(cfg).items() if k not in ("models", "overrides")},
+            "freeze_until": frozen_until,
+            "augmentation": augmentation,
+            "parameters": {"total": n_params, "trainable": n_train_params},
+            "epochs_run": epoch,
+            "best_epoch": best_epoch,
+            "stopped_early": stopped_early,
+            "stopped_by_budget": stopped_by_budget,
+            "select_metric": cfg.select_metric,
+            "best_val_score": best_score,
+            "resumed": resumed_from > 0,
+            "fingerprint": fp,
+            "n_images": {k: len(v) for k, v in sets.items()},
+            "skipped": [{"relpath": r, "reason": why} for r, why in skipped],
+        }
+        record = runs.finish_run(
+            run_dir, config, metrics, relpaths, [r.sha256 for r in eval_rows],
+            [r.split for r in eval_rows], [r.label for r in eval_rows], proba,
+        )
+        for name in (LAST_CHECKPOINT, BEST_CHECKPOINT, TRAIN_LOCK):
+            (run_dir / name).unlink(missing_ok=True)
+        return FinetuneResult(run_dir, True, record, epoch, best_epoch, skipped, resumed_from)
 
 
 def _train_batches(n: int, batch_size: int) -> Iterator[slice]:

@@ -131,6 +131,19 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(tiny_split, tmp_pat
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_a_run_folder_being_trained_is_refused_to_a_second_process(tiny_split, tmp_path):
+    from featsvm.fileio import FileLock
+
+    part = _run(tiny_split, tmp_path, max_epochs_this_call=1)
+    # another process training this folder holds its lock (flock conflicts across open files)
+    held = FileLock(part.run_dir / ft.TRAIN_LOCK, True, lambda p, e: RuntimeError(str(p)))
+    with held, pytest.raises(nw.FinetuneError, match="being trained by another"):
+        _run(tiny_split, tmp_path, resume=True)
+    done = _run(tiny_split, tmp_path, resume=True)  # lock released: resumes and finishes
+    assert done.run_dir == part.run_dir and done.finished
+    assert not (done.run_dir / ft.TRAIN_LOCK).exists()
+
+
 def test_resume_refuses_a_run_with_other_settings(tiny_split, tmp_path):
     part = _run(tiny_split, tmp_path, max_epochs_this_call=1)
     with pytest.raises(nw.FinetuneError, match="fingerprint"):
