@@ -118,13 +118,15 @@ def embed_all(paths: list[Path], backbone: str, weights_dir: str | None, layer: 
     return {k: np.concatenate(v).astype(np.float64) for k, v in out.items()}
 
 
-def evaluate(train_X: np.ndarray, test_X: np.ndarray, val_X: np.ndarray, y: np.ndarray,
-             groups: np.ndarray, split: np.ndarray, head: str, cfg_path: str | None) -> dict:
+def evaluate(train_X: np.ndarray, test_X: np.ndarray, y: np.ndarray, groups: np.ndarray,
+             split: np.ndarray, head: str, cfg_path: str | None) -> dict:
+    """Fit on train and calibrate on val of `train_X` (the training variant); score test of
+    `test_X`."""
     cfg = load_head_config(cfg_path)
     tr, va, te = (split == s for s in ("train", "val", "test"))
     fitted = fit_head(train_X[tr], y[tr], groups[tr], head, cfg)
     if needs_calibration(fitted):
-        fitted = calibrate(fitted, val_X[va], y[va])
+        fitted = calibrate(fitted, train_X[va], y[va])
     block = score_block(list(y[te]), fitted.predict_proba(test_X[te]), list(groups[te]),
                         n_boot=1000)
     return {
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     split = np.array([r.split for r in rows])
     t1 = time.perf_counter()
     experiments = {
-        name: evaluate(X[a], X[b], X[a], y, groups, split, args.head, args.config)
+        name: evaluate(X[a], X[b], y, groups, split, args.head, args.config)
         for name, a, b in EXPERIMENTS
     }
     out = {

@@ -27,8 +27,6 @@ from featsvm.pixels import Normaliser, batches
 if TYPE_CHECKING:
     from featsvm.finetune import FinetuneConfig
 
-PRETRAINED_MODELS = BACKBONES
-
 # freeze="auto": the module (path in the backbone's full model) up to which, inclusive,
 # everything is frozen, leaving the last block (and for VGG16/AlexNet with a pretrained
 # classifier, fc6/fc7) plus the new head trainable. A test checks that each resolves.
@@ -92,7 +90,7 @@ def build_model(
             {"label": "none", "sha256": None},
             {"kind": BASIC_CNN, "spec": dataclasses.asdict(spec)},
         )
-    if model not in PRETRAINED_MODELS:
+    if model not in BACKBONES:
         raise FinetuneError(f"unknown model {model!r}; use one of {', '.join(MODELS)}")
     loaded = load_backbone(model, weights=weights, weights_dir=weights_dir)
     net = FinetuneModel(loaded.embedder, int(loaded.dim), len(LABELS), cfg.head_dropout)

@@ -14,9 +14,9 @@ from conftest import make_dataset
 
 from featsvm import finetune as ft
 from featsvm import metrics as fm
+from featsvm import names, runs
 from featsvm import networks as nw
 from featsvm import pixels as px
-from featsvm import runs
 from featsvm.backbones import make_transform
 from featsvm.basic_cnn import BasicCNNSpec, basic_cnn_preprocessing
 from featsvm.config import ConfigError, load_toml
@@ -188,7 +188,7 @@ def test_normaliser_recovers_the_transform_exactly():
 
 
 def test_freeze_rules_resolve_for_every_backbone():
-    for name in nw.PRETRAINED_MODELS:
+    for name in names.BACKBONES:
         built = nw.build_model(name, ft.FinetuneConfig(model=name), weights="none")
         until = nw.apply_freeze(built, "auto")
         assert until == nw.FREEZE_AUTO[name]
