@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from featsvm.backbones import load_backbone
 from featsvm.device import autocast_context
+from featsvm.features.backbones import load_backbone
 from featsvm.fileio import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -2,7 +2,7 @@
 
 For each backbone, over N real images from ../shared/data (skips cleanly when absent):
 
-* end-to-end images/s: `featsvm.extract.extract` from JPEG decode to committed HDF5 rows
+* end-to-end images/s: `featsvm.features.extract.extract` from JPEG decode to committed HDF5 rows
   (model build included), fp32, into a temporary cache;
 * cached re-run: the same call again (nothing to compute) and its speed-up;
 * forward-only images/s on pre-decoded tensors (channels_last, inference_mode), fp32 and bf16,
@@ -110,9 +110,9 @@ def naive_loop(model: torch.nn.Module, transform: Any, paths: list[Path]) -> flo
 
 def bench_backbone(name: str, records: list, data: Path, weights_dir: Path | None, sample: int,
                    batch_size: int | None, workdir: Path) -> dict[str, Any]:
-    from featsvm.backbones import get_spec, load_backbone
-    from featsvm.dataset import load_rgb
-    from featsvm.extract import extract
+    from featsvm.data.dataset import load_rgb
+    from featsvm.features.backbones import get_spec, load_backbone
+    from featsvm.features.extract import extract
 
     batch_size = batch_size or get_spec(name).cpu_batch_size
     has_file = weights_dir is not None and name in _index(weights_dir)
@@ -154,7 +154,7 @@ def bench_backbone(name: str, records: list, data: Path, weights_dir: Path | Non
 
 
 def _index(weights_dir: Path) -> dict:
-    from featsvm.weights import read_index
+    from featsvm.features.weights import read_index
 
     return read_index(weights_dir)
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     weights_dir = args.weights_dir if (args.weights_dir / "weights.toml").is_file() else None
 
-    from featsvm.dataset import scan
+    from featsvm.data.dataset import scan
     from featsvm.fileio import write_json_atomic
     from featsvm.runs import now_iso, versions
 

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from featsvm.fileio import write_json_atomic  # noqa: E402
-from featsvm.heads import HeadConfig, fit_head, load_head_config, param_grid  # noqa: E402
 from featsvm.labels import LABELS  # noqa: E402
+from featsvm.models.heads import HeadConfig, fit_head, load_head_config, param_grid  # noqa: E402
 from featsvm.runs import now_iso, versions  # noqa: E402
 
 TARGET_SECONDS = 120.0
@@ -85,7 +85,7 @@ def main() -> None:
         SVC(kernel="rbf", C=1.0, gamma="scale").fit(Xs, ys)
         ref = time.perf_counter() - t1
         t2 = time.perf_counter()
-        from featsvm.heads import KernelSVC
+        from featsvm.models.heads import KernelSVC
 
         KernelSVC(kernel="rbf", C=1.0, gamma="scale").fit(Xs, ys)
         ours = time.perf_counter() - t2

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from featsvm.cache import locate_cache, read_cache
+from featsvm.data.manifest import read_manifest
+from featsvm.evaluation.metrics import score_block
+from featsvm.features.cache import locate_cache, read_cache
 from featsvm.fileio import write_json_atomic
-from featsvm.heads import calibrate, fit_head, load_head_config, needs_calibration
-from featsvm.manifest import read_manifest
-from featsvm.metrics import score_block
+from featsvm.models.heads import calibrate, fit_head, load_head_config, needs_calibration
 
 RESULTS = Path(__file__).resolve().parent / "results" / "leakage.json"
 

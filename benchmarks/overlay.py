@@ -6,7 +6,7 @@ acquisition sessions). A classifier could score well by reading it. This benchma
 every image of the split manifest in four versions:
 
 * ``full``: the image as is;
-* ``corners_masked``: the four corner boxes (the same boxes `featsvm.duplicates` ignores,
+* ``corners_masked``: the four corner boxes (the same boxes `featsvm.data.duplicates` ignores,
   25 % of the width x 20 % of the height each) filled with the image's median colour;
 * ``edges_masked``: an occlusion control: four boxes of the same size at the middle of each
   edge filled the same way (as much image hidden, but no annotation);
@@ -44,13 +44,13 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from featsvm.backbones import load_backbone
-from featsvm.dataset import load_rgb
-from featsvm.duplicates import DuplicateConfig
+from featsvm.data.dataset import load_rgb
+from featsvm.data.duplicates import DuplicateConfig
+from featsvm.data.manifest import read_manifest
+from featsvm.evaluation.metrics import score_block
+from featsvm.features.backbones import load_backbone
 from featsvm.fileio import write_json_atomic, write_text_atomic
-from featsvm.heads import calibrate, fit_head, load_head_config, needs_calibration
-from featsvm.manifest import read_manifest
-from featsvm.metrics import score_block
+from featsvm.models.heads import calibrate, fit_head, load_head_config, needs_calibration
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Box = tuple[int, int, int, int]

@@ -20,13 +20,10 @@ from collections.abc import Iterator
 
 import torch
 
+from featsvm.errors import DeviceError
 from featsvm.names import DEVICES, PRECISIONS
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class DeviceError(RuntimeError):
-    """A device or precision that cannot be used here; the message says what to do."""
 
 
 def _mps_available() -> bool:

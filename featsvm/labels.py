@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from featsvm.errors import UsageError
+
 BENIGN = "benign"
 LABELS: tuple[str, ...] = ("benign", "early_pre_b", "pre_b", "pro_b")
 MALIGNANT: frozenset[str] = frozenset({"early_pre_b", "pre_b", "pro_b"})
@@ -50,7 +52,7 @@ def label_for_folder(name: str, class_map: dict[str, str] | None = None) -> str 
 
 def check_label(label: str) -> str:
     if label not in LABELS:
-        raise ValueError(f"unknown label {label!r}; expected one of {', '.join(LABELS)}")
+        raise UsageError(f"unknown label {label!r}; expected one of {', '.join(LABELS)}")
     return label
 
 

@@ -8,9 +8,9 @@ that the backbone registry matches.
 
 from __future__ import annotations
 
-BACKBONES = ("vgg16", "inception_v3", "alexnet", "efficientnet_lite0")  # featsvm.backbones
-HEADS = ("svm", "logreg")  # featsvm.heads
-BASIC_CNN = "basic-cnn"  # featsvm.basic_cnn
+BACKBONES = ("vgg16", "inception_v3", "alexnet", "efficientnet_lite0")  # featsvm.features.backbones
+HEADS = ("svm", "logreg")  # featsvm.models.heads
+BASIC_CNN = "basic-cnn"  # featsvm.models.basic_cnn
 MODELS = (BASIC_CNN, *BACKBONES)  # what `featsvm finetune` trains
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")

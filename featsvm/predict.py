@@ -2,7 +2,7 @@
 
 Everything about how an image becomes a prediction is taken from the run record, never
 re-typed: the preprocessing dict in ``config.json`` builds the transform
-(`featsvm.backbones.make_transform`), the model file is checked against its sha256 sidecar
+(`featsvm.features.backbones.make_transform`), the model file is checked against its sha256 sidecar
 before it is loaded, and
 
 * a **head** run (``kind = "head"``) embeds the images on the fly with the run's backbone,
@@ -10,7 +10,7 @@ before it is loaded, and
   run recorded (found at the recorded path, in ``--weights-dir`` / ``FEATSVM_WEIGHTS_DIR``, or
   given with ``--weights``), then applies the fitted head (``model.joblib``);
 * an **end-to-end** run (``kind = "end_to_end"``) rebuilds the CNN from its checkpoint
-  (`featsvm.finetune.load_finetuned`) and evaluates exactly as training evaluated (pixels
+  (`featsvm.models.finetune.load_finetuned`) and evaluates exactly as training evaluated (pixels
   rounded to uint8 after the transform, then normalised).
 
 A file that cannot be read or decoded is reported by name and skipped; the others are
@@ -29,16 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from featsvm.dataset import IMAGE_EXTENSIONS, ImageError, iter_image_files, load_rgb
+from featsvm.data.dataset import IMAGE_EXTENSIONS, ImageError, iter_image_files, load_rgb
+from featsvm.errors import PredictError
 from featsvm.fileio import sha256_file, write_text_atomic
 from featsvm.labels import LABELS, MALIGNANT
 from featsvm.runs import PROB_COLUMNS, RunRecord, load_joblib, read_run
 
 CSV_COLUMNS = ("file", "sha256", "pred_label", "prob_malignant", *PROB_COLUMNS)
-
-
-class PredictError(RuntimeError):
-    """A run that cannot be used for prediction; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +124,8 @@ class Predictor:
               weights_dir: str | os.PathLike[str] | None, device: str) -> Predictor:
         import torch
 
-        from featsvm.backbones import make_transform
         from featsvm.device import autocast_context, check_precision, resolve_device
+        from featsvm.features.backbones import make_transform
 
         cfg = record.config
         head = load_joblib(record.model_path)  # checks the sidecar first
@@ -162,8 +159,8 @@ class Predictor:
         import torch
 
         from featsvm.device import check_precision, resolve_device
-        from featsvm.networks import load_finetuned, predict_proba
-        from featsvm.pixels import Normaliser
+        from featsvm.models.networks import load_finetuned, predict_proba
+        from featsvm.models.pixels import Normaliser
 
         net, transform, cfg = load_finetuned(record.path)  # checks the sidecar first
         dev = resolve_device(device)
@@ -196,8 +193,8 @@ def _load_recorded_backbone(
 
     Order: explicit `weights` / `weights_dir`; the recorded source path; FEATSVM_WEIGHTS_DIR;
     the library's ImageNet file. Random ('random' label) runs rebuild the seeded init."""
-    from featsvm.backbones import load_backbone
-    from featsvm.weights import RANDOM_LABEL, WeightsError
+    from featsvm.features.backbones import load_backbone
+    from featsvm.features.weights import RANDOM_LABEL, WeightsError
 
     backbone = str(cfg["backbone"])
     rec = cfg.get("weights") or {}

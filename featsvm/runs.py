@@ -4,7 +4,7 @@ A run folder holds
 
 * ``config.json``   everything needed to reproduce the run (see REQUIRED_CONFIG_KEYS);
 * ``predictions.csv`` one row per val/test image: PREDICTION_COLUMNS;
-* ``metrics.json``  ``{"val": {...}, "test": {...}}`` blocks from `featsvm.metrics`;
+* ``metrics.json``  ``{"val": {...}, "test": {...}}`` blocks from `featsvm.evaluation.metrics`;
 * a model file (``model.joblib`` for heads, ``model.pt`` for end-to-end CNNs) with a
   sidecar ``<file>.sha256`` that is checked before every load;
 * optionally ``history.csv`` (per-epoch training log).
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from featsvm import __version__
+from featsvm.errors import RunRecordError
 from featsvm.fileio import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from featsvm.labels import LABELS
 
@@ -58,10 +59,6 @@ REQUIRED_CONFIG_KEYS = (
 )
 
 KINDS = ("head", "end_to_end")
-
-
-class RunRecordError(Exception):
-    """A run folder that is incomplete, inconsistent or tampered with."""
 
 
 def versions() -> dict[str, str]:
@@ -268,23 +265,38 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunRecord:
             f"{run_dir} is not a complete run record (needs {CONFIG_FILE}, {METRICS_FILE}, "
             f"{PREDICTIONS_FILE} and the model file with its .sha256 sidecar)"
         )
-    config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    config = _read_json_object(run_dir / CONFIG_FILE)
+    metrics = _read_json_object(run_dir / METRICS_FILE)
     return RunRecord(path=run_dir, config=config, metrics=metrics)
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunRecordError(f"{path}: unreadable ({exc}); delete the run folder and re-run "
+                             "the command that made it") from None
+    if not isinstance(value, dict):
+        raise RunRecordError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def list_runs(runs_dir: str | os.PathLike[str]) -> tuple[list[RunRecord], list[str]]:
-    """All complete runs under `runs_dir` (sorted by id) and the names of incomplete folders."""
+    """All readable complete runs under `runs_dir` (sorted by id), and the folders skipped:
+    incomplete ones by name, broken ones (unreadable JSON) as "name: reason"."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return [], []
-    complete, incomplete = [], []
+    complete, skipped = [], []
     for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
-        if is_complete(d):
+        if not is_complete(d):
+            skipped.append(d.name)
+            continue
+        try:
             complete.append(read_run(d))
-        else:
-            incomplete.append(d.name)
-    return complete, incomplete
+        except RunRecordError as exc:
+            skipped.append(f"{d.name}: {exc}")
+    return complete, skipped
 
 
 def finish_run(

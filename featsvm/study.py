@@ -2,23 +2,23 @@
 
 Steps, each reusing what is already on disk with the same fingerprint (and saying so):
 
-1. **split**: the duplicate-aware split manifest (`featsvm.split`); reused when the file
+1. **split**: the duplicate-aware split manifest (`featsvm.data.split`); reused when the file
    exists and its recorded settings (data folder, seed, ratios, folds) and sha256 match;
-2. **extract** every configured backbone into the feature cache (`featsvm.extract`); the
+2. **extract** every configured backbone into the feature cache (`featsvm.features.extract`); the
    cache itself skips images it already holds;
-3. **fit** every backbone x head (`featsvm.fit`); skipped when a complete run record exists
+3. **fit** every backbone x head (`featsvm.models.fit`); skipped when a complete run record exists
    for the same split sha256, cache fingerprint and head settings;
-4. **fine-tune** every model in ``[finetune] models`` (`featsvm.finetune`); skipped when a
+4. **fine-tune** every model in ``[finetune] models`` (`featsvm.models.finetune`); skipped when a
    complete run with the same training fingerprint exists (an unfinished one is resumed);
-5. **report** on exactly the runs of this study (`featsvm.report`).
+5. **report** on exactly the runs of this study (`featsvm.evaluation.report`).
 
 A failing step (e.g. weights that cannot be found for one backbone) is reported by name and
 the study goes on with the rest; the summary lists it and the command exits non-zero.
 
 Config sections: ``[study]`` (this module: paths, seed, ratios, what to run), ``[extract]``
-(this module: device, precision, batch size), ``[fit]`` (`featsvm.heads.HeadConfig`),
-``[finetune]`` (`featsvm.finetune.FinetuneConfig`), ``[report]``
-(`featsvm.report.ReportConfig`), ``[split]`` (the split module's own options, if any).
+(this module: device, precision, batch size), ``[fit]`` (`featsvm.models.heads.HeadConfig`),
+``[finetune]`` (`featsvm.models.finetune.FinetuneConfig`), ``[report]``
+(`featsvm.evaluation.report.ReportConfig`), ``[split]`` (the split module's own options, if any).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from featsvm.config import ConfigError, load_toml, section
+from featsvm.errors import StudyError
 from featsvm.fileio import sha256_file, write_json_atomic
 from featsvm.runs import RunRecord, list_runs
 
@@ -43,10 +44,6 @@ DATA_HELP = (
     "that holds Original/ with --data DIR "
     "(or set [study] data in the config)."
 )
-
-
-class StudyError(RuntimeError):
-    """The study cannot start (missing data, bad config); the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,7 @@ class StudyConfig:
 
 @dataclass(frozen=True)
 class ExtractSettings:
-    """The ``[extract]`` table: how `featsvm run` calls `featsvm.extract.extract`."""
+    """The ``[extract]`` table: how `featsvm run` calls `featsvm.features.extract.extract`."""
 
     device: str = "auto"
     precision: str = "fp32"
@@ -111,16 +108,16 @@ class Study:
     path: Path
     study: StudyConfig
     extract: ExtractSettings
-    fit: Any  # featsvm.heads.HeadConfig
-    finetune: Any  # featsvm.finetune.FinetuneConfig
-    report: Any  # featsvm.report.ReportConfig
+    fit: Any  # featsvm.models.heads.HeadConfig
+    finetune: Any  # featsvm.models.finetune.FinetuneConfig
+    report: Any  # featsvm.evaluation.report.ReportConfig
     split_options: dict[str, Any]
 
 
 def load_study(path: str | os.PathLike[str]) -> Study:
-    from featsvm.finetune import finetune_config
-    from featsvm.heads import HeadConfig
-    from featsvm.report import ReportConfig
+    from featsvm.evaluation.report import ReportConfig
+    from featsvm.models.finetune import finetune_config
+    from featsvm.models.heads import HeadConfig
 
     path = Path(path)
     doc = load_toml(path)
@@ -182,7 +179,7 @@ def ensure_split(data_dir: Path, study: Study, log: Callable[[str], None],
 def _manifest_mismatch(split_path: Path, data_dir: Path) -> str | None:
     """Why an existing manifest does not describe the images in `data_dir` (None: it does,
     every listed file is there with its recorded sha256)."""
-    from featsvm.manifest import read_manifest
+    from featsvm.data.manifest import read_manifest
 
     try:
         man = read_manifest(split_path)
@@ -199,11 +196,11 @@ def _manifest_mismatch(split_path: Path, data_dir: Path) -> str | None:
 
 def _make_split(data_dir: Path, out: Path, cfg: StudyConfig, options: dict[str, Any],
                 progress: bool, log: Callable[[str], None]) -> None:
-    """`featsvm.split.make_split` with the ``[split]`` table: ``subset``, ``class_map`` and a
-    ``[split.duplicates]`` sub-table (`featsvm.duplicates.DuplicateConfig`)."""
-    from featsvm import split as split_mod
+    """`featsvm.data.split.make_split` with the ``[split]`` table: ``subset``, ``class_map`` and a
+    ``[split.duplicates]`` sub-table (`featsvm.data.duplicates.DuplicateConfig`)."""
     from featsvm.config import build
-    from featsvm.duplicates import DuplicateConfig
+    from featsvm.data import split as split_mod
+    from featsvm.data.duplicates import DuplicateConfig
 
     opts = dict(options)
     unknown = sorted(set(opts) - {"subset", "class_map", "duplicates"})
@@ -233,7 +230,7 @@ def _weights_for(cfg: StudyConfig, backbone: str) -> str | None:
 
 
 def _weights_dir(cfg: StudyConfig) -> str | None:
-    return cfg.weights_dir or None  # None: featsvm.weights falls back to FEATSVM_WEIGHTS_DIR
+    return cfg.weights_dir or None  # None: features.weights falls back to $FEATSVM_WEIGHTS_DIR
 
 
 def _plain(obj: Any) -> Any:
@@ -259,15 +256,15 @@ def find_head_run(
 
 
 def finetune_fingerprint(model: str, study: Study, split_sha: str, data_dir: Path) -> str:
-    """The fingerprint `featsvm.finetune` records for this model, computed without training
+    """The fingerprint `featsvm.models.finetune` records for this model, computed without training
     (weights are only resolved and hashed, not loaded into a model)."""
-    from featsvm import finetune as ft
+    from featsvm.models import finetune as ft
 
     cfg = study.finetune.for_model(model)
     if model == ft.BASIC_CNN:
         weights = {"label": "none", "sha256": None}
     else:
-        from featsvm.backbones import describe
+        from featsvm.features.backbones import describe
 
         _spec, info, _pre = describe(model, _weights_for(study.study, model),
                                      _weights_dir(study.study))
@@ -298,7 +295,7 @@ def run_study(
     data = Path(data_dir) if data_dir is not None else Path(cfg.data)
     if not data.is_dir():
         raise StudyError(f"data folder {data} not found. {DATA_HELP}")
-    from featsvm.dataset import find_class_dir
+    from featsvm.data.dataset import find_class_dir
 
     try:
         find_class_dir(data)
@@ -328,7 +325,7 @@ def run_study(
     split_holder: dict[str, Any] = {}
 
     def do_split() -> tuple[str, str]:
-        from featsvm.manifest import read_manifest
+        from featsvm.data.manifest import read_manifest
 
         path, reused = ensure_split(data, study, log, progress)
         man = read_manifest(path)
@@ -348,7 +345,7 @@ def run_study(
     extracted: set[str] = set()
     for backbone in cfg.backbones:
         def do_extract(backbone: str = backbone) -> tuple[str, str]:
-            from featsvm.extract import extract
+            from featsvm.features.extract import extract
 
             ex = study.extract
             s = extract(
@@ -379,8 +376,8 @@ def run_study(
                 continue
 
             def do_fit(backbone: str = backbone, head: str = head) -> tuple[str, str]:
-                from featsvm.cache import locate_cache, read_cache
-                from featsvm.fit import fit
+                from featsvm.features.cache import locate_cache, read_cache
+                from featsvm.models.fit import fit
 
                 cache_file = locate_cache(cfg.cache, backbone, _weights_for(cfg, backbone),
                                           _weights_dir(cfg), study.extract.precision,
@@ -405,7 +402,7 @@ def run_study(
     if cfg.finetune:
         for model in study.finetune.models:
             def do_finetune(model: str = model) -> tuple[str, str]:
-                from featsvm.finetune import finetune
+                from featsvm.models.finetune import finetune
 
                 fp = finetune_fingerprint(model, study, manifest.sha256, data)
                 existing, _ = list_runs(runs_dir)
@@ -417,7 +414,7 @@ def run_study(
                                weights=_weights_for(cfg, model), weights_dir=_weights_dir(cfg),
                                runs_dir=runs_dir, progress=progress, log=log)
                 if out.record is None:
-                    raise RuntimeError(f"training stopped before the end; resumable in "
+                    raise StudyError(f"training stopped before the end; resumable in "
                                        f"{out.run_dir}")
                 res.run_ids.append(out.record.run_id)
                 return "done", _headline(out.record)
@@ -426,10 +423,10 @@ def run_study(
 
     # 5. report
     def do_report() -> tuple[str, str]:
-        from featsvm.report import write_report
+        from featsvm.evaluation.report import write_report
 
         if not res.run_ids:
-            raise RuntimeError("no run finished, nothing to report")
+            raise StudyError("no run finished, nothing to report")
         rep = write_report(runs_dir, cfg.report, data_dir=data, config=study.report,
                            only=res.run_ids)
         res.report_dir = rep.out_dir

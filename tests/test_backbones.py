@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from featsvm.backbones import (
+from featsvm.features.backbones import (
     SPECS,
     choose_layer,
     get_spec,
@@ -18,7 +18,7 @@ from featsvm.backbones import (
     make_transform,
     preprocessing_for,
 )
-from featsvm.weights import WeightsInfo
+from featsvm.features.weights import WeightsInfo
 
 # (input size, resize, interpolation, default layer with a full pretrained file, its width)
 EXPECTED = {
@@ -154,8 +154,8 @@ def test_embedder_equals_library_forward(name: str, size: int) -> None:
 def test_the_light_name_lists_match_the_registries() -> None:
     """featsvm.names (what the CLI offers without importing torch) agrees with the code."""
     from featsvm import names
-    from featsvm.backbones import SPECS
-    from featsvm.networks import FREEZE_AUTO
+    from featsvm.features.backbones import SPECS
+    from featsvm.models.networks import FREEZE_AUTO
 
     assert tuple(SPECS) == names.BACKBONES
     assert set(FREEZE_AUTO) == set(names.BACKBONES)

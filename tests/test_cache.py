@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from featsvm.backbones import get_spec, preprocessing_for
-from featsvm.cache import (
+from featsvm.features.backbones import get_spec, preprocessing_for
+from featsvm.features.cache import (
     CacheLockedError,
     CacheMissingError,
     CacheWriter,
@@ -19,7 +19,7 @@ from featsvm.cache import (
     locate_cache,
     read_cache,
 )
-from featsvm.weights import WeightsInfo
+from featsvm.features.weights import WeightsInfo
 
 RANDOM = WeightsInfo("random", None, "random init")
 

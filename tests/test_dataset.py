@@ -9,8 +9,8 @@ import pytest
 from conftest import make_dataset, random_cell_image
 from PIL import Image
 
-from featsvm import dataset
-from featsvm.dataset import ImageError, load_rgb, scan
+from featsvm.data import dataset
+from featsvm.data.dataset import ImageError, load_rgb, scan
 
 
 def _write(path: Path, seed: int = 0, fmt: str = "JPEG") -> None:

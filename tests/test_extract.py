@@ -16,11 +16,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_dataset
 
-from featsvm.cache import read_cache
 from featsvm.cli import main
-from featsvm.dataset import scan
+from featsvm.data.dataset import scan
 from featsvm.device import DeviceError, resolve_device
-from featsvm.extract import SLEEP_ENV, extract
+from featsvm.features.cache import read_cache
+from featsvm.features.extract import SLEEP_ENV, extract
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", per_class=3, size=48)
     cache = tmp_path / "cache"
     code = (
-        "from featsvm.extract import extract; "
+        "from featsvm.features.extract import extract; "
         f"extract({str(data)!r}, 'alexnet', weights='none', cache_dir={str(cache)!r}, "
         "batch_size=4, workers=0, layer='gap', progress=False)"
     )
@@ -130,8 +130,8 @@ def test_bf16_matches_fp32(tiny_dataset: Path, tmp_path: Path) -> None:
 def test_default_batch_size_comes_from_the_backbone_spec() -> None:
     import torch
 
-    from featsvm.backbones import get_spec
-    from featsvm.extract import default_batch_size
+    from featsvm.features.backbones import get_spec
+    from featsvm.features.extract import default_batch_size
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert default_batch_size(cpu, get_spec("vgg16")) == 4

@@ -1,4 +1,4 @@
-"""End-to-end training (featsvm.finetune) on tiny generated images."""
+"""End-to-end training (featsvm.models.finetune) on tiny generated images."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import torch
 from click.testing import CliRunner
 from conftest import make_dataset
 
-from featsvm import finetune as ft
-from featsvm import metrics as fm
 from featsvm import names, runs
-from featsvm import networks as nw
-from featsvm import pixels as px
-from featsvm.backbones import make_transform
-from featsvm.basic_cnn import BasicCNNSpec, basic_cnn_preprocessing
 from featsvm.config import ConfigError, load_toml
-from featsvm.dataset import load_rgb, scan
-from featsvm.manifest import ManifestRow, read_manifest, write_manifest
+from featsvm.data.dataset import load_rgb, scan
+from featsvm.data.manifest import ManifestRow, read_manifest, write_manifest
+from featsvm.evaluation import metrics as fm
+from featsvm.features.backbones import make_transform
+from featsvm.models import finetune as ft
+from featsvm.models import networks as nw
+from featsvm.models import pixels as px
+from featsvm.models.basic_cnn import BasicCNNSpec, basic_cnn_preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 

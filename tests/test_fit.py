@@ -1,4 +1,4 @@
-"""featsvm.fit and `featsvm fit`: cache lookup, coverage errors, complete run records."""
+"""featsvm.models.fit and `featsvm fit`: cache lookup, coverage errors, complete run records."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_dataset
 
-from featsvm.cache import CacheMissingError, read_cache
 from featsvm.cli import main
-from featsvm.dataset import scan
-from featsvm.fit import CoverageError, fit
-from featsvm.heads import HeadConfig
-from featsvm.manifest import ManifestRow, read_manifest, write_manifest
+from featsvm.data.dataset import scan
+from featsvm.data.manifest import ManifestRow, read_manifest, write_manifest
+from featsvm.features.cache import CacheMissingError, read_cache
+from featsvm.models.fit import CoverageError, fit
+from featsvm.models.heads import HeadConfig
 from featsvm.runs import REQUIRED_CONFIG_KEYS, is_complete, load_joblib
 
 TINY = HeadConfig(cv_folds=2, n_jobs=1, svm_C=(1.0, 10.0), svm_gamma_scale=(1.0,),
@@ -36,7 +36,7 @@ n_boot = 50
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny dataset, its split manifest and an alexnet (random weights) feature cache."""
-    from featsvm.extract import extract
+    from featsvm.features.extract import extract
 
     root = tmp_path_factory.mktemp("fit")
     data = make_dataset(root / "data", per_class=8, size=64)
@@ -93,7 +93,7 @@ def test_fit_writes_a_complete_run_record(env: dict[str, Path], head: str) -> No
 
 
 def test_explicit_layer_is_named_in_the_model(env: dict[str, Path]) -> None:
-    from featsvm.extract import extract
+    from featsvm.features.extract import extract
 
     extract(env["data"], "alexnet", weights="none", cache_dir=env["cache"], device="cpu",
             layer="gap", progress=False)

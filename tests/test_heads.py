@@ -1,4 +1,4 @@
-"""featsvm.heads: KernelSVC == SVC, grids, grouped CV without leaks, probabilities, calibration."""
+"""models.heads: KernelSVC == SVC, grids, grouped CV without leaks, probabilities, calibration."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.svm import SVC
 
-from featsvm import heads as H
 from featsvm.config import ConfigError
 from featsvm.labels import LABELS
+from featsvm.models import heads as H
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""featsvm.metrics: hand-computed confusion matrices, scikit-learn cross-checks, group bootstrap."""
+"""evaluation.metrics: hand-computed confusion matrices, sklearn cross-checks, group bootstrap."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from featsvm import metrics as M
+from featsvm.data.manifest import Manifest, ManifestRow
+from featsvm.evaluation import metrics as M
 from featsvm.labels import LABELS
-from featsvm.manifest import Manifest, ManifestRow
 
 B, E, P, R = LABELS  # benign, early_pre_b, pre_b, pro_b
 

@@ -27,9 +27,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def head_run(tiny: dict[str, Path]) -> Path:
-    from featsvm.extract import extract
-    from featsvm.fit import fit
-    from featsvm.heads import HeadConfig
+    from featsvm.features.extract import extract
+    from featsvm.models.fit import fit
+    from featsvm.models.heads import HeadConfig
 
     cache = tiny["root"] / "cache"
     extract(tiny["data"], "efficientnet_lite0", weights="none", cache_dir=cache, batch_size=8,
@@ -42,7 +42,7 @@ def head_run(tiny: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def cnn_run(tiny: dict[str, Path]) -> Path:
-    from featsvm.finetune import FinetuneConfig, finetune
+    from featsvm.models.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(model="basic-cnn", epochs=1, batch_size=4, basic_cnn_size=32,
                          basic_cnn_channels=(4, 8), basic_cnn_dense=8, n_boot=10, workers=1,
@@ -110,7 +110,7 @@ def test_missing_weights_are_named(head_run: Path, tiny: dict[str, Path], monkey
     cfg["weights"] = {"label": "some file", "sha256": "12" * 32, "source": "/nowhere.pth"}
     (copy / "config.json").write_text(json.dumps(cfg))
     monkeypatch.delenv("FEATSVM_WEIGHTS_DIR", raising=False)
-    import featsvm.weights as fw
+    import featsvm.features.weights as fw
 
     def offline(url: str) -> Path:
         raise OSError("offline")
@@ -144,9 +144,9 @@ def test_head_run_with_real_weights_resolves_them_by_sha256(
     weights folder when the recorded path is gone; predictions match the run's own."""
     import json
 
-    from featsvm.extract import extract
-    from featsvm.fit import fit
-    from featsvm.heads import HeadConfig
+    from featsvm.features.extract import extract
+    from featsvm.models.fit import fit
+    from featsvm.models.heads import HeadConfig
 
     monkeypatch.delenv("FEATSVM_WEIGHTS_DIR", raising=False)
     cache = tmp_path / "cache"
@@ -164,7 +164,7 @@ def test_head_run_with_real_weights_resolves_them_by_sha256(
     cfg_json = json.loads((moved / "config.json").read_text())
     cfg_json["weights"]["source"] = str(tmp_path / "gone.pth")
     (moved / "config.json").write_text(json.dumps(cfg_json))
-    import featsvm.weights as fw
+    import featsvm.features.weights as fw
 
     def offline(url: str) -> Path:
         raise OSError("offline")

@@ -11,12 +11,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_dataset
 
-from featsvm import report
 from featsvm.cli import main
-from featsvm.dataset import scan
+from featsvm.data.dataset import scan
+from featsvm.data.manifest import ManifestRow, read_manifest, write_manifest
+from featsvm.evaluation import report
+from featsvm.evaluation.metrics import score_predictions
 from featsvm.labels import LABELS
-from featsvm.manifest import ManifestRow, read_manifest, write_manifest
-from featsvm.metrics import score_predictions
 from featsvm.runs import (
     REQUIRED_CONFIG_KEYS,
     finish_run,
@@ -46,7 +46,7 @@ def write_fake_run(
     seed: int = 0, weights: dict | None = None, extra: dict | None = None,
 ) -> Path:
     """A complete run record whose predictions are noisy but better than chance; metrics.json
-    comes from featsvm.metrics so its keys are the real ones."""
+    comes from featsvm.evaluation.metrics so its keys are the real ones."""
     man = read_manifest(split_path)
     scored = [r for r in man.rows if r.split in ("val", "test")]
     rng = np.random.default_rng(seed)

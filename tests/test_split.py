@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw, ImageFilter
 
 from featsvm.cli import main
-from featsvm.duplicates import group_images
+from featsvm.data.duplicates import group_images
+from featsvm.data.manifest import read_manifest
+from featsvm.data.split import assign_groups, make_split, parse_ratios
 from featsvm.labels import LABELS
-from featsvm.manifest import read_manifest
-from featsvm.split import assign_groups, make_split, parse_ratios
 
 FOLDERS = ("Benign", "Early", "Pre", "Pro")
 
@@ -96,7 +96,7 @@ def test_planted_copies_share_a_group_and_overlay_does_not_join(planted: dict[st
 
 
 def test_bow_index_path_finds_the_same_groups(planted: dict[str, Path]) -> None:
-    from featsvm.duplicates import DuplicateConfig
+    from featsvm.data.duplicates import DuplicateConfig
     from featsvm.fileio import sha256_file
 
     names = sorted(planted)

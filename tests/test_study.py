@@ -139,8 +139,8 @@ def test_shipped_configs_load(name: str) -> None:
 
 
 def test_split_made_outside_run_is_reused_only_if_it_matches_the_data(tiny_study: Path) -> None:
-    from featsvm.manifest import read_manifest, write_manifest
-    from featsvm.split import make_split
+    from featsvm.data.manifest import read_manifest, write_manifest
+    from featsvm.data.split import make_split
     from featsvm.study import ensure_split
 
     root = tiny_study.parent

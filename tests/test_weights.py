@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import featsvm.weights as W
-from featsvm.backbones import get_spec, load_backbone
-from featsvm.weights import WeightsError, inspect_weights, resolve_source
+import featsvm.features.weights as W
+from featsvm.features.backbones import get_spec, load_backbone
+from featsvm.features.weights import WeightsError, inspect_weights, resolve_source
 
 
 @pytest.fixture(autouse=True)
@@ -120,6 +120,7 @@ MANIFEST_MISSING = {
     "vgg16": {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")},
     "inception_v3": {"fc.weight", "fc.bias"},
     "efficientnet_lite0": set(),
+    "alexnet": {f"classifier.{i}.{p}" for i in (1, 4, 6) for p in ("weight", "bias")},
 }
 
 
@@ -141,3 +142,5 @@ def test_shared_weights_through_index(shared_weights: Path) -> None:
     assert (lb.layer, lb.dim) == ("avgpool", 2048)
     assert lb.model.state_dict()["Conv2d_1a_3x3.conv.weight"].dtype == torch.float32
     assert load_backbone("vgg16", weights_dir=shared_weights).layer == "gap"
+    alex = load_backbone("alexnet", weights_dir=shared_weights)
+    assert (alex.layer, alex.dim) == ("gap", 256)  # conv layers only: never fc6/fc7

@@ -29,6 +29,15 @@ class _LazyGroup(click.Group):
         command = getattr(importlib.import_module(f"{__name__}.{cmd_name}"), "command", None)
         return command if isinstance(command, click.Command) else None
 
+    def invoke(self, ctx: click.Context) -> object:
+        """The one place where a user-facing error becomes a one-line message and exit 1."""
+        from featsvm.errors import FeatsvmError
+
+        try:
+            return super().invoke(ctx)
+        except FeatsvmError as exc:
+            raise click.ClickException(str(exc)) from None
+
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="featsvm")

@@ -35,17 +35,11 @@ from featsvm.names import BACKBONES, DEVICES, PRECISIONS
 def command(data_dir, backbone, weights, weights_dir, cache_dir, device, precision, batch_size,
             workers, layer, quiet) -> None:
     """Embed every image of DATA_DIR with BACKBONE into CACHE (only images not cached yet)."""
-    from featsvm.cache import CacheError
-    from featsvm.device import DeviceError
-    from featsvm.extract import extract
-    from featsvm.weights import WeightsError
+    from featsvm.features.extract import extract
 
-    try:
-        s = extract(data_dir, backbone, weights=weights, weights_dir=weights_dir,
-                    cache_dir=cache_dir, device=device, precision=precision,
-                    batch_size=batch_size, workers=workers, layer=layer, progress=not quiet)
-    except (CacheError, DeviceError, WeightsError, ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    s = extract(data_dir, backbone, weights=weights, weights_dir=weights_dir,
+                cache_dir=cache_dir, device=device, precision=precision,
+                batch_size=batch_size, workers=workers, layer=layer, progress=not quiet)
     click.echo(f"cache:     {s.cache_path}")
     click.echo(f"backbone:  {s.backbone} layer {s.layer} ({s.dim}-d), {s.precision} on {s.device}")
     click.echo(f"weights:   {s.weights_label}"

@@ -55,9 +55,8 @@ def command(
     By default an unfinished run with identical settings under --runs is resumed from its
     last checkpoint (rerun the same command after an interruption); --no-resume starts anew.
     """
-    from featsvm.config import ConfigError, load_toml
-    from featsvm.finetune import FinetuneConfig, finetune, finetune_config
-    from featsvm.networks import FinetuneError
+    from featsvm.config import load_toml
+    from featsvm.models.finetune import FinetuneConfig, finetune, finetune_config
 
     try:
         base = (finetune_config(load_toml(config_path), str(config_path))
@@ -69,8 +68,6 @@ def command(
         result = finetune(data_dir, split_path, cfg, weights=weights, weights_dir=weights_dir,
                           runs_dir=runs_dir, resume=resume, progress=not quiet,
                           log=click.echo)
-    except (ConfigError, FinetuneError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
         click.echo("\ninterrupted: the last finished epoch is checkpointed; run the same command "
                    "again to resume from it (or pass --no-resume to start over)", err=True)

@@ -69,17 +69,13 @@ def command(
 ) -> None:
     """Tune HEAD by grouped CV on the train split of the cached BACKBONE embeddings, calibrate
     on val (SVM), score val and test once, and write a run record under --runs."""
-    from featsvm.config import ConfigError
-    from featsvm.fit import fit
-    from featsvm.heads import load_head_config
+    from featsvm.models.fit import fit
+    from featsvm.models.heads import load_head_config
 
-    try:
-        cfg = load_head_config(config_path)
-        rec = fit(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
-                  weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, precision=precision,
-                  layer=layer, progress=not quiet)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    cfg = load_head_config(config_path)
+    rec = fit(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
+              weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, precision=precision,
+              layer=layer, progress=not quiet)
     cfg_json = rec.config
     click.echo(f"{cfg_json['model']}  ({cfg_json['weights']['label']})")
     if cfg_json.get("not_imagenet_from"):

@@ -27,14 +27,10 @@ def command(run_dir: Path, inputs: tuple[Path, ...], out_csv: Path | None,
             device: str, batch_size: int, quiet: bool) -> None:
     """Predict the class of every image in INPUTS (files or folders) with the run RUN_DIR."""
     from featsvm.labels import LABELS
-    from featsvm.predict import PredictError, predict, write_predictions_csv
-    from featsvm.runs import RunRecordError
+    from featsvm.predict import predict, write_predictions_csv
 
-    try:
-        res = predict(run_dir, inputs, weights=weights, weights_dir=weights_dir, device=device,
-                      batch_size=batch_size, data_root=data_root, progress=not quiet)
-    except (PredictError, RunRecordError) as exc:
-        raise click.ClickException(str(exc)) from None
+    res = predict(run_dir, inputs, weights=weights, weights_dir=weights_dir, device=device,
+                  batch_size=batch_size, data_root=data_root, progress=not quiet)
     click.echo(f"run {res.run_id} ({res.model}): {len(res.predictions)} image(s)")
     if res.predictions:
         width = max(len("file"), *(len(p.file) for p in res.predictions))

@@ -20,15 +20,12 @@ import click
 def command(runs_dir: Path, out_dir: Path, data_dir: Path | None,
             config_file: Path | None) -> None:
     """Compare every run in RUNS: table (MD/CSV/JSON), figures (PNG) and index.html."""
-    from featsvm.config import ConfigError, load_toml, section
-    from featsvm.report import ReportConfig, write_report
+    from featsvm.config import load_toml, section
+    from featsvm.evaluation.report import ReportConfig, write_report
 
-    try:
-        cfg = (section(ReportConfig, load_toml(config_file), "report", str(config_file))
-               if config_file else ReportConfig())
-        res = write_report(runs_dir, out_dir, data_dir=data_dir, config=cfg)
-    except (FileNotFoundError, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from None
+    cfg = (section(ReportConfig, load_toml(config_file), "report", str(config_file))
+           if config_file else ReportConfig())
+    res = write_report(runs_dir, out_dir, data_dir=data_dir, config=cfg)
     click.echo((out_dir / "table.md").read_text(encoding="utf-8"))
     for note in res.notes:
         click.echo(f"note: {note}", err=True)

@@ -14,13 +14,9 @@ import click
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def command(config_file: Path, data_dir: Path | None, quiet: bool) -> None:
     """Run the study in CONFIG_FILE, reusing every split, cache and run that already matches."""
-    from featsvm.config import ConfigError
-    from featsvm.study import StudyError, run_study, summary_lines
+    from featsvm.study import run_study, summary_lines
 
-    try:
-        res = run_study(config_file, data_dir, log=click.echo, progress=not quiet)
-    except (StudyError, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from None
+    res = run_study(config_file, data_dir, log=click.echo, progress=not quiet)
     click.echo("\n== summary")
     for line in summary_lines(res):
         click.echo(line)

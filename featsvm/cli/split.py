@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from featsvm.dataset import parse_class_map
-from featsvm.split import make_split, pairs_path, parse_ratios, summary_lines
+from featsvm.data.dataset import parse_class_map
+from featsvm.data.split import make_split, pairs_path, parse_ratios, summary_lines
 
 
 @click.command("split")
@@ -28,14 +28,11 @@ def command(data_dir: Path, out: Path, seed: int, ratios: str, folds: int | None
     """Group duplicates and re-captures, then split DATA_DIR into train/val/test."""
     from tqdm import tqdm
 
-    try:
-        result = make_split(
-            data_dir, out, seed=seed, ratios=parse_ratios(ratios), folds=folds, subset=subset,
-            class_map=parse_class_map(class_map),
-            progress=lambda it, **kw: tqdm(it, leave=False, **kw),
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    result = make_split(
+        data_dir, out, seed=seed, ratios=parse_ratios(ratios), folds=folds, subset=subset,
+        class_map=parse_class_map(class_map),
+        progress=lambda it, **kw: tqdm(it, leave=False, **kw),
+    )
     for line in summary_lines(result):
         click.echo(line)
     click.echo(f"wrote {out} and {pairs_path(out)}")

@@ -5,9 +5,9 @@ What it does, in order:
 1. reads the split manifest and decodes every train/val/test image **once** into memory as
    uint8 at the model's input geometry (3,256 images at 224 px is about 0.5 GB), checking each
    file's sha256 against the manifest; unreadable or changed files are reported and skipped
-   (`featsvm.pixels`);
-2. builds the model (`featsvm.networks`): `basic_cnn.BasicCNN`, or the pretrained embedder from
-   `featsvm.backbones.load_backbone` (the same specs and weight resolution as ``extract``;
+   (`featsvm.models.pixels`);
+2. builds the model (`models.networks`): `basic_cnn.BasicCNN`, or the pretrained embedder from
+   `featsvm.features.backbones.load_backbone` (the same specs and weight resolution as ``extract``;
    no second copy of model code) followed by a new dropout + ``Linear(D, 4)`` head;
 3. trains with AdamW (discriminative learning rates: backbone ``lr * backbone_lr_mult``, head
    ``lr``), a per-step cosine schedule with linear warm-up, optional label smoothing, class
@@ -17,7 +17,7 @@ What it does, in order:
    accuracy), stops early after ``patience`` epochs without improvement, and writes a
    resumable checkpoint and ``history.csv``;
 5. reloads the best weights, predicts val and test, scores them with
-   `featsvm.metrics.score_predictions` (the same function ``fit`` uses), and writes the run
+   `evaluation.metrics.score_predictions` (the same function ``fit`` uses), and writes the run
    record (`featsvm.runs`): ``model.pt`` + sha256 sidecar, predictions, metrics, config last.
 
 **Freezing** (``freeze``): ``"none"`` trains everything; ``"all"`` trains only the new head;
@@ -56,15 +56,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from featsvm import metrics as fm
 from featsvm import runs
 from featsvm.config import ConfigError, build
+from featsvm.data.manifest import Manifest, ManifestRow, read_manifest
+from featsvm.evaluation import metrics as fm
 from featsvm.fileio import FileLock, atomic_path, write_text_atomic
 from featsvm.labels import LABELS
-from featsvm.manifest import Manifest, ManifestRow, read_manifest
+from featsvm.models.networks import FinetuneError, apply_freeze, build_model, split_trunk
+from featsvm.models.pixels import ImageSet, Normaliser, augment, batches, dihedral, preload
 from featsvm.names import BASIC_CNN, MODELS
-from featsvm.networks import FinetuneError, apply_freeze, build_model, split_trunk
-from featsvm.pixels import ImageSet, Normaliser, augment, batches, dihedral, preload
 
 SELECT_METRICS = ("macro_f1", "balanced_accuracy")
 CLASS_WEIGHTS = ("balanced", "none")

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from featsvm.dataset import load_rgb
+from featsvm.data.dataset import load_rgb
 
 
 @dataclass(frozen=True)

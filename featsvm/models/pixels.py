@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from featsvm.dataset import ImageError, _decode, to_rgb
+from featsvm.data.dataset import ImageError, _decode, to_rgb
+from featsvm.data.manifest import ManifestRow
 from featsvm.fileio import sha256_bytes
 from featsvm.labels import LABELS
-from featsvm.manifest import ManifestRow
 
 
 def batches(n: int, size: int) -> Iterator[slice]:

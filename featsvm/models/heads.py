@@ -48,6 +48,7 @@ from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted
 
 from featsvm.config import ConfigError, load_toml, section
+from featsvm.errors import FitError, UsageError
 from featsvm.labels import LABELS
 from featsvm.names import HEADS
 
@@ -311,7 +312,7 @@ def build_pipeline(head: str, cfg: HeadConfig | None = None) -> Pipeline:
             random_state=cfg.seed,
         )
     else:
-        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+        raise UsageError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     return Pipeline([("scale", StandardScaler()), ("pca", _pca_options(cfg)[0]), ("clf", clf)])
 
 
@@ -332,7 +333,7 @@ def param_grid(head: str, cfg: HeadConfig | None = None) -> list[dict[str, list[
         return grids
     if head == "logreg":
         return [{**common, "clf__C": list(cfg.logreg_C)}]
-    raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    raise UsageError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
 
 
 def _describe(value: Any) -> Any:
@@ -384,7 +385,7 @@ def make_cv(cfg: HeadConfig, y: np.ndarray, groups: np.ndarray) -> StratifiedGro
     """StratifiedGroupKFold with cfg.cv_folds folds; errors when there are too few groups."""
     n_groups = len(np.unique(groups))
     if n_groups < cfg.cv_folds:
-        raise ValueError(
+        raise FitError(
             f"train split has {n_groups} duplicate groups, fewer than cv_folds={cfg.cv_folds}; "
             "lower [fit] cv_folds in the config"
         )
@@ -413,9 +414,9 @@ def fit_head(
             f"X_train has {len(X)} rows, y_train {len(y)}, groups_train {len(groups)}"
         )
     if len(np.unique(y)) < 2:
-        raise ValueError("the train split holds fewer than two classes; nothing to learn")
+        raise FitError("the train split holds fewer than two classes; nothing to learn")
     if not np.all(np.isfinite(X)):
-        raise ValueError("training features contain NaN or infinite values; re-extract them")
+        raise FitError("training features contain NaN or infinite values; re-extract them")
     calibration = cfg.calibration_for(head)
     search = GridSearchCV(
         build_pipeline(head, cfg),
@@ -467,13 +468,13 @@ def calibrate(fitted: FittedHead, X_val: Any, y_val: Any) -> FittedHead:
     val (a map cannot be fitted for an absent class).
     """
     if not needs_calibration(fitted):
-        raise ValueError(f"head calibration is {fitted.calibration!r}; nothing to fit on val")
+        raise FitError(f"head calibration is {fitted.calibration!r}; nothing to fit on val")
     y = np.asarray([str(v) for v in y_val])
     if len(y) == 0:
-        raise ValueError("the val split is empty; calibration needs val images")
+        raise FitError("the val split is empty; calibration needs val images")
     absent = sorted(set(fitted.classes) - set(y.tolist()))
     if absent:
-        raise ValueError(
+        raise FitError(
             f"cannot calibrate on val: class(es) {absent} never occur in the val split; "
             "re-split so that val holds every class, or set [fit] calibration"
         )

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from featsvm.errors import ImageError, MissingInputError, UsageError
 from featsvm.fileio import sha256_bytes
 from featsvm.labels import LABELS, label_for_folder
 
@@ -34,10 +35,6 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 MAX_PIXELS = 50_000_000
 
 RELEASE_WRAPPERS = ("Original", "Blood cell Cancer [ALL]")
-
-
-class ImageError(Exception):
-    """An image file that cannot be used; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +134,7 @@ def find_class_dir(
     """Locate the folder that holds one sub-folder per class, and name the layout."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"data folder {root} does not exist. Download the Kaggle dataset 'Acute "
             "Lymphoblastic Leukemia (ALL) image dataset' (doi:10.34740/KAGGLE/DSV/2175623) "
             "and point featsvm at the folder holding Original/ (see README, 'Getting the data')."
@@ -145,7 +142,7 @@ def find_class_dir(
     if subset is not None:
         target = root / subset
         if not target.is_dir():
-            raise FileNotFoundError(f"{root} has no sub-folder {subset!r}")
+            raise MissingInputError(f"{root} has no sub-folder {subset!r}")
         return target, f"subset:{subset}"
     if (root / "Original").is_dir():
         return root / "Original", "original-3256"
@@ -154,7 +151,7 @@ def find_class_dir(
     subdirs = [d for d in root.iterdir() if d.is_dir()]
     if any(label_for_folder(d.name, class_map) for d in subdirs):
         return root, "class-folders"
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"no labelled images found under {root}: expected Original/<class>/, "
         "'Blood cell Cancer [ALL]'/<class>/ or one sub-folder per class "
         f"(known names: Benign, Early, Pre, Pro, ...; map others with --class-map FOLDER=LABEL, "
@@ -225,8 +222,8 @@ def parse_class_map(items: Iterable[str]) -> dict[str, str]:
     for item in items:
         folder, sep, label = item.partition("=")
         if not sep or not folder or not label:
-            raise ValueError(f"--class-map expects FOLDER=LABEL, got {item!r}")
+            raise UsageError(f"--class-map expects FOLDER=LABEL, got {item!r}")
         if label not in LABELS:
-            raise ValueError(f"--class-map {item!r}: label must be one of {', '.join(LABELS)}")
+            raise UsageError(f"--class-map {item!r}: label must be one of {', '.join(LABELS)}")
         mapping[folder] = label
     return mapping

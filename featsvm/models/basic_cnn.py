@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from featsvm.errors import ConfigError
+
 # ImageNet statistics are a sensible fixed normalisation for RGB smears even from scratch;
 # what matters is that training and prediction use the same numbers (they travel in the run).
 BASIC_CNN_MEAN = (0.485, 0.456, 0.406)
@@ -39,7 +41,7 @@ class BasicCNN(nn.Module):
         super().__init__()
         spec = spec or BasicCNNSpec()
         if spec.input_size % (2 ** len(spec.channels)):
-            raise ValueError(
+            raise ConfigError(
                 f"basic-cnn input size {spec.input_size} must be divisible by "
                 f"2**{len(spec.channels)} (one 2x2 max-pool per block)"
             )

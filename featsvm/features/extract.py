@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featsvm import __version__
-from featsvm.backbones import BackboneSpec, describe, load_backbone, make_transform
-from featsvm.cache import CacheWriter, extract_command, file_name, fingerprint
-from featsvm.dataset import load_rgb, scan
+from featsvm.data.dataset import load_rgb, scan
 from featsvm.device import autocast_context, check_precision, resolve_device
+from featsvm.errors import UsageError
+from featsvm.features.backbones import BackboneSpec, describe, load_backbone, make_transform
+from featsvm.features.cache import CacheWriter, extract_command, file_name, fingerprint
 from featsvm.fileio import sha256_file
 from featsvm.runs import now_iso, versions
 
@@ -131,7 +132,7 @@ def extract(
     dev = resolve_device(device)
     check_precision(dev, precision)
     if batch_size is not None and batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+        raise UsageError("batch_size must be at least 1")
     skipped: list[tuple[str, str]] = []
     if records is None:
         found = scan(root)

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from featsvm.errors import ManifestError, UsageError
 from featsvm.labels import LABELS, MALIGNANT
 
 N_BOOT = 1000
@@ -54,7 +55,7 @@ def label_indices(labels: Sequence[str], label_set: Sequence[str] = LABELS) -> n
     try:
         return np.array([pos[lab] for lab in labels], dtype=np.int64)
     except KeyError as exc:
-        raise ValueError(
+        raise UsageError(
             f"unknown label {exc.args[0]!r}; expected one of {', '.join(label_set)}"
         ) from None
 
@@ -405,7 +406,7 @@ def score_predictions(
     n_boot: int = N_BOOT,
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """metrics.json content for predictions on images of a `featsvm.manifest.Manifest`.
+    """metrics.json content for predictions on images of a `featsvm.data.manifest.Manifest`.
 
     True labels, splits and duplicate groups are looked up in the manifest by relpath, so a
     caller only hands over what its model produced (rows of `proba` in LABELS order).
@@ -413,7 +414,7 @@ def score_predictions(
     by_rel = {r.relpath: r for r in manifest.rows}
     missing = [p for p in relpaths if p not in by_rel]
     if missing:
-        raise ValueError(
+        raise ManifestError(
             f"{len(missing)} prediction(s) are for images not in the split manifest "
             f"{manifest.path} (first: {missing[0]!r}); score against the manifest the model "
             "was trained with"

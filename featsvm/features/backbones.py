@@ -28,7 +28,8 @@ import torchvision
 from torch import nn
 from torchvision import transforms as T
 
-from featsvm.weights import RANDOM_SEED, WeightsInfo, inspect_weights
+from featsvm.errors import UsageError
+from featsvm.features.weights import RANDOM_SEED, WeightsInfo, inspect_weights
 
 # ------------------------------------------------------------------------------ spec types
 
@@ -85,7 +86,7 @@ class BackboneSpec:
         for lay in self.layers:
             if lay.name == name:
                 return lay
-        raise ValueError(
+        raise UsageError(
             f"{self.name} has no embedding layer {name!r}; choose one of "
             f"{', '.join(lay.name for lay in self.layers)}"
         )
@@ -336,7 +337,7 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return SPECS[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(SPECS)}") from None
+        raise UsageError(f"unknown backbone {name!r}; choose one of {', '.join(SPECS)}") from None
 
 
 # ------------------------------------------------------------------------------ preprocessing
@@ -357,7 +358,7 @@ def choose_layer(
     if layer is not None:
         chosen = spec.layer(layer)
         if not _pretrained(weights, chosen.needs):
-            raise ValueError(
+            raise UsageError(
                 f"layer {layer!r} of {spec.name} needs pretrained {', '.join(chosen.needs)} "
                 f"weights, which {weights.label!r} does not provide; choose one of "
                 f"{', '.join(x.name for x in spec.layers if _pretrained(weights, x.needs))}"
@@ -366,7 +367,7 @@ def choose_layer(
     for cand in spec.layers:
         if cand.default_candidate and _pretrained(weights, cand.needs):
             return cand
-    raise ValueError(f"no usable embedding layer for {spec.name} with {weights.label!r}")
+    raise UsageError(f"no usable embedding layer for {spec.name} with {weights.label!r}")
 
 
 def preprocessing_for(
@@ -409,7 +410,7 @@ def make_transform(preprocessing: dict[str, Any]) -> T.Compose:
             T.Normalize(list(preprocessing["mean"]), list(preprocessing["std"])),
         ])
     except KeyError as exc:
-        raise ValueError(
+        raise UsageError(
             f"preprocessing dict lacks or has a bad {exc} entry: {preprocessing}"
         ) from exc
 
@@ -438,7 +439,7 @@ def load_backbone(
     weights_dir: str | os.PathLike[str] | None = None,
     layer: str | None = None,
 ) -> LoadedBackbone:
-    """Build backbone `name`, load its weights (see `featsvm.weights`), apply the hooks its
+    """Build backbone `name`, load its weights (see `featsvm.features.weights`), apply the hooks its
     weights file needs, and return the model in eval mode with its embedder."""
     spec = get_spec(name)
     with torch.random.fork_rng(devices=[]):

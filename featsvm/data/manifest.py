@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from featsvm.errors import ManifestError, MissingInputError
 from featsvm.fileio import sha256_file, write_text_atomic
 from featsvm.labels import check_label
 
@@ -55,7 +56,7 @@ def write_manifest(path: str | os.PathLike[str], rows: list[ManifestRow]) -> Non
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"split manifest {path} not found; create it with `featsvm split DATA_DIR --out {path}`"
         )
     rows: list[ManifestRow] = []
@@ -63,12 +64,12 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
         reader = csv.DictReader(f)
         missing = {"relpath", "sha256", "label", "group", "split"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path}: not a featsvm split manifest (missing {sorted(missing)})")
+            raise ManifestError(f"{path}: not a featsvm split manifest (missing {sorted(missing)})")
         for i, rec in enumerate(reader, start=2):
             try:
                 split = rec["split"]
                 if split not in SPLITS:
-                    raise ValueError(f"split {split!r} is not one of {SPLITS}")
+                    raise ManifestError(f"split {split!r} is not one of {SPLITS}")
                 fold = rec.get("fold") or ""
                 rows.append(
                     ManifestRow(
@@ -82,5 +83,5 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
                     )
                 )
             except (ValueError, KeyError) as exc:
-                raise ValueError(f"{path}, line {i}: {exc}") from exc
+                raise ManifestError(f"{path}, line {i}: {exc}") from exc
     return Manifest(path=path, sha256=sha256_file(path), rows=tuple(rows))

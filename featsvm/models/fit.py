@@ -3,11 +3,11 @@
 ``fit(backbone, head, split_path, ...)``:
 
 1. reads the split manifest and finds the feature cache for this backbone, weights,
-   precision and layer (`featsvm.cache.locate_cache`); a missing cache, or one that lacks any
+   precision and layer (`features.cache.locate_cache`); a missing cache, or one that lacks any
    image of the split, is an error that names the ``featsvm extract`` command to run;
-2. grid-searches the head on the train split (grouped CV, `featsvm.heads.fit_head`), refits it
+2. grid-searches the head on the train split (grouped CV, `models.heads.fit_head`), refits it
    on all of train, and, for an SVM, calibrates its probabilities on the val split;
-3. predicts val and test once, scores them (`featsvm.metrics.score_predictions`) and writes
+3. predicts val and test once, scores them (`evaluation.metrics.score_predictions`) and writes
    ``runs/<backbone>-<head>-<date>-<time>/`` through `featsvm.runs` (model.joblib + sidecar,
    predictions.csv, metrics.json, then config.json last).
 
@@ -24,17 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from featsvm.heads import FittedHead, HeadConfig, calibrate, fit_head, needs_calibration
-from featsvm.manifest import Manifest, read_manifest
-from featsvm.metrics import score_predictions
+from featsvm.data.manifest import Manifest, read_manifest
+from featsvm.errors import CoverageError, FitError, ManifestError, UsageError
+from featsvm.evaluation.metrics import score_predictions
+from featsvm.models.heads import FittedHead, HeadConfig, calibrate, fit_head, needs_calibration
 from featsvm.names import HEADS
 from featsvm.runs import RunRecord, finish_run, new_run_dir, now_iso, save_joblib, versions
 
 MODEL_FILE = "model.joblib"
-
-
-class CoverageError(RuntimeError):
-    """The feature cache lacks embeddings for some images of the split."""
 
 
 def _extract_hint(cached: Any) -> str:
@@ -91,10 +88,10 @@ def fit(
 ) -> RunRecord:
     """Fit `head` on the cached `backbone` embeddings of the split's train images, score val
     and test, and write a complete run record (see the module docstring)."""
-    from featsvm.cache import locate_cache, read_cache
+    from featsvm.features.cache import locate_cache, read_cache
 
     if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+        raise UsageError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     cfg = config or HeadConfig()
     t_start = time.perf_counter()
     manifest = read_manifest(split_path)
@@ -102,9 +99,9 @@ def fit(
     cached = read_cache(cache_file)
     feats, rows = load_split_features(manifest, cached)
     if not rows["train"]:
-        raise ValueError(f"split manifest {manifest.path} has no train images")
+        raise ManifestError(f"split manifest {manifest.path} has no train images")
     if not rows["test"]:
-        raise ValueError(f"split manifest {manifest.path} has no test images")
+        raise ManifestError(f"split manifest {manifest.path} has no test images")
     t_loaded = time.perf_counter()
 
     def say(msg: str) -> None:
@@ -120,7 +117,7 @@ def fit(
     )
     if needs_calibration(fitted):
         if not rows["val"]:
-            raise ValueError(
+            raise FitError(
                 f"{head} probabilities are calibrated on the val split ({fitted.calibration}), "
                 f"but {manifest.path} has no val images; set [fit] calibration or re-split"
             )

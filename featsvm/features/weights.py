@@ -20,16 +20,33 @@ from __future__ import annotations
 import os
 import tomllib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
+from featsvm.errors import WeightsError
 from featsvm.fileio import sha256_file
 
-if TYPE_CHECKING:
-    from featsvm.backbones import BackboneSpec
+
+class KnownWeights(Protocol):
+    label: str
+
+
+class BackboneSpec(Protocol):
+    """What weight resolution needs of a `features.backbones.BackboneSpec` (kept as a
+    protocol so this module does not import the backbone table, which imports it)."""
+
+    name: str
+    default_url: str
+    default_weights: str
+    ignore_key_prefixes: tuple[str, ...]
+
+    build: Callable[[], torch.nn.Module]
+
+    def known_file(self, sha256: str) -> KnownWeights | None: ...
 
 ENV_WEIGHTS_DIR = "FEATSVM_WEIGHTS_DIR"
 INDEX_FILE = "weights.toml"
@@ -41,10 +58,6 @@ OPTIONS_HINT = (
     f"variable {ENV_WEIGHTS_DIR}=DIR (a folder with a {INDEX_FILE} index), or --weights none "
     "(random initialisation, labelled 'random')"
 )
-
-
-class WeightsError(RuntimeError):
-    """Weights that cannot be found, verified or loaded; the message says what to do."""
 
 
 @dataclass(frozen=True)

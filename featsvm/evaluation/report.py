@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from featsvm import figures
+from featsvm.errors import MissingInputError
+from featsvm.evaluation import figures
 from featsvm.fileio import sha256_file, write_json_atomic, write_text_atomic
 from featsvm.labels import DISPLAY_NAMES, LABELS
 from featsvm.runs import Predictions, RunRecord, list_runs
@@ -301,7 +302,7 @@ def _image_tiles(
     run: RunRecord, pred: Predictions, data_dir: Path, per_row: int, notes: list[str]
 ) -> tuple[list[figures.Tile], list[figures.Tile]]:
     """Correct (one per class in turn) and wrong (most confident mistakes first) examples."""
-    from featsvm.dataset import ImageError, load_rgb
+    from featsvm.data.dataset import ImageError, load_rgb
 
     conf = pred.proba.max(axis=1)
     correct = [i for i in range(len(pred.relpath)) if pred.true_label[i] == pred.pred_label[i]]
@@ -342,11 +343,11 @@ def _image_tiles(
 
 
 def _known_weights_note(backbone: str, sha256: str) -> str | None:
-    """What featsvm.backbones knows about a weights file that is not plain ImageNet."""
+    """What featsvm.features.backbones knows about a weights file that is not plain ImageNet."""
     if sha256 in KNOWN_NOT_IMAGENET:
         return KNOWN_NOT_IMAGENET[sha256]
     try:
-        from featsvm.backbones import get_spec
+        from featsvm.features.backbones import get_spec
 
         known = get_spec(backbone).known_file(sha256)
     except Exception:  # noqa: BLE001 - unknown backbone name or no torch: nothing known
@@ -394,7 +395,7 @@ def weight_provenance(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
 def split_protocol(runs: Sequence[RunRecord], runs_dir: Path) -> tuple[list[str], list[str]]:
     """Sentences describing every split manifest the runs were scored on (counts per split and
     class when the manifest is still readable and unchanged), and the manifests' sha256s."""
-    from featsvm.manifest import read_manifest
+    from featsvm.data.manifest import read_manifest
 
     lines: list[str] = []
     shas: dict[str, str] = {}
@@ -463,15 +464,15 @@ def write_report(
     if only is not None:
         wanted = set(only)
         runs = [r for r in runs if r.run_id in wanted]
-        incomplete = [n for n in incomplete if n in wanted]
+        incomplete = [n for n in incomplete if n.split(":")[0] in wanted]
     if not runs:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no complete run records under {runs_dir}; create some with `featsvm fit`, "
             "`featsvm finetune` or `featsvm run CONFIG.toml`"
             + (f" (incomplete folders: {', '.join(incomplete)})" if incomplete else "")
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    notes = [f"incomplete run folder skipped: {name}" for name in incomplete]
+    notes = [f"incomplete or broken run folder skipped: {name}" for name in incomplete]
     rows = build_table(runs, cfg.split)
     for r in runs:
         if not r.metrics.get(cfg.split):

@@ -1,6 +1,6 @@
 """Duplicate-aware, label-stratified train/val/test split (and grouped k-fold inside train).
 
-Groups come from `featsvm.duplicates` (exact copies + re-captures of one field). The split
+Groups come from `featsvm.data.duplicates` (exact copies + re-captures of one field). The split
 assigns whole groups, so no group ever straddles two splits, while keeping every split's class
 proportions close to the whole's. A group whose members carry different labels is a label
 conflict: it is reported and never placed in the test split.
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featsvm.dataset import ImageRecord, ScanResult, scan
-from featsvm.duplicates import DuplicateConfig, Grouping, group_images
+from featsvm.data.dataset import ImageRecord, ScanResult, scan
+from featsvm.data.duplicates import DuplicateConfig, Grouping, group_images
+from featsvm.data.manifest import SPLITS, ManifestRow, write_manifest
+from featsvm.errors import MissingInputError, UsageError
 from featsvm.fileio import write_text_atomic
 from featsvm.labels import LABELS
-from featsvm.manifest import SPLITS, ManifestRow, write_manifest
 
 # 0.8 / 0.1 / 0.1 reproduces the reference study's 2592 / 322 / 328 on its 3,242-image release.
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)
@@ -49,9 +50,9 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"--ratios expects three numbers like 0.8,0.1,0.1, got {text!r}") from None
+        raise UsageError(f"--ratios expects three numbers like 0.8,0.1,0.1, got {text!r}") from None
     if len(parts) != 3 or any(p < 0 for p in parts) or not np.isclose(sum(parts), 1.0):
-        raise ValueError(f"--ratios needs three non-negative numbers summing to 1, got {text!r}")
+        raise UsageError(f"--ratios needs three non-negative numbers summing to 1, got {text!r}")
     return parts  # type: ignore[return-value]
 
 
@@ -112,7 +113,7 @@ def assign_folds(
     train = [i for i, s in enumerate(splits) if s == "train"]
     n_groups = len({groups[i] for i in train})
     if folds < 2 or folds > n_groups:
-        raise ValueError(f"--folds must be between 2 and the number of train groups ({n_groups})")
+        raise UsageError(f"--folds must be between 2 and the number of train groups ({n_groups})")
     out: list[int | None] = [None] * len(labels)
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     y = [labels[i] for i in train]
@@ -138,7 +139,7 @@ def make_split(
     t0 = time.perf_counter()
     found = scan(data_dir, subset=subset, class_map=class_map, progress=progress)
     if not found.records:
-        raise ValueError(f"no readable labelled images under {data_dir}")
+        raise MissingInputError(f"no readable labelled images under {data_dir}")
     records: list[ImageRecord] = found.records
     root = Path(data_dir)
     grouping = group_images(

@@ -36,27 +36,12 @@ from typing import Any
 import h5py
 import numpy as np
 
+from featsvm.errors import CacheError, CacheLockedError, CacheMissingError, StaleCacheError
+from featsvm.features.weights import RANDOM_LABEL, RANDOM_SEED, WeightsInfo
 from featsvm.fileio import FileLock
-from featsvm.weights import RANDOM_LABEL, RANDOM_SEED, WeightsInfo
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 64
-
-
-class CacheError(RuntimeError):
-    """Base class: a cache file that cannot be used; the message says what to do."""
-
-
-class CacheLockedError(CacheError):
-    pass
-
-
-class StaleCacheError(CacheError):
-    pass
-
-
-class CacheMissingError(CacheError):
-    pass
 
 
 # ------------------------------------------------------------------------------ naming
@@ -96,7 +81,7 @@ def cache_path(
     layer: str | None = None,
 ) -> Path:
     """Path of the cache file for this backbone/weights/precision/layer (may not exist)."""
-    from featsvm.backbones import get_spec, preprocessing_for
+    from featsvm.features.backbones import get_spec, preprocessing_for
 
     pre = preprocessing_for(get_spec(backbone), weights_info, layer)
     return Path(cache_dir) / file_name(backbone, weights_info.sha256, pre, precision)
@@ -137,7 +122,7 @@ def locate_cache(
     """Find the existing cache file for these options (weights resolved as `extract` does).
 
     Raises CacheMissingError naming the exact `featsvm extract` command when it is absent."""
-    from featsvm.backbones import describe
+    from featsvm.features.backbones import describe
 
     _spec, info, pre = describe(backbone, weights, weights_dir, layer)
     path = Path(cache_dir) / file_name(backbone, info.sha256, pre, precision)

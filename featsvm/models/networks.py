@@ -1,7 +1,7 @@
 """The end-to-end networks: building one (basic CNN or pretrained backbone + new head),
 freezing its leading layers, cutting off the frozen trunk, and reloading a finished run.
 
-Pretrained models reuse `featsvm.backbones.load_backbone` (the same specs and weight
+Pretrained models reuse `featsvm.features.backbones.load_backbone` (the same specs and weight
 resolution as ``extract``; no second copy of model code).
 """
 
@@ -11,7 +11,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,13 +19,21 @@ from PIL import Image
 from torch import nn
 
 from featsvm import runs
-from featsvm.basic_cnn import BasicCNN, BasicCNNSpec, basic_cnn_preprocessing
+from featsvm.errors import FinetuneError
 from featsvm.labels import LABELS
+from featsvm.models.basic_cnn import BasicCNN, BasicCNNSpec, basic_cnn_preprocessing
+from featsvm.models.pixels import Normaliser, batches
 from featsvm.names import BACKBONES, BASIC_CNN, MODELS
-from featsvm.pixels import Normaliser, batches
 
-if TYPE_CHECKING:
-    from featsvm.finetune import FinetuneConfig
+
+class NetworkOptions(Protocol):
+    """The part of `models.finetune.FinetuneConfig` that shapes the network."""
+
+    basic_cnn_size: int
+    basic_cnn_channels: tuple[int, ...]
+    basic_cnn_dense: int
+    basic_cnn_dropout: float
+    head_dropout: float
 
 # freeze="auto": the module (path in the backbone's full model) up to which, inclusive,
 # everything is frozen, leaving the last block (and for VGG16/AlexNet with a pretrained
@@ -36,10 +44,6 @@ FREEZE_AUTO: dict[str, str] = {
     "inception_v3": "Mixed_7b",  # Mixed_7c trains
     "efficientnet_lite0": "blocks.5",  # blocks.6, conv_head and bn2 train
 }
-
-
-class FinetuneError(RuntimeError):
-    """A fine-tuning request that cannot run; the message says what to change."""
 
 
 class FinetuneModel(nn.Module):
@@ -66,19 +70,19 @@ class BuiltModel:
     full_model: nn.Module | None = None  # the backbone's whole network (names for --freeze)
 
 
-def _basic_spec(cfg: FinetuneConfig) -> BasicCNNSpec:
+def _basic_spec(cfg: NetworkOptions) -> BasicCNNSpec:
     return BasicCNNSpec(cfg.basic_cnn_size, tuple(cfg.basic_cnn_channels), cfg.basic_cnn_dense,
                         cfg.basic_cnn_dropout)
 
 
 def build_model(
     model: str,
-    cfg: FinetuneConfig,
+    cfg: NetworkOptions,
     weights: str | None = None,
     weights_dir: str | os.PathLike[str] | None = None,
 ) -> BuiltModel:
     """The network to train, its preprocessing and its weights provenance."""
-    from featsvm.backbones import load_backbone, make_transform
+    from featsvm.features.backbones import load_backbone, make_transform
 
     if model == BASIC_CNN:
         if weights not in (None, "none"):
@@ -201,7 +205,7 @@ def load_finetuned(run_dir: str | os.PathLike[str]
     ``weights_only=True`` (no code runs). The backbone architecture is rebuilt from its spec
     with random weights and then filled from the checkpoint, so no weights file is needed.
     """
-    from featsvm.backbones import HOOKS, load_backbone, make_transform
+    from featsvm.features.backbones import HOOKS, load_backbone, make_transform
 
     record = runs.read_run(run_dir)
     if record.config.get("kind") != "end_to_end":

@@ -1,0 +1,43 @@
+"""The package's shape: import layers without cycles, and one base for user-facing errors."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featsvm import errors
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_import_layers_and_no_cycles() -> None:
+    """`lint-imports` checks the contracts in pyproject.toml ([tool.importlinter])."""
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.fail("lint-imports is missing: install the dev extra (pip install -e '.[dev]')")
+    out = subprocess.run([exe, "--no-cache"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 kept, 0 broken" in out.stdout
+
+
+def test_every_exception_class_lives_in_errors_and_derives_from_featsvm_error() -> None:
+    for name, cls in inspect.getmembers(errors, inspect.isclass):
+        if issubclass(cls, Exception) and cls.__module__ == errors.__name__:
+            assert issubclass(cls, errors.FeatsvmError), name
+    elsewhere = []
+    for path in (REPO / "featsvm").rglob("*.py"):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and any(
+                getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception"))
+                for b in node.bases
+            ):
+                elsewhere.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
+    assert not elsewhere, f"define exception classes in featsvm/errors.py: {elsewhere}"
