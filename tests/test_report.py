@@ -221,3 +221,16 @@ def test_cli_report(study: dict[str, Path]) -> None:
                                       "--out", str(out)])
     assert empty.exit_code != 0
     assert "no complete run records" in empty.output
+
+
+def test_html_escapes_what_runs_record(study: dict[str, Path]) -> None:
+    """Every value from a run record reaches the page through the autoescaping template."""
+    runs = study["root"] / "runs-markup"
+    write_fake_run(runs, study["split"], model="<script>alert(1)</script> & co",
+                   weights={"label": "\"quoted\" <b>label</b>", "sha256": "cd" * 32})
+    out = study["root"] / "markup"
+    report.write_report(runs, out, config=report.ReportConfig(best=1))
+    page = (out / "index.html").read_text()
+    assert "<script>" not in page and "<b>label" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in page
+    assert "&lt;b&gt;label&lt;/b&gt;" in page

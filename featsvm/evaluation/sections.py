@@ -1,0 +1,243 @@
+"""The sections of the report's HTML page, in order (`SECTIONS`). Each is a small function
+that takes the gathered `ReportContext`, draws its own figures into ``ctx.out_dir`` if it has
+any, and returns a `featsvm.evaluation.html.Section` (or None to leave itself out).
+
+Adding a section = one function here + one partial under ``templates/sections/`` + one entry
+in `SECTIONS` (keep ``notes`` last: sections may add notes while they are built).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featsvm.evaluation import figures
+from featsvm.evaluation import provenance as prov
+from featsvm.evaluation import table as tbl
+from featsvm.evaluation.html import Figure, Section
+from featsvm.fileio import sha256_file
+from featsvm.labels import LABELS
+from featsvm.runs import Predictions, RunRecord
+
+FIG4, FIG5 = "fig4_metrics.png", "fig5_examples.png"
+CONFUSION_PREFIX, ROC_PREFIX = "confusion-", "roc-"
+
+
+@dataclass
+class ReportContext:
+    """Everything the sections read, gathered once by `featsvm.evaluation.report`."""
+
+    runs: list[RunRecord]  # in table order (`table.run_order`)
+    runs_dir: Path
+    out_dir: Path
+    split: str  # the split the table and figures describe
+    rows: list[dict[str, Any]]  # table rows, published row last
+    labels: dict[str, str]  # run id -> its row's label
+    preds: dict[str, Predictions]  # run id -> its predictions on `split`
+    best: list[RunRecord]  # the best runs, ranked on val
+    rank_how: str  # how `best` was chosen, in words
+    data_dir: Path | None  # image folder for example images (None: not available)
+    examples: int  # images per example-grid row
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- data the sections share
+
+
+def confusion_counts(pred: Predictions) -> np.ndarray:
+    mat = np.zeros((len(LABELS), len(LABELS)), dtype=int)
+    for t, p in zip(pred.true_label, pred.pred_label, strict=True):
+        mat[LABELS.index(t), LABELS.index(p)] += 1
+    return mat
+
+
+def rank_runs(runs: Sequence[RunRecord]) -> tuple[list[RunRecord], str]:
+    """Runs ordered best first by validation macro-F1 then balanced accuracy (never test).
+    Returns the order and a sentence saying how it was chosen."""
+    def score(r: RunRecord) -> tuple:
+        v = r.metrics.get("val") or {}
+        return (-float(v.get("macro_f1") or -1), -float(v.get("balanced_accuracy") or -1),
+                r.run_id)
+
+    if any(r.metrics.get("val") for r in runs):
+        how = "ranked by validation macro-F1 (then balanced accuracy); the test split was not used"
+    else:
+        how = "no run has a validation block, so the order is by run id"
+    return sorted(runs, key=score), how
+
+
+
+def _example_order(pred: Predictions) -> tuple[list[int], list[int]]:
+    """Correct examples (one per class in turn, by relpath) and wrong ones (most confident
+    mistakes first)."""
+    conf = pred.proba.max(axis=1)
+    correct = [i for i in range(len(pred.relpath)) if pred.true_label[i] == pred.pred_label[i]]
+    wrong = [i for i in range(len(pred.relpath)) if pred.true_label[i] != pred.pred_label[i]]
+    by_class = {lab: sorted((i for i in correct if pred.true_label[i] == lab),
+                            key=lambda i: pred.relpath[i]) for lab in LABELS}
+    order_c: list[int] = []
+    while any(by_class.values()):
+        for lab in LABELS:
+            if by_class[lab]:
+                order_c.append(by_class[lab].pop(0))
+    return order_c, sorted(wrong, key=lambda i: (-conf[i], pred.relpath[i]))
+
+
+def _tiles(run: RunRecord, pred: Predictions, order: Sequence[int], data_dir: Path,
+           per_row: int, notes: list[str]) -> list[figures.Tile]:
+    """Up to `per_row` example tiles in `order`; images that are missing or changed are
+    skipped with a note."""
+    from featsvm.data.dataset import ImageError, load_rgb
+
+    conf = pred.proba.max(axis=1)
+    out: list[figures.Tile] = []
+    for i in order:
+        if len(out) >= per_row:
+            break
+        path = data_dir / pred.relpath[i]
+        try:
+            if not path.is_file():
+                raise ImageError("not found")
+            if pred.sha256[i] and sha256_file(path) != pred.sha256[i]:
+                raise ImageError("sha256 differs from the run's record (another dataset?)")
+            im = load_rgb(path)
+        except ImageError as exc:
+            notes.append(f"{run.run_id}: example image {pred.relpath[i]} skipped ({exc})")
+            continue
+        im.thumbnail((160, 160))
+        out.append(figures.Tile(np.asarray(im), pred.true_label[i], pred.pred_label[i],
+                                float(conf[i])))
+    return out
+
+
+# ---------------------------------------------------------------- the sections
+
+
+def intro(ctx: ReportContext) -> Section:
+    return Section("", "intro.html.j2", {"n_runs": len(ctx.runs), "split": ctx.split})
+
+
+def comparison_table(ctx: ReportContext) -> Section:
+    rows = [{"cells": tbl.cells(r), "published": r["source"] == "published"} for r in ctx.rows]
+    return Section("Comparison table", "comparison_table.html.j2", {
+        "header": tbl.header(), "rows": rows, "csv": tbl.TABLE_CSV, "json": tbl.TABLE_JSON})
+
+
+def metric_bars(ctx: ReportContext) -> Section:
+    path = figures.metric_bars(ctx.rows, ctx.out_dir / FIG4, ctx.split)
+    return Section("Figure 4: the four metrics per model",
+                   figures=[Figure(path, "grouped bar chart of four metrics")])
+
+
+def confusion_matrices(ctx: ReportContext) -> Section:
+    figs = []
+    for r in ctx.runs:
+        p = ctx.preds[r.run_id]
+        if not p.relpath:
+            continue
+        path = figures.confusion_pair(
+            confusion_counts(p), f"{ctx.labels[r.run_id]}: {ctx.split} split, n={len(p.relpath)}",
+            ctx.out_dir / f"{CONFUSION_PREFIX}{r.run_id}.png",
+        )
+        figs.append(Figure(path, f"confusion matrix {r.run_id}", heading=ctx.labels[r.run_id],
+                           aside=r.run_id))
+    return Section("Figures 6-8: confusion matrices", figures=figs)
+
+
+def example_images(ctx: ReportContext) -> Section:
+    """Figure 5: correct and wrong test images of the best models (needs the image folder)."""
+    path = None
+    data_dir = ctx.data_dir
+    if data_dir is None:
+        ctx.notes.append("Figure 5 (example images) skipped: no image folder given (--data DIR)")
+    elif not data_dir.is_dir():
+        ctx.notes.append(f"Figure 5 (example images) skipped: image folder {data_dir} not found")
+    elif ctx.best:
+        panels: list[tuple[str, Sequence[figures.Tile]]] = []
+        for r in ctx.best:
+            pred = ctx.preds[r.run_id]
+            order_c, order_w = _example_order(pred)
+            name = ctx.labels[r.run_id]
+            panels += [
+                (f"{name}: correct",
+                 _tiles(r, pred, order_c, data_dir, ctx.examples, ctx.notes)),
+                (f"{name}: wrong", _tiles(r, pred, order_w, data_dir, ctx.examples, ctx.notes)),
+            ]
+        if any(tiles for _, tiles in panels):
+            path = figures.example_grid(panels, ctx.out_dir / FIG5, ncols=ctx.examples)
+        else:
+            ctx.notes.append(
+                f"Figure 5 skipped: none of the test images were found under {data_dir}")
+    figs = [Figure(path, "grid of example test images")] if path is not None else []
+    return Section("Figure 5: example test images from the best models", "example_images.html.j2",
+                   {"best": [ctx.labels[r.run_id] for r in ctx.best], "rank_how": ctx.rank_how,
+                    "drawn": path is not None}, figs)
+
+
+def roc_curves(ctx: ReportContext) -> Section:
+    figs = []
+    for r in ctx.best:
+        p = ctx.preds[r.run_id]
+        path = figures.roc_curves(
+            p.true_label, p.proba, f"{ctx.labels[r.run_id]}: one-vs-rest ROC, {ctx.split} split",
+            ctx.out_dir / f"{ROC_PREFIX}{r.run_id}.png",
+        )
+        figs.append(Figure(path, f"ROC {r.run_id}"))
+    return Section("One-vs-rest ROC curves of the best models", figures=figs)
+
+
+def split_protocol(ctx: ReportContext) -> Section:
+    lines, _ = prov.split_protocol(ctx.runs, ctx.runs_dir)
+    return Section("Split protocol", "split_protocol.html.j2", {"lines": lines})
+
+
+def dataset(ctx: ReportContext) -> Section:
+    return Section("Dataset", "dataset.html.j2", {
+        "name": prov.DATASET_NAME, "doi": prov.DATASET_DOI,
+        "data_dir": str(ctx.data_dir) if ctx.data_dir else ""})
+
+
+def weight_provenance(ctx: ReportContext) -> Section:
+    return Section("Weight provenance", "weight_provenance.html.j2",
+                   {"provenance": prov.weight_provenance(ctx.runs)})
+
+
+def run_list(ctx: ReportContext) -> Section:
+    rows = [{"run_id": r.run_id, "model": str(r.config.get("model")),
+             "kind": str(r.config.get("kind")), "seed": str(r.config.get("seed")),
+             "settings": prov.run_settings(r.config), "created": str(r.config.get("created"))}
+            for r in ctx.runs]
+    return Section("Runs", "runs.html.j2", {"runs": rows})
+
+
+def versions(ctx: ReportContext) -> Section:
+    return Section("Versions", "versions.html.j2", {"versions": prov.collect_versions(ctx.runs)})
+
+
+def notes(ctx: ReportContext) -> Section | None:
+    return Section("Notes", "notes.html.j2", {"notes": list(ctx.notes)}) if ctx.notes else None
+
+
+# The page, top to bottom. Figures are drawn while the sections are built, in this order.
+SECTIONS: tuple[Callable[[ReportContext], Section | None], ...] = (
+    intro,
+    comparison_table,
+    metric_bars,
+    confusion_matrices,
+    example_images,
+    roc_curves,
+    split_protocol,
+    dataset,
+    weight_provenance,
+    run_list,
+    versions,
+    notes,  # last: the notes of every section above
+)
+
+
+def build_sections(ctx: ReportContext) -> list[Section]:
+    return [s for s in (make(ctx) for make in SECTIONS) if s is not None]
