@@ -289,154 +289,175 @@ def run_study(
     progress: bool = True,
 ) -> StudyResult:
     """Run (or complete) the study described by `config_path`; see the module docstring."""
-    t_start = time.perf_counter()
     study = load_study(config_path)
-    cfg = study.study
-    data = Path(data_dir) if data_dir is not None else Path(cfg.data)
-    if not data.is_dir():
-        raise StudyError(f"data folder {data} not found. {DATA_HELP}")
+    data = check_data_dir(Path(data_dir) if data_dir is not None else Path(study.study.data))
+    return StudyRun(study, data, log, progress).run()
+
+
+def check_data_dir(data: Path) -> Path:
+    """`data` if it holds the dataset's class folders, else a StudyError saying how to get it."""
     from featsvm.data.dataset import find_class_dir
 
+    if not data.is_dir():
+        raise StudyError(f"data folder {data} not found. {DATA_HELP}")
     try:
         find_class_dir(data)
     except FileNotFoundError as exc:
         raise StudyError(f"{exc}. {DATA_HELP}") from None
+    return data
 
-    res = StudyResult()
 
-    def step(name: str, fn: Callable[[], tuple[str, str]]) -> bool:
-        log(f"== {name}")
+StepOutcome = tuple[str, str]  # ("done" | "skipped", detail)
+
+
+class StudyRun:
+    """One run of a study: the steps in order (split, extract, fit, finetune, report), each a
+    method returning ``(status, detail)`` and recorded the same way by `step` (a failing step
+    is logged and recorded, and the study goes on with the steps that do not depend on it)."""
+
+    def __init__(self, study: Study, data: Path, log: Callable[[str], None],
+                 progress: bool) -> None:
+        self.study, self.cfg, self.data = study, study.study, data
+        self.log, self.progress = log, progress
+        self.runs_dir = Path(self.cfg.runs)
+        self.result = StudyResult()
+        self.manifest: Any = None  # featsvm.data.manifest.Manifest, once the split step ran
+        self.extracted: set[str] = set()  # backbones whose extract step succeeded
+
+    def run(self) -> StudyResult:
+        t_start = time.perf_counter()
+        cfg = self.cfg
+        if self.step("split", self.split):
+            for backbone in cfg.backbones:
+                if self.step(f"extract {backbone}", self.extract, backbone):
+                    self.extracted.add(backbone)
+            for backbone in cfg.backbones:
+                for head in cfg.heads:
+                    blocked = "" if backbone in self.extracted else f"extract {backbone} failed"
+                    self.step(f"fit {backbone} + {head}", self.fit, backbone, head,
+                              blocked=blocked)
+            if cfg.finetune:
+                for model in self.study.finetune.models:
+                    self.step(f"finetune {model}", self.finetune, model)
+            self.step("report", self.report)
+        self.result.seconds = time.perf_counter() - t_start
+        return self.result
+
+    def step(self, name: str, fn: Callable[..., StepOutcome], *args: Any,
+             blocked: str = "") -> bool:
+        """Run one step and record it (done / skipped / failed, with its time); `blocked`:
+        the step cannot run because of an earlier failure, recorded as failed without running."""
+        res = self.result
+        if blocked:
+            res.steps.append(Step(name, "failed", blocked))
+            self.log(f"FAILED {name}: {blocked}")
+            return False
+        self.log(f"== {name}")
         t0 = time.perf_counter()
         try:
-            status, detail = fn()
+            status, detail = fn(*args)
         except Exception as exc:  # noqa: BLE001 - one failing step must not hide the others
             detail = f"{type(exc).__name__}: {exc}"
             res.steps.append(Step(name, "failed", detail, time.perf_counter() - t0))
-            log(f"FAILED {name}: {detail}")
+            self.log(f"FAILED {name}: {detail}")
             if os.environ.get("FEATSVM_DEBUG"):
-                log(traceback.format_exc())
+                self.log(traceback.format_exc())
             return False
         res.steps.append(Step(name, status, detail, time.perf_counter() - t0))
-        log(f"{'skipped' if status == 'skipped' else 'done'} {name}: {detail} "
-            f"({time.perf_counter() - t0:.1f} s)")
+        self.log(f"{'skipped' if status == 'skipped' else 'done'} {name}: {detail} "
+                 f"({time.perf_counter() - t0:.1f} s)")
         return True
 
-    # 1. split
-    split_holder: dict[str, Any] = {}
+    # ---- settings per backbone
 
-    def do_split() -> tuple[str, str]:
+    def _weights(self, backbone: str) -> str | None:
+        return _weights_for(self.cfg, backbone)
+
+    def _weights_dir(self) -> str | None:
+        return _weights_dir(self.cfg)
+
+    # ---- the steps
+
+    def split(self) -> StepOutcome:
         from featsvm.data.manifest import read_manifest
 
-        path, reused = ensure_split(data, study, log, progress)
-        man = read_manifest(path)
-        split_holder["manifest"] = man
+        path, reused = ensure_split(self.data, self.study, self.log, self.progress)
+        self.manifest = man = read_manifest(path)
         counts = ", ".join(f"{s} {len(man.subset(s))}" for s in ("train", "val", "test"))
         if reused:
             return "skipped", f"reused {path} ({counts})"
         return "done", f"wrote {path} ({counts})"
 
-    if not step("split", do_split):
-        res.seconds = time.perf_counter() - t_start
-        return res
-    manifest = split_holder["manifest"]
-    runs_dir = Path(cfg.runs)
+    def extract(self, backbone: str) -> StepOutcome:
+        from featsvm.features.extract import extract
 
-    # 2. extract
-    extracted: set[str] = set()
-    for backbone in cfg.backbones:
-        def do_extract(backbone: str = backbone) -> tuple[str, str]:
-            from featsvm.features.extract import extract
+        cfg, ex = self.cfg, self.study.extract
+        s = extract(
+            self.data, backbone, weights=self._weights(backbone),
+            weights_dir=self._weights_dir(), cache_dir=cfg.cache, device=ex.device,
+            precision=ex.precision,
+            batch_size=None if ex.batch_size < 0 else ex.batch_size,
+            workers=None if ex.workers < 0 else ex.workers,
+            layer=cfg.layers.get(backbone), progress=self.progress, records=self.manifest.rows,
+        )
+        bad = f"; {len(s.skipped)} image(s) skipped: " + ", ".join(
+            f"{p} ({why})" for p, why in s.skipped[:5]) if s.skipped else ""
+        if s.n_new == 0:
+            return "skipped", f"all {s.n_cached} images already cached in {s.cache_path}{bad}"
+        return "done", (f"{s.n_new} new, {s.n_cached} cached, {s.images_per_s:.1f} img/s "
+                        f"-> {s.cache_path}{bad}")
 
-            ex = study.extract
-            s = extract(
-                data, backbone, weights=_weights_for(cfg, backbone),
-                weights_dir=_weights_dir(cfg), cache_dir=cfg.cache, device=ex.device,
-                precision=ex.precision,
-                batch_size=None if ex.batch_size < 0 else ex.batch_size,
-                workers=None if ex.workers < 0 else ex.workers,
-                layer=cfg.layers.get(backbone), progress=progress, records=manifest.rows,
-            )
-            bad = f"; {len(s.skipped)} image(s) skipped: " + ", ".join(
-                f"{p} ({why})" for p, why in s.skipped[:5]) if s.skipped else ""
-            if s.n_new == 0:
-                return "skipped", f"all {s.n_cached} images already cached in {s.cache_path}{bad}"
-            return "done", (f"{s.n_new} new, {s.n_cached} cached, {s.images_per_s:.1f} img/s "
-                            f"-> {s.cache_path}{bad}")
+    def fit(self, backbone: str, head: str) -> StepOutcome:
+        from featsvm.features.cache import locate_cache, read_cache
+        from featsvm.models.fit import fit
 
-        if step(f"extract {backbone}", do_extract):
-            extracted.add(backbone)
+        cfg, study = self.cfg, self.study
+        cache_file = locate_cache(cfg.cache, backbone, self._weights(backbone),
+                                  self._weights_dir(), study.extract.precision,
+                                  cfg.layers.get(backbone))
+        fp = read_cache(cache_file).attrs.get("fingerprint")
+        existing, _ = list_runs(self.runs_dir)
+        found = find_head_run(existing, backbone, head, self.manifest.sha256, fp, study.fit)
+        if found is not None:
+            self.result.run_ids.append(found.run_id)
+            return "skipped", f"run {found.run_id} has the same split, cache and grid"
+        rec = fit(backbone, head, self.manifest.path, cache_dir=cfg.cache,
+                  weights=self._weights(backbone), weights_dir=self._weights_dir(),
+                  runs_dir=self.runs_dir, config=study.fit,
+                  precision=study.extract.precision, layer=cfg.layers.get(backbone),
+                  progress=self.progress)
+        self.result.run_ids.append(rec.run_id)
+        return "done", _headline(rec)
 
-    # 3. fit
-    for backbone in cfg.backbones:
-        for head in cfg.heads:
-            name = f"fit {backbone} + {head}"
-            if backbone not in extracted:
-                res.steps.append(Step(name, "failed", f"extract {backbone} failed"))
-                log(f"FAILED {name}: extract {backbone} failed")
-                continue
+    def finetune(self, model: str) -> StepOutcome:
+        from featsvm.models.finetune import finetune
 
-            def do_fit(backbone: str = backbone, head: str = head) -> tuple[str, str]:
-                from featsvm.features.cache import locate_cache, read_cache
-                from featsvm.models.fit import fit
+        fp = finetune_fingerprint(model, self.study, self.manifest.sha256, self.data)
+        existing, _ = list_runs(self.runs_dir)
+        found = find_finetune_run(existing, fp)
+        if found is not None:
+            self.result.run_ids.append(found.run_id)
+            return "skipped", f"run {found.run_id} has the same training fingerprint"
+        out = finetune(self.data, self.manifest.path, self.study.finetune.for_model(model),
+                       weights=self._weights(model), weights_dir=self._weights_dir(),
+                       runs_dir=self.runs_dir, progress=self.progress, log=self.log)
+        if out.record is None:
+            raise StudyError(f"training stopped before the end; resumable in {out.run_dir}")
+        self.result.run_ids.append(out.record.run_id)
+        return "done", _headline(out.record)
 
-                cache_file = locate_cache(cfg.cache, backbone, _weights_for(cfg, backbone),
-                                          _weights_dir(cfg), study.extract.precision,
-                                          cfg.layers.get(backbone))
-                fp = read_cache(cache_file).attrs.get("fingerprint")
-                existing, _ = list_runs(runs_dir)
-                found = find_head_run(existing, backbone, head, manifest.sha256, fp, study.fit)
-                if found is not None:
-                    res.run_ids.append(found.run_id)
-                    return "skipped", f"run {found.run_id} has the same split, cache and grid"
-                rec = fit(backbone, head, manifest.path, cache_dir=cfg.cache,
-                          weights=_weights_for(cfg, backbone), weights_dir=_weights_dir(cfg),
-                          runs_dir=runs_dir, config=study.fit,
-                          precision=study.extract.precision, layer=cfg.layers.get(backbone),
-                          progress=progress)
-                res.run_ids.append(rec.run_id)
-                return "done", _headline(rec)
-
-            step(name, do_fit)
-
-    # 4. fine-tune
-    if cfg.finetune:
-        for model in study.finetune.models:
-            def do_finetune(model: str = model) -> tuple[str, str]:
-                from featsvm.models.finetune import finetune
-
-                fp = finetune_fingerprint(model, study, manifest.sha256, data)
-                existing, _ = list_runs(runs_dir)
-                found = find_finetune_run(existing, fp)
-                if found is not None:
-                    res.run_ids.append(found.run_id)
-                    return "skipped", f"run {found.run_id} has the same training fingerprint"
-                out = finetune(data, manifest.path, study.finetune.for_model(model),
-                               weights=_weights_for(cfg, model), weights_dir=_weights_dir(cfg),
-                               runs_dir=runs_dir, progress=progress, log=log)
-                if out.record is None:
-                    raise StudyError(f"training stopped before the end; resumable in "
-                                       f"{out.run_dir}")
-                res.run_ids.append(out.record.run_id)
-                return "done", _headline(out.record)
-
-            step(f"finetune {model}", do_finetune)
-
-    # 5. report
-    def do_report() -> tuple[str, str]:
+    def report(self) -> StepOutcome:
         from featsvm.evaluation.report import write_report
 
+        res = self.result
         if not res.run_ids:
             raise StudyError("no run finished, nothing to report")
-        rep = write_report(runs_dir, cfg.report, data_dir=data, config=study.report,
-                           only=res.run_ids)
+        rep = write_report(self.runs_dir, self.cfg.report, data_dir=self.data,
+                           config=self.study.report, only=res.run_ids)
         res.report_dir = rep.out_dir
         for note in rep.notes:
-            log(f"note: {note}")
+            self.log(f"note: {note}")
         return "done", f"{len(rep.files)} files in {rep.out_dir} (open index.html)"
-
-    step("report", do_report)
-    res.seconds = time.perf_counter() - t_start
-    return res
 
 
 def _headline(rec: RunRecord) -> str:

@@ -444,7 +444,6 @@ def finetune(
 
     cfg = cfg.validate()
     data_dir = Path(data_dir)
-    runs_dir = Path(runs_dir)
     manifest: Manifest = read_manifest(split)
     device = resolve_device(cfg.device)
     check_precision(device, cfg.precision)
@@ -453,11 +452,40 @@ def finetune(
 
     torch.manual_seed(cfg.seed)  # head initialisation
     built = build_model(cfg.model, cfg, weights, weights_dir)
-    model = built.model
     frozen_until = apply_freeze(built, cfg.freeze)
     fp = fingerprint(cfg, manifest.sha256, built.weights, data_dir)
+    run_dir = run_folder(resume, Path(runs_dir), fp, cfg.model)
 
-    # ---- where to write
+    # one process per run folder (a second identical command is refused, not merged)
+    with FileLock(run_dir / TRAIN_LOCK, True, _run_busy):
+        images = load_images(data_dir, manifest, built.transform, cfg, progress, log, split)
+        feeder, augmentation, cache_seconds = make_feeder(built, images, cfg, device, progress,
+                                                          log)
+        opt = Optimisation.build(built.model, built.backbone, images.sets["train"].targets, cfg,
+                                 device)
+        training = Training(cfg, device, run_dir, fp, built.model, feeder, opt, images, log,
+                            progress, cache_seconds)
+        training.resume()
+        training.describe(frozen_until)
+        st = training.state
+        if not training.run(max_epochs_this_call):
+            return FinetuneResult(run_dir, False, None, st.epoch, st.best_epoch, images.skipped,
+                                  st.resumed_from)
+        record = write_record(training, manifest, built, images, str(data_dir), frozen_until,
+                              augmentation)
+        for name in (LAST_CHECKPOINT, BEST_CHECKPOINT, TRAIN_LOCK):
+            (run_dir / name).unlink(missing_ok=True)
+        return FinetuneResult(run_dir, True, record, st.epoch, st.best_epoch, images.skipped,
+                              st.resumed_from)
+
+
+# ---------------------------------------------------------------- the steps of finetune()
+
+
+def run_folder(resume: str | os.PathLike[str] | bool, runs_dir: Path, fp: str,
+               model: str) -> Path:
+    """Where this training writes: the folder to resume (given, or found by fingerprint), or a
+    new run folder with the fingerprint recorded."""
     run_dir: Path | None = None
     if isinstance(resume, str | os.PathLike):
         run_dir = Path(resume)
@@ -475,226 +503,333 @@ def finetune(
     elif resume:
         run_dir = find_resumable(runs_dir, fp)
     if run_dir is None:
-        run_dir = runs.new_run_dir(runs_dir, cfg.model.replace("_", "-"), "ft")
+        run_dir = runs.new_run_dir(runs_dir, model.replace("_", "-"), "ft")
         write_text_atomic(run_dir / FINGERPRINT_FILE, fp + "\n")
+    return run_dir
 
-    # ---- one process per run folder (a second identical command is refused, not merged)
-    with FileLock(run_dir / TRAIN_LOCK, True, _run_busy):
-        # ---- data
-        t0 = time.perf_counter()
-        normaliser = Normaliser.probe(built.transform)
-        sets: dict[str, ImageSet] = {}
-        skipped: list[tuple[str, str]] = []
-        for name in ("train", "val", "test"):
-            sets[name], sk = preload(data_dir, manifest.subset(name), built.transform, normaliser,
-                                     cfg.workers, progress, desc=f"decode {name}")
-            skipped.extend(sk)
-        preload_seconds = time.perf_counter() - t0
-        for relpath, reason in skipped:
-            log(f"skipped {relpath}: {reason}")
-        train_set, val_set = sets["train"], sets["val"]
-        if len(train_set) < 2:
-            raise FinetuneError(f"{split}: fewer than 2 usable train images; nothing to train on")
-        if len(val_set) == 0:
-            raise FinetuneError(f"{split}: no usable val images; the val split selects the epoch")
 
-        # ---- optimisation
-        model.to(device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        cache_seconds = 0.0
-        if cfg.cache_frozen:
-            if built.backbone is None:
-                raise FinetuneError("cache_frozen applies to pretrained backbones, not basic-cnn")
-            tc = time.perf_counter()
-            trunk, rest = split_trunk(model)
-            feats = cache_trunk(trunk, sets, normaliser, cfg, device, progress)
-            cache_seconds = time.perf_counter() - tc
-            feeder: PixelFeeder | CachedFeeder = CachedFeeder(rest, feats, cfg, device)
-            augmentation = (f"{cfg.cache_views} cached view(s) per train image (identity + random "
-                            "flips/90-degree rotations); no colour jitter")
-            log(f"cached the frozen trunk ({len(list(trunk))} stages, output "
-                f"{tuple(feats['val'].shape[1:])}) in {cache_seconds:.0f} s")
-        else:
-            feeder = PixelFeeder(model, sets, normaliser, cfg, device)
-            augmentation = (f"per batch: flips, 90-degree rotations, colour jitter "
-                            f"+-{cfg.color_jitter:g}" if cfg.augment else "none")
-        groups = _param_groups(model, built.backbone, cfg)
+@dataclass
+class TrainImages:
+    """The decoded train / val / test images, and what could not be used."""
+
+    sets: dict[str, ImageSet]
+    normaliser: Normaliser
+    skipped: list[tuple[str, str]]
+    seconds: float
+
+
+def load_images(data_dir: Path, manifest: Manifest, transform: Any, cfg: FinetuneConfig,
+                progress: bool, log: Callable[[str], None],
+                split: str | os.PathLike[str]) -> TrainImages:
+    """Decode every image of the three splits once (`featsvm.models.pixels.preload`)."""
+    t0 = time.perf_counter()
+    normaliser = Normaliser.probe(transform)
+    sets: dict[str, ImageSet] = {}
+    skipped: list[tuple[str, str]] = []
+    for name in ("train", "val", "test"):
+        sets[name], sk = preload(data_dir, manifest.subset(name), transform, normaliser,
+                                 cfg.workers, progress, desc=f"decode {name}")
+        skipped.extend(sk)
+    seconds = time.perf_counter() - t0
+    for relpath, reason in skipped:
+        log(f"skipped {relpath}: {reason}")
+    if len(sets["train"]) < 2:
+        raise FinetuneError(f"{split}: fewer than 2 usable train images; nothing to train on")
+    if len(sets["val"]) == 0:
+        raise FinetuneError(f"{split}: no usable val images; the val split selects the epoch")
+    return TrainImages(sets, normaliser, skipped, seconds)
+
+
+def make_feeder(built: Any, images: TrainImages, cfg: FinetuneConfig, device: torch.device,
+                progress: bool, log: Callable[[str], None]
+                ) -> tuple[PixelFeeder | CachedFeeder, str, float]:
+    """The model on its device and where its inputs come from: the decoded pixels, or the
+    frozen trunk's cached outputs (``cache_frozen``). Returns (feeder, augmentation in words,
+    seconds spent caching the trunk)."""
+    model = built.model
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if not cfg.cache_frozen:
+        augmentation = (f"per batch: flips, 90-degree rotations, colour jitter "
+                        f"+-{cfg.color_jitter:g}" if cfg.augment else "none")
+        return PixelFeeder(model, images.sets, images.normaliser, cfg, device), augmentation, 0.0
+    if built.backbone is None:
+        raise FinetuneError("cache_frozen applies to pretrained backbones, not basic-cnn")
+    tc = time.perf_counter()
+    trunk, rest = split_trunk(model)
+    feats = cache_trunk(trunk, images.sets, images.normaliser, cfg, device, progress)
+    cache_seconds = time.perf_counter() - tc
+    augmentation = (f"{cfg.cache_views} cached view(s) per train image (identity + random "
+                    "flips/90-degree rotations); no colour jitter")
+    log(f"cached the frozen trunk ({len(list(trunk))} stages, output "
+        f"{tuple(feats['val'].shape[1:])}) in {cache_seconds:.0f} s")
+    return CachedFeeder(rest, feats, cfg, device), augmentation, cache_seconds
+
+
+def class_weights(targets: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor:
+    """Loss weights per class: inverse train frequency ("balanced") or all ones."""
+    counts = torch.bincount(targets, minlength=len(LABELS)).double()
+    if cfg.class_weights == "balanced":
+        cw = torch.where(counts > 0, counts.sum() / (len(LABELS) * counts.clamp(min=1)), 0.0)
+    else:
+        cw = torch.ones(len(LABELS), dtype=torch.float64)
+    return cw.float()
+
+
+@dataclass
+class Optimisation:
+    """AdamW with discriminative learning rates, the warm-up + cosine schedule per step, the
+    fp16 grad scaler (CUDA only) and the class-weighted loss."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    use_scaler: bool
+    criterion: nn.Module
+    group_names: list[str]
+    steps_per_epoch: int
+
+    @classmethod
+    def build(cls, model: nn.Module, backbone: str | None, targets: torch.Tensor,
+              cfg: FinetuneConfig, device: torch.device) -> Optimisation:
+        groups = _param_groups(model, backbone, cfg)
         optimizer = torch.optim.AdamW(
             [{k: v for k, v in g.items() if k != "name"} for g in groups],
             lr=cfg.lr, weight_decay=cfg.weight_decay,
         )
-        group_names = [g["name"] for g in groups]
-        n_train = len(train_set)
-        steps_per_epoch = len(list(_train_batches(n_train, cfg.batch_size)))
+        steps_per_epoch = len(list(_train_batches(len(targets), cfg.batch_size)))
         total_steps = steps_per_epoch * cfg.epochs
         warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(total_steps, warmup, cfg.min_lr_ratio))
         use_scaler = device.type == "cuda" and cfg.precision == "fp16"
         scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        counts = torch.bincount(train_set.targets, minlength=len(LABELS)).double()
-        if cfg.class_weights == "balanced":
-            cw = torch.where(counts > 0, counts.sum() / (len(LABELS) * counts.clamp(min=1)), 0.0)
-        else:
-            cw = torch.ones(len(LABELS), dtype=torch.float64)
-        criterion = nn.CrossEntropyLoss(weight=cw.float().to(device),
+        criterion = nn.CrossEntropyLoss(weight=class_weights(targets, cfg).to(device),
                                         label_smoothing=cfg.label_smoothing)
+        return cls(optimizer, scheduler, scaler, use_scaler, criterion,
+                   [g["name"] for g in groups], steps_per_epoch)
 
-        # ---- state (fresh or resumed)
-        start_epoch, best_score, best_epoch, train_seconds = 0, -1.0, 0, 0.0
-        history: list[dict[str, Any]] = []
-        best_state: dict[str, torch.Tensor] | None = None
-        if (run_dir / LAST_CHECKPOINT).is_file():
-            ck = torch.load(run_dir / LAST_CHECKPOINT, map_location=device, weights_only=True)
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            if use_scaler and ck.get("scaler"):
-                scaler.load_state_dict(ck["scaler"])
-            start_epoch, best_score = int(ck["epoch"]), float(ck["best_score"])
-            best_epoch, train_seconds = int(ck["best_epoch"]), float(ck["train_seconds"])
-            history = list(ck["history"])
-            best_state = torch.load(run_dir / BEST_CHECKPOINT, map_location="cpu",
-                                    weights_only=True)
-            log(f"resuming {run_dir} after epoch {start_epoch} (best so far: epoch {best_epoch}, "
-                f"val {cfg.select_metric} {best_score:.4f})")
-        resumed_from = start_epoch
-        n_params = sum(p.numel() for p in model.parameters())
-        n_train_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(f"{cfg.model}: {n_train_params:,} of {n_params:,} parameters trainable"
-            f"{f' (frozen up to {frozen_until})' if frozen_until else ''}; {n_train} train / "
-            f"{len(val_set)} val / {len(sets['test'])} test images on {device}, "
-            f"{steps_per_epoch} steps per epoch; run folder {run_dir}")
+    def lrs(self) -> dict[str, float]:
+        return {n: g["lr"]
+                for n, g in zip(self.group_names, self.optimizer.param_groups, strict=True)}
 
-        epoch = start_epoch
-        stopped_early = stopped_by_budget = False
-        with _deterministic(device.type == "cpu"):
-            while epoch < cfg.epochs:
-                if best_epoch and cfg.patience and epoch - best_epoch >= cfg.patience:
-                    stopped_early = True
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in the last checkpoint after every epoch."""
+
+    epoch: int = 0  # epochs completed
+    best_score: float = -1.0
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+    resumed_from: int = 0
+    stopped_early: bool = False
+    stopped_by_budget: bool = False
+
+
+class Training:
+    """The epoch loop of one run folder: early stopping on the val split, the wall-clock
+    budget, the best weights kept, and a resumable checkpoint after every epoch."""
+
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, run_dir: Path, fp: str,
+                 model: nn.Module, feeder: PixelFeeder | CachedFeeder, opt: Optimisation,
+                 images: TrainImages, log: Callable[[str], None], progress: bool,
+                 cache_seconds: float) -> None:
+        self.cfg, self.device, self.run_dir, self.fp = cfg, device, run_dir, fp
+        self.model, self.feeder, self.opt, self.images = model, feeder, opt, images
+        self.log, self.progress, self.cache_seconds = log, progress, cache_seconds
+        self.state = TrainState()
+
+    def resume(self) -> None:
+        """Continue from the run folder's last checkpoint, if it has one."""
+        last = self.run_dir / LAST_CHECKPOINT
+        if not last.is_file():
+            return
+        opt, st = self.opt, self.state
+        ck = torch.load(last, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(ck["model"])
+        opt.optimizer.load_state_dict(ck["optimizer"])
+        opt.scheduler.load_state_dict(ck["scheduler"])
+        if opt.use_scaler and ck.get("scaler"):
+            opt.scaler.load_state_dict(ck["scaler"])
+        st.epoch, st.best_score = int(ck["epoch"]), float(ck["best_score"])
+        st.best_epoch, st.train_seconds = int(ck["best_epoch"]), float(ck["train_seconds"])
+        st.history = list(ck["history"])
+        st.best_state = torch.load(self.run_dir / BEST_CHECKPOINT, map_location="cpu",
+                                   weights_only=True)
+        st.resumed_from = st.epoch
+        self.log(f"resuming {self.run_dir} after epoch {st.epoch} (best so far: epoch "
+                 f"{st.best_epoch}, val {self.cfg.select_metric} {st.best_score:.4f})")
+
+    def describe(self, frozen_until: str | None) -> None:
+        sets = self.images.sets
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.log(f"{self.cfg.model}: {self.n_trainable:,} of {self.n_params:,} parameters "
+                 f"trainable{f' (frozen up to {frozen_until})' if frozen_until else ''}; "
+                 f"{len(sets['train'])} train / {len(sets['val'])} val / {len(sets['test'])} "
+                 f"test images on {self.device}, {self.opt.steps_per_epoch} steps per epoch; "
+                 f"run folder {self.run_dir}")
+
+    def run(self, max_epochs_this_call: int | None = None) -> bool:
+        """Train until the last epoch, early stopping or the time budget (True), or until
+        `max_epochs_this_call` epochs were run in this call (False: resumable)."""
+        st = self.state
+        with _deterministic(self.device.type == "cpu"):
+            while st.epoch < self.cfg.epochs:
+                if self._should_stop():
                     break
-                budget = cfg.max_train_minutes * 60.0
-                spent = train_seconds + cache_seconds
-                if budget > 0 and epoch > 0 and spent + train_seconds / epoch > budget:
-                    stopped_by_budget = True
-                    log(f"stopping after epoch {epoch}: another epoch would exceed "
-                        f"max_train_minutes = {cfg.max_train_minutes:g}")
-                    break
-                if max_epochs_this_call is not None and epoch - start_epoch >= max_epochs_this_call:
-                    return FinetuneResult(run_dir, False, None, epoch, best_epoch, skipped,
-                                          resumed_from)
-                te = time.perf_counter()
-                tr_loss, tr_acc = _train_epoch(feeder, train_set.targets, optimizer, scheduler,
-                                               scaler, criterion, cfg, device, epoch, progress)
-                proba = _predict(feeder, "val", len(val_set))
-                val = _val_scores(proba, val_set.targets)
-                seconds = time.perf_counter() - te
-                train_seconds += seconds
-                epoch += 1
-                score = val[cfg.select_metric]
-                improved = score > best_score
-                if improved:
-                    best_score, best_epoch = score, epoch
-                    best_state = {k: v.detach().cpu().clone()
-                                  for k, v in model.state_dict().items()}
-                    _save_torch(best_state, run_dir / BEST_CHECKPOINT)
-                lrs = {n: g["lr"]
-                       for n, g in zip(group_names, optimizer.param_groups, strict=True)}
-                history.append({
-                    "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc,
-                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                    "val_macro_f1": val["macro_f1"],
-                    "val_balanced_accuracy": val["balanced_accuracy"],
-                    "lr_head": lrs.get("head", ""), "lr_backbone": lrs.get("backbone", ""),
-                    "seconds": seconds, "best": int(improved),
-                })
-                _save_torch({
-                    "fingerprint": fp, "epoch": epoch, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if use_scaler else {},
-                    "best_score": best_score, "best_epoch": best_epoch,
-                    "train_seconds": train_seconds, "history": history,
-                }, run_dir / LAST_CHECKPOINT)
-                _write_history(run_dir, history)
-                summary = (
-                    f"epoch {epoch}/{cfg.epochs}  loss {tr_loss:.4f}  acc {tr_acc:.3f} | val loss "
-                    f"{val['loss']:.4f}  acc {val['accuracy']:.3f}  "
-                    f"macro-F1 {val['macro_f1']:.3f}  "
-                    f"bal-acc {val['balanced_accuracy']:.3f} | {seconds:.0f} s"
-                    f"{'  *best*' if improved else ''}"
-                )
-                if progress:
-                    tqdm.write(summary)
+                if (max_epochs_this_call is not None
+                        and st.epoch - st.resumed_from >= max_epochs_this_call):
+                    return False
+                self._epoch()
+        return True
 
-        # ---- final scoring with the best weights
-        assert best_state is not None
-        model.load_state_dict({k: v.to(device) for k, v in best_state.items()})
-        tp = time.perf_counter()
-        eval_rows: list[ManifestRow] = []
-        probas: list[np.ndarray] = []
-        for name in ("val", "test"):
-            probas.append(_predict(feeder, name, len(sets[name])))
-            eval_rows.extend(sets[name].rows)
-        proba = np.concatenate(probas) if probas else np.zeros((0, len(LABELS)))
-        predict_seconds = time.perf_counter() - tp
-        relpaths = [r.relpath for r in eval_rows]
-        metrics = fm.score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
+    def _should_stop(self) -> bool:
+        cfg, st = self.cfg, self.state
+        if st.best_epoch and cfg.patience and st.epoch - st.best_epoch >= cfg.patience:
+            st.stopped_early = True
+            return True
+        budget = cfg.max_train_minutes * 60.0
+        spent = st.train_seconds + self.cache_seconds
+        if budget > 0 and st.epoch > 0 and spent + st.train_seconds / st.epoch > budget:
+            st.stopped_by_budget = True
+            self.log(f"stopping after epoch {st.epoch}: another epoch would exceed "
+                     f"max_train_minutes = {cfg.max_train_minutes:g}")
+            return True
+        return False
 
-        model_path = run_dir / MODEL_FILE
-        _save_torch({
-            "format": "featsvm-finetune-1", "model": cfg.model, "labels": list(LABELS),
-            "architecture": built.architecture, "preprocessing": built.preprocessing,
-            "state_dict": best_state,
-        }, model_path)
-        runs.write_sidecar(model_path)
-        config = {
-            "run_id": run_dir.name,
-            "kind": "end_to_end",
-            "model": cfg.model if built.backbone is None else f"{cfg.model} (fine-tuned)",
-            "backbone": built.backbone,
-            "head": None,
-            "weights": built.weights,
-            "preprocessing": built.preprocessing,
-            "split": {"path": str(manifest.path), "sha256": manifest.sha256},
-            "seed": cfg.seed,
-            "model_file": MODEL_FILE,
-            "timing": {
-                "fit_seconds": round(train_seconds + cache_seconds, 2),
-                "train_epochs_seconds": round(train_seconds, 2),
-                "cache_seconds": round(cache_seconds, 2),
-                "preload_seconds": round(preload_seconds, 2),
-                "predict_seconds": round(predict_seconds, 2),
-                "seconds_per_epoch": round(train_seconds / max(1, epoch), 2),
-            },
-            "versions": runs.versions(),
-            "created": runs.now_iso(),
-            "data_dir": str(data_dir),
-            "device": str(device),
-            "precision": cfg.precision,
-            "threads": torch.get_num_threads(),
-            "finetune": {k: v for k, v in _plain(cfg).items() if k not in ("models", "overrides")},
-            "freeze_until": frozen_until,
-            "augmentation": augmentation,
-            "parameters": {"total": n_params, "trainable": n_train_params},
-            "epochs_run": epoch,
-            "best_epoch": best_epoch,
-            "stopped_early": stopped_early,
-            "stopped_by_budget": stopped_by_budget,
-            "select_metric": cfg.select_metric,
-            "best_val_score": best_score,
-            "resumed": resumed_from > 0,
-            "fingerprint": fp,
-            "n_images": {k: len(v) for k, v in sets.items()},
-            "skipped": [{"relpath": r, "reason": why} for r, why in skipped],
-        }
-        record = runs.finish_run(
-            run_dir, config, metrics, relpaths, [r.sha256 for r in eval_rows],
-            [r.split for r in eval_rows], [r.label for r in eval_rows], proba,
+    def _epoch(self) -> None:
+        """One epoch: train, score val, keep the best weights, checkpoint, log a line."""
+        cfg, st, opt = self.cfg, self.state, self.opt
+        train_set, val_set = self.images.sets["train"], self.images.sets["val"]
+        te = time.perf_counter()
+        tr_loss, tr_acc = _train_epoch(self.feeder, train_set.targets, opt.optimizer, opt.scheduler,
+                                       opt.scaler, opt.criterion, cfg, self.device, st.epoch,
+                                       self.progress)
+        val = _val_scores(_predict(self.feeder, "val", len(val_set)), val_set.targets)
+        seconds = time.perf_counter() - te
+        st.train_seconds += seconds
+        st.epoch += 1
+        score = val[cfg.select_metric]
+        improved = score > st.best_score
+        if improved:
+            st.best_score, st.best_epoch = score, st.epoch
+            st.best_state = {k: v.detach().cpu().clone()
+                             for k, v in self.model.state_dict().items()}
+            _save_torch(st.best_state, self.run_dir / BEST_CHECKPOINT)
+        lrs = opt.lrs()
+        st.history.append({
+            "epoch": st.epoch, "train_loss": tr_loss, "train_accuracy": tr_acc,
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+            "val_macro_f1": val["macro_f1"], "val_balanced_accuracy": val["balanced_accuracy"],
+            "lr_head": lrs.get("head", ""), "lr_backbone": lrs.get("backbone", ""),
+            "seconds": seconds, "best": int(improved),
+        })
+        self._checkpoint()
+        summary = (
+            f"epoch {st.epoch}/{cfg.epochs}  loss {tr_loss:.4f}  acc {tr_acc:.3f} | val loss "
+            f"{val['loss']:.4f}  acc {val['accuracy']:.3f}  macro-F1 {val['macro_f1']:.3f}  "
+            f"bal-acc {val['balanced_accuracy']:.3f} | {seconds:.0f} s"
+            f"{'  *best*' if improved else ''}"
         )
-        for name in (LAST_CHECKPOINT, BEST_CHECKPOINT, TRAIN_LOCK):
-            (run_dir / name).unlink(missing_ok=True)
-        return FinetuneResult(run_dir, True, record, epoch, best_epoch, skipped, resumed_from)
+        if self.progress:
+            tqdm.write(summary)
+
+    def _checkpoint(self) -> None:
+        st, opt = self.state, self.opt
+        _save_torch({
+            "fingerprint": self.fp, "epoch": st.epoch, "model": self.model.state_dict(),
+            "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
+            "scaler": opt.scaler.state_dict() if opt.use_scaler else {},
+            "best_score": st.best_score, "best_epoch": st.best_epoch,
+            "train_seconds": st.train_seconds, "history": st.history,
+        }, self.run_dir / LAST_CHECKPOINT)
+        _write_history(self.run_dir, st.history)
+
+
+# ---------------------------------------------------------------- the run record
+
+
+def write_record(training: Training, manifest: Manifest, built: Any, images: TrainImages,
+                 data_dir: str, frozen_until: str | None, augmentation: str) -> runs.RunRecord:
+    """Reload the best weights, predict val and test, score them, and write the run record:
+    ``model.pt`` + sha256 sidecar, predictions, metrics, config last."""
+    cfg, st, run_dir = training.cfg, training.state, training.run_dir
+    assert st.best_state is not None
+    training.model.load_state_dict({k: v.to(training.device) for k, v in st.best_state.items()})
+    tp = time.perf_counter()
+    eval_rows: list[ManifestRow] = []
+    probas: list[np.ndarray] = []
+    for name in ("val", "test"):
+        probas.append(_predict(training.feeder, name, len(images.sets[name])))
+        eval_rows.extend(images.sets[name].rows)
+    proba = np.concatenate(probas) if probas else np.zeros((0, len(LABELS)))
+    predict_seconds = time.perf_counter() - tp
+    relpaths = [r.relpath for r in eval_rows]
+    metrics = fm.score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
+
+    model_path = run_dir / MODEL_FILE
+    _save_torch({
+        "format": "featsvm-finetune-1", "model": cfg.model, "labels": list(LABELS),
+        "architecture": built.architecture, "preprocessing": built.preprocessing,
+        "state_dict": st.best_state,
+    }, model_path)
+    runs.write_sidecar(model_path)
+    config = _record_config(training, manifest, built, images, predict_seconds)
+    config.update({"data_dir": data_dir, "freeze_until": frozen_until,
+                   "augmentation": augmentation})
+    return runs.finish_run(
+        run_dir, config, metrics, relpaths, [r.sha256 for r in eval_rows],
+        [r.split for r in eval_rows], [r.label for r in eval_rows], proba,
+    )
+
+
+def _record_config(training: Training, manifest: Manifest, built: Any, images: TrainImages,
+                   predict_seconds: float) -> dict[str, Any]:
+    """config.json of the run (a data table; `write_record` adds the paths and settings)."""
+    cfg, st = training.cfg, training.state
+    train_s, cache_s = st.train_seconds, training.cache_seconds
+    return {
+        "run_id": training.run_dir.name,
+        "kind": "end_to_end",
+        "model": cfg.model if built.backbone is None else f"{cfg.model} (fine-tuned)",
+        "backbone": built.backbone,
+        "head": None,
+        "weights": built.weights,
+        "preprocessing": built.preprocessing,
+        "split": {"path": str(manifest.path), "sha256": manifest.sha256},
+        "seed": cfg.seed,
+        "model_file": MODEL_FILE,
+        "timing": {
+            "fit_seconds": round(train_s + cache_s, 2),
+            "train_epochs_seconds": round(train_s, 2),
+            "cache_seconds": round(cache_s, 2),
+            "preload_seconds": round(images.seconds, 2),
+            "predict_seconds": round(predict_seconds, 2),
+            "seconds_per_epoch": round(train_s / max(1, st.epoch), 2),
+        },
+        "versions": runs.versions(),
+        "created": runs.now_iso(),
+        "device": str(training.device),
+        "precision": cfg.precision,
+        "threads": torch.get_num_threads(),
+        "finetune": {k: v for k, v in _plain(cfg).items() if k not in ("models", "overrides")},
+        "parameters": {"total": training.n_params, "trainable": training.n_trainable},
+        "epochs_run": st.epoch,
+        "best_epoch": st.best_epoch,
+        "stopped_early": st.stopped_early,
+        "stopped_by_budget": st.stopped_by_budget,
+        "select_metric": cfg.select_metric,
+        "best_val_score": st.best_score,
+        "resumed": st.resumed_from > 0,
+        "fingerprint": training.fp,
+        "n_images": {k: len(v) for k, v in images.sets.items()},
+        "skipped": [{"relpath": r, "reason": why} for r, why in images.skipped],
+    }
 
 
 def _train_batches(n: int, batch_size: int) -> Iterator[slice]:

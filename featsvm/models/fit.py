@@ -111,17 +111,7 @@ def fit(
     say(f"fit {backbone} + {head}: {len(rows['train'])} train / {len(rows['val'])} val / "
         f"{len(rows['test'])} test images, {feats['train'].shape[1]}-d features from "
         f"{cache_file.name}")
-    fitted: FittedHead = fit_head(
-        feats["train"], [r.label for r in rows["train"]], [r.group for r in rows["train"]],
-        head, cfg, verbose=1 if progress else 0,
-    )
-    if needs_calibration(fitted):
-        if not rows["val"]:
-            raise FitError(
-                f"{head} probabilities are calibrated on the val split ({fitted.calibration}), "
-                f"but {manifest.path} has no val images; set [fit] calibration or re-split"
-            )
-        fitted = calibrate(fitted, feats["val"], [r.label for r in rows["val"]])
+    fitted = fit_and_calibrate(feats, rows, head, cfg, manifest, progress)
     fit_seconds = time.perf_counter() - t_loaded
     say(f"best {fitted.best_params} (CV {cfg.scoring} {fitted.cv_best_score:.4f}); "
         f"fit {fit_seconds:.1f} s")
@@ -135,8 +125,6 @@ def fit(
     relpaths = [r.relpath for r in scored]
     metrics = score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
 
-    attrs = cached.attrs
-    pre = attrs.get("preprocessing", {})
     run_dir = new_run_dir(runs_dir, backbone, head)
     model_sha = save_joblib(run_dir, fitted, MODEL_FILE)
     timing: dict[str, Any] = {
@@ -147,12 +135,47 @@ def fit(
         "total_seconds": time.perf_counter() - t_start,
     }
     for key in ("images_per_s", "extract_images_per_s"):
-        if key in attrs:
-            timing["extract_images_per_s"] = attrs[key]
+        if key in cached.attrs:
+            timing["extract_images_per_s"] = cached.attrs[key]
+    config_json = _run_config(run_dir.name, backbone, head, layer, cfg, manifest, rows,
+                              cache_file, cached, int(feats["train"].shape[1]), fitted,
+                              model_sha, timing)
+    record = finish_run(
+        run_dir, config_json, metrics, relpaths, [r.sha256 for r in scored],
+        [r.split for r in scored], [r.label for r in scored], proba,
+    )
+    say(f"run record: {Path(run_dir)}")
+    return record
+
+
+def fit_and_calibrate(feats: dict[str, np.ndarray], rows: dict[str, list[Any]], head: str,
+                      cfg: HeadConfig, manifest: Manifest, progress: bool) -> FittedHead:
+    """Grid-search the head on train (grouped CV); calibrate it on val where it needs it."""
+    fitted: FittedHead = fit_head(
+        feats["train"], [r.label for r in rows["train"]], [r.group for r in rows["train"]],
+        head, cfg, verbose=1 if progress else 0,
+    )
+    if needs_calibration(fitted):
+        if not rows["val"]:
+            raise FitError(
+                f"{head} probabilities are calibrated on the val split ({fitted.calibration}), "
+                f"but {manifest.path} has no val images; set [fit] calibration or re-split"
+            )
+        fitted = calibrate(fitted, feats["val"], [r.label for r in rows["val"]])
+    return fitted
+
+
+def _run_config(run_id: str, backbone: str, head: str, layer: str | None, cfg: HeadConfig,
+                manifest: Manifest, rows: dict[str, list[Any]], cache_file: Path, cached: Any,
+                dim: int, fitted: FittedHead, model_sha: str, timing: dict[str, Any]
+                ) -> dict[str, Any]:
+    """config.json of a head run."""
+    attrs = cached.attrs
+    pre = attrs.get("preprocessing", {})
     # an explicitly chosen embedding layer is part of the model's name (report rows)
     model_backbone = f"{backbone}[{attrs.get('layer')}]" if layer else backbone
-    config_json: dict[str, Any] = {
-        "run_id": run_dir.name,
+    return {
+        "run_id": run_id,
         "kind": "head",
         "model": f"{model_backbone} + {head}",
         "backbone": backbone,
@@ -179,7 +202,7 @@ def fit(
             "path": str(cache_file),
             "fingerprint": attrs.get("fingerprint"),
             "layer": attrs.get("layer"),
-            "dim": int(feats["train"].shape[1]),
+            "dim": dim,
             "precision": attrs.get("precision"),
             "n_rows": len(cached),
             "created": attrs.get("created"),
@@ -187,28 +210,30 @@ def fit(
         },
         "head_config": {k: _json_value(v) for k, v in dataclasses.asdict(cfg).items()},
         "hyperparameters": fitted.best_params,
-        "cv": {
-            "scoring": cfg.scoring,
-            "splitter": f"StratifiedGroupKFold(n_splits={cfg.cv_folds}, shuffle=True, "
-                        f"random_state={cfg.seed}) on train, groups = duplicate groups",
-            "best_score": fitted.cv_best_score,
-            "candidates": fitted.cv_results,
-        },
-        "calibration": {
-            "method": fitted.calibration,
-            "fitted_on": "val" if needs_calibration(fitted) else None,
-            "note": (
-                "probability map fitted on the val split: val metrics are in-sample for it; "
-                "test is untouched"
-                if needs_calibration(fitted)
-                else "the head's own probabilities"
-            ),
-        },
+        "cv": _cv_block(cfg, fitted),
+        "calibration": _calibration_block(fitted),
         "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed, "unit": "duplicate group"},
     }
-    record = finish_run(
-        run_dir, config_json, metrics, relpaths, [r.sha256 for r in scored],
-        [r.split for r in scored], [r.label for r in scored], proba,
-    )
-    say(f"run record: {Path(run_dir)}")
-    return record
+
+
+def _cv_block(cfg: HeadConfig, fitted: FittedHead) -> dict[str, Any]:
+    return {
+        "scoring": cfg.scoring,
+        "splitter": f"StratifiedGroupKFold(n_splits={cfg.cv_folds}, shuffle=True, "
+                    f"random_state={cfg.seed}) on train, groups = duplicate groups",
+        "best_score": fitted.cv_best_score,
+        "candidates": fitted.cv_results,
+    }
+
+
+def _calibration_block(fitted: FittedHead) -> dict[str, Any]:
+    return {
+        "method": fitted.calibration,
+        "fitted_on": "val" if needs_calibration(fitted) else None,
+        "note": (
+            "probability map fitted on the val split: val metrics are in-sample for it; "
+            "test is untouched"
+            if needs_calibration(fitted)
+            else "the head's own probabilities"
+        ),
+    }
