@@ -116,6 +116,12 @@ class Predictor:
             return cls._head(record, weights, weights_dir, device)
         if kind == "end_to_end":
             return cls._end_to_end(record, device)
+        if kind == "cv":
+            raise PredictError(
+                f"{run_dir} is a cross-validation run: it measures a model but keeps none "
+                f"(its folds' models are discarded). Predict with a `featsvm fit` run of "
+                f"{record.config.get('model')}"
+            )
         raise PredictError(f"{run_dir}: config.json kind {kind!r} is neither 'head' nor "
                            "'end_to_end'")
 

@@ -3,9 +3,13 @@
 A run folder holds
 
 * ``config.json``   everything needed to reproduce the run (see REQUIRED_CONFIG_KEYS);
-* ``predictions.csv`` one row per val/test image: PREDICTION_COLUMNS;
-* ``metrics.json``  ``{"val": {...}, "test": {...}}`` blocks from `featsvm.evaluation.metrics`;
-* a model file (``model.joblib`` for heads, ``model.pt`` for end-to-end CNNs) with a
+* ``predictions.csv`` one row per val/test image: PREDICTION_COLUMNS (a cross-validation run:
+  one row per image of the manifest, split ``pooled``, plus a ``fold`` column);
+* ``metrics.json``  ``{"val": {...}, "test": {...}}`` blocks from `featsvm.evaluation.metrics`
+  (a cross-validation run: ``{"pooled": {...}, "folds": [...], "fold_spread": {...}}``, the
+  ``pooled`` block in the layout of a ``test`` block);
+* a model file (``model.joblib`` for heads, ``model.pt`` for end-to-end CNNs, ``folds.json``
+  for a cross-validation run, which keeps no deployable model) with a
   sidecar ``<file>.sha256`` that is checked before every load;
 * optionally ``history.csv`` (per-epoch training log).
 
@@ -43,7 +47,7 @@ PREDICTION_COLUMNS = ("relpath", "sha256", "split", "true_label", "pred_label", 
 # Keys every config.json carries, whatever made it.
 REQUIRED_CONFIG_KEYS = (
     "run_id",
-    "kind",  # "head" (classical head on cached embeddings) or "end_to_end" (CNN)
+    "kind",  # "head" (head on cached embeddings), "end_to_end" (CNN), "cv" (pooled K-fold)
     "model",  # display name, e.g. "vgg16 + svm" or "basic-cnn"
     "backbone",  # backbone name, or null for basic-cnn
     "head",  # "svm" / "logreg" for heads, null for end-to-end models
@@ -58,7 +62,8 @@ REQUIRED_CONFIG_KEYS = (
     "created",
 )
 
-KINDS = ("head", "end_to_end")
+KINDS = ("head", "end_to_end", "cv")
+FOLD_COLUMN = "fold"  # cross-validation runs only
 
 
 def versions() -> dict[str, str]:
@@ -156,9 +161,10 @@ def write_predictions(
     splits: list[str],
     true_labels: list[str],
     proba: np.ndarray,
+    folds: list[int] | None = None,
 ) -> None:
     """Write predictions.csv; the predicted label is the arg-max of `proba` (columns in LABELS
-    order)."""
+    order). `folds` (cross-validation) adds a ``fold`` column."""
     proba = np.asarray(proba, dtype=np.float64)
     if proba.shape != (len(relpaths), len(LABELS)):
         raise ValueError(
@@ -166,12 +172,14 @@ def write_predictions(
         )
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(PREDICTION_COLUMNS)
+    if folds is not None and len(folds) != len(relpaths):
+        raise ValueError(f"folds has {len(folds)} entries, expected {len(relpaths)}")
+    w.writerow(PREDICTION_COLUMNS + ((FOLD_COLUMN,) if folds is not None else ()))
     pred = proba.argmax(axis=1)
     for i in range(len(relpaths)):
         w.writerow(
             [relpaths[i], sha256s[i], splits[i], true_labels[i], LABELS[pred[i]],
-             *(f"{p:.6f}" for p in proba[i])]
+             *(f"{p:.6f}" for p in proba[i]), *((folds[i],) if folds is not None else ())]
         )
     write_text_atomic(Path(run_dir) / PREDICTIONS_FILE, buf.getvalue())
 
@@ -184,12 +192,14 @@ class Predictions:
     true_label: list[str]
     pred_label: list[str]
     proba: np.ndarray  # (n, len(LABELS))
+    fold: list[int] | None = None  # cross-validation runs: the fold that scored each image
 
     def select(self, split: str) -> Predictions:
         idx = [i for i, s in enumerate(self.split) if s == split]
         return Predictions(
             [self.relpath[i] for i in idx], [self.sha256[i] for i in idx], [split] * len(idx),
             [self.true_label[i] for i in idx], [self.pred_label[i] for i in idx], self.proba[idx],
+            None if self.fold is None else [self.fold[i] for i in idx],
         )
 
 
@@ -201,9 +211,11 @@ def read_predictions(path: str | os.PathLike[str]) -> Predictions:
             raise RunRecordError(f"{path}: missing columns {sorted(missing)}")
         rows = list(reader)
     proba = np.array([[float(r[c]) for c in PROB_COLUMNS] for r in rows]).reshape(-1, len(LABELS))
+    has_fold = FOLD_COLUMN in (reader.fieldnames or [])
     return Predictions(
         [r["relpath"] for r in rows], [r["sha256"] for r in rows], [r["split"] for r in rows],
         [r["true_label"] for r in rows], [r["pred_label"] for r in rows], proba,
+        [int(r[FOLD_COLUMN]) for r in rows] if has_fold else None,
     )
 
 
@@ -308,6 +320,7 @@ def finish_run(
     splits: list[str],
     true_labels: list[str],
     proba: np.ndarray,
+    folds: list[int] | None = None,
 ) -> RunRecord:
     """Write predictions.csv and metrics.json, then config.json last (the completion mark).
 
@@ -316,7 +329,7 @@ def finish_run(
     run_dir = Path(run_dir)
     model = run_dir / str(config.get("model_file", ""))
     verify_sidecar(model)
-    write_predictions(run_dir, relpaths, sha256s, splits, true_labels, proba)
+    write_predictions(run_dir, relpaths, sha256s, splits, true_labels, proba, folds)
     write_metrics(run_dir, metrics)
     write_config(run_dir, config)
     return read_run(run_dir)

@@ -1,0 +1,92 @@
+"""`featsvm cv`: pooled, grouped K-fold cross-validation of a head over every image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from featsvm.names import HEADS
+
+_COLS = (
+    ("accuracy", ("accuracy",)),
+    ("balanced acc.", ("balanced_accuracy",)),
+    ("sensitivity", ("binary", "sensitivity")),
+    ("specificity", ("binary", "specificity")),
+    ("precision", ("binary", "precision")),
+    ("macro-F1", ("macro_f1",)),
+    ("ROC-AUC (mal.)", ("binary", "roc_auc")),
+)
+
+
+def _get(block: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for p in path:
+        block = block.get(p) if isinstance(block, dict) else None  # type: ignore[assignment]
+    return block
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """Pooled value [95 % CI] and the per-fold mean ± sd, min-max of the main metrics (%)."""
+    pooled = metrics["pooled"]
+    ci = pooled.get("ci95", {})
+    spread = metrics.get("fold_spread", {})
+    lines = [f"{'metric':<15} {'pooled [95 % CI]':<24} folds: mean ± sd (min-max)"]
+    for name, path in _COLS:
+        v = _get(pooled, path)
+        c = ci.get(".".join(path))
+        text = "n/a" if v is None else f"{100 * v:.2f}"
+        if v is not None and c:
+            text += f" [{100 * c[0]:.1f}, {100 * c[1]:.1f}]"
+        s = spread.get(".".join(path))
+        fold = (f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} ({100 * s['min']:.1f}-"
+                f"{100 * s['max']:.1f})" if s else "")
+        lines.append(f"{name:<15} {text:<24} {fold}")
+    return "\n".join(lines)
+
+
+@click.command("cv")
+@click.option("--backbone", required=True, help="Backbone (or baseline) whose cached "
+              "embeddings to use.")
+@click.option("--head", type=click.Choice(HEADS), required=True)
+@click.option("--folds", default=10, show_default=True, type=click.IntRange(2),
+              help="Outer folds (grouped, stratified) over all images of the manifest.")
+@click.option("--split", "split_path", type=click.Path(path_type=Path),
+              default=Path("split.csv"), show_default=True,
+              help="Split manifest CSV (its images, labels and duplicate groups are used; its "
+              "train/val/test column is not).")
+@click.option("--layer", default=None, help="Embedding layer the cache was extracted at.")
+@click.option("--weights", default=None,
+              help="Weights the cache was built with: a local state_dict file, or 'none'.")
+@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
+              envvar="FEATSVM_WEIGHTS_DIR", show_envvar=True,
+              help="Folder with a weights.toml index.")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=Path("cache"),
+              show_default=True, help="Feature cache folder (written by featsvm extract).")
+@click.option("--runs", "runs_dir", type=click.Path(path_type=Path), default=Path("runs"),
+              show_default=True)
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="TOML file: its [fit] section with [cv] overrides (e.g. a smaller grid).")
+@click.option("--precision", type=click.Choice(("fp32", "bf16", "fp16")), default="fp32",
+              show_default=True, help="Precision the cache was extracted with.")
+@click.option("--quiet", is_flag=True, help="Less progress output.")
+def command(
+    backbone: str, head: str, folds: int, split_path: Path, layer: str | None,
+    weights: str | None, weights_dir: Path | None, cache_dir: Path, runs_dir: Path,
+    config_path: Path | None, precision: str, quiet: bool,
+) -> None:
+    """Score every image of the split manifest out of fold: K grouped, stratified folds, the
+    head tuned inside each fold's training part, metrics over the pooled predictions with
+    95 % CIs by bootstrap over duplicate groups. Writes a run record of kind 'cv'."""
+    from featsvm.models.cv import cross_validate, load_cv_head_config
+
+    cfg = load_cv_head_config(config_path)
+    rec = cross_validate(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
+                         weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, folds=folds,
+                         precision=precision, layer=layer, progress=not quiet)
+    c = rec.config
+    pooled = rec.metrics["pooled"]
+    click.echo(f"{c['model']}  ({c['weights']['label']}); {folds}-fold CV over "
+               f"{pooled['n']} images in {pooled['n_groups']} groups")
+    click.echo(summary(rec.metrics) + "\n(%, 95 % CI by bootstrap over duplicate groups)")
+    click.echo(f"cv {c['timing']['fit_seconds']:.1f} s; run record: {rec.path}")
