@@ -133,6 +133,7 @@ class CVResult:
     folds: list[FoldResult] = field(default_factory=list)
     calibration: str = "none"
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (threads included; worker processes not)
 
 
 def cross_validate_features(
@@ -162,7 +163,7 @@ def cross_validate_features(
     proba = np.full((len(y), 4), np.nan)
     fold_of = np.full(len(y), -1, dtype=np.int64)
     results: list[FoldResult] = []
-    t_all = time.perf_counter()
+    t_all, cpu_all = time.perf_counter(), time.process_time()
     for k, (train, test) in enumerate(outer_folds(y, groups, folds, seed)):
         t0 = time.perf_counter()
         cal = np.zeros(0, dtype=np.int64)
@@ -181,7 +182,8 @@ def cross_validate_features(
             log(f"  fold {k + 1}/{folds}: fit {len(fit_rows)}, calibration {len(cal)}, test "
                 f"{len(test)}; {fitted.best_params}; {time.perf_counter() - t0:.1f} s")
     assert (fold_of >= 0).all(), "every image is scored by exactly one fold"
-    return CVResult(proba, fold_of, results, calibration, time.perf_counter() - t_all)
+    return CVResult(proba, fold_of, results, calibration, time.perf_counter() - t_all,
+                    time.process_time() - cpu_all)
 
 
 # ---------------------------------------------------------------- metrics
@@ -312,6 +314,8 @@ def cross_validate(
         "model_sha256": folds_sha,
         "timing": {
             "fit_seconds": res.seconds,
+            "fit_cpu_seconds": res.cpu_seconds,
+            "n_jobs": cfg.n_jobs,
             "fold_seconds": [f.seconds for f in res.folds],
             "total_seconds": time.perf_counter() - t_start,
         },
