@@ -134,3 +134,16 @@ def test_too_few_groups_is_a_clear_error() -> None:
     X, y, g = _planted(n_groups=4, per_group=2)
     with pytest.raises(Exception, match="groups cannot fill 10 folds"):
         cv_mod.cross_validate_features(X, y, g, "logreg", SMALL, folds=10)
+
+
+def test_parallel_folds_give_the_same_predictions() -> None:
+    import dataclasses
+
+    X, y, g = _planted(n_groups=40, per_group=2)
+    one = cv_mod.cross_validate_features(X, y, g, "svm", SMALL, folds=4)
+    two = cv_mod.cross_validate_features(X, y, g, "svm", dataclasses.replace(SMALL, n_jobs=2),
+                                         folds=4)
+    np.testing.assert_array_equal(one.fold, two.fold)
+    np.testing.assert_allclose(one.proba, two.proba, rtol=1e-9, atol=1e-12)
+    assert [f.best_params for f in one.folds] == [f.best_params for f in two.folds]
+    assert two.cpu_seconds > 0
