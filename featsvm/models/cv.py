@@ -308,8 +308,6 @@ def cross_validate(
     res = cross_validate_features(X, y, groups, head, cfg, folds, log=say if progress else None)
     metrics = cv_metrics(y, groups, res, n_boot=cfg.n_boot, seed=cfg.seed)
 
-    attrs = cached.attrs
-    pre = attrs.get("preprocessing", {})
     run_dir = new_run_dir(runs_dir, backbone, head, "cv")
     write_json_atomic(run_dir / FOLDS_FILE, {
         "folds": folds,
@@ -317,9 +315,27 @@ def cross_validate(
         "per_fold": [dataclasses.asdict(f) for f in res.folds],
     })
     folds_sha = write_sidecar(run_dir / FOLDS_FILE)
+    config_json = _run_config(run_dir, backbone, head, layer, cfg, folds, manifest, cached,
+                              cache_file, int(X.shape[1]), res, folds_sha, t_start)
+    record = finish_run(
+        run_dir, config_json, metrics, [r.relpath for r in rows], [r.sha256 for r in rows],
+        [POOLED] * len(rows), y, res.proba, folds=[int(f) for f in res.fold],
+    )
+    say(f"run record: {Path(run_dir)}")
+    return record
+
+
+def _run_config(
+    run_dir: Path, backbone: str, head: str, layer: str | None, cfg: HeadConfig, folds: int,
+    manifest: Manifest, cached: Any, cache_file: Path, dim: int, res: CVResult,
+    folds_sha: str, t_start: float,
+) -> dict[str, Any]:
+    """config.json of a CV run (the keys of a head run's, kind ``cv``)."""
+    attrs = cached.attrs
+    pre = attrs.get("preprocessing", {})
     model_backbone = f"{backbone}[{attrs.get('layer')}]" if layer else backbone
     calibrated = res.calibration != "none"
-    config_json: dict[str, Any] = {
+    return {
         "run_id": run_dir.name,
         "kind": "cv",
         "model": f"{model_backbone} + {head}",
@@ -333,7 +349,7 @@ def cross_validate(
         "preprocessing": pre,
         "not_imagenet_from": pre.get("not_imagenet_from") if isinstance(pre, dict) else None,
         "split": {"path": str(manifest.path), "sha256": manifest.sha256,
-                  "n": {POOLED: len(rows)}},
+                  "n": {POOLED: len(manifest.rows)}},
         "seed": cfg.seed,
         "model_file": FOLDS_FILE,
         "model_sha256": folds_sha,
@@ -350,7 +366,7 @@ def cross_validate(
             "path": str(cache_file),
             "fingerprint": attrs.get("fingerprint"),
             "layer": attrs.get("layer"),
-            "dim": int(X.shape[1]),
+            "dim": dim,
             "precision": attrs.get("precision"),
             "n_rows": len(cached),
             "created": attrs.get("created"),
@@ -375,12 +391,6 @@ def cross_validate(
         },
         "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed, "unit": "duplicate group"},
     }
-    record = finish_run(
-        run_dir, config_json, metrics, [r.relpath for r in rows], [r.sha256 for r in rows],
-        [POOLED] * len(rows), y, res.proba, folds=[int(f) for f in res.fold],
-    )
-    say(f"run record: {Path(run_dir)}")
-    return record
 
 
 def find_cv_run(
