@@ -9,6 +9,9 @@ that the backbone registry matches.
 from __future__ import annotations
 
 BACKBONES = ("vgg16", "inception_v3", "alexnet", "efficientnet_lite0")  # featsvm.features.backbones
+# hand-crafted shortcut baselines, extracted / fitted like a backbone (featsvm.features.handcrafted)
+BASELINES = ("colour_stats", "annotation_box")
+FEATURES = (*BACKBONES, *BASELINES)  # everything `featsvm extract --backbone` accepts
 HEADS = ("svm", "logreg")  # featsvm.models.heads
 BASIC_CNN = "basic-cnn"  # featsvm.models.basic_cnn
 MODELS = (BASIC_CNN, *BACKBONES)  # what `featsvm finetune` trains

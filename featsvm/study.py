@@ -8,6 +8,9 @@ Steps, each reusing what is already on disk with the same fingerprint (and sayin
    cache itself skips images it already holds;
 3. **fit** every backbone x head (`featsvm.models.fit`); skipped when a complete run record exists
    for the same split sha256, cache fingerprint and head settings;
+3b. **cv** every backbone x head when ``[study] cv_folds`` is set (`featsvm.models.cv`): pooled,
+   grouped K-fold CV over all images, the heads tuned with ``[fit]`` overridden by ``[cv]``;
+   skipped when a complete CV run exists for the same split, cache, head settings and folds;
 4. **fine-tune** every model in ``[finetune] models`` (`featsvm.models.finetune`); skipped when a
    complete run with the same training fingerprint exists (an unfinished one is resumed);
 5. **report** on exactly the runs of this study (`featsvm.evaluation.report`).
@@ -18,7 +21,8 @@ the study goes on with the rest; the summary lists it and the command exits non-
 Config sections: ``[study]`` (this module: paths, seed, ratios, what to run), ``[extract]``
 (this module: device, precision, batch size), ``[fit]`` (`featsvm.models.heads.HeadConfig`),
 ``[finetune]`` (`featsvm.models.finetune.FinetuneConfig`), ``[report]``
-(`featsvm.evaluation.report.ReportConfig`), ``[split]`` (the split module's own options, if any).
+(`featsvm.evaluation.report.ReportConfig`), ``[split]`` (the split module's own options, if any),
+``[cv]`` (``[fit]`` keys overriding it inside `featsvm.models.cv`, e.g. a smaller grid).
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class StudyConfig:
     weights: dict[str, str] = field(default_factory=dict)
     layers: dict[str, str] = field(default_factory=dict)  # per-backbone embedding layer
     finetune: bool = True  # train the [finetune] models
+    # pooled grouped K-fold CV of every backbone x head over all images (0 = none)
+    cv_folds: int = 0
 
     def __post_init__(self) -> None:
         if len(self.ratios) != 3 or abs(sum(self.ratios) - 1.0) > 1e-6:
@@ -109,6 +115,7 @@ class Study:
     study: StudyConfig
     extract: ExtractSettings
     fit: Any  # featsvm.models.heads.HeadConfig
+    cv: Any  # featsvm.models.heads.HeadConfig inside cross-validation: [fit] with [cv] on top
     finetune: Any  # featsvm.models.finetune.FinetuneConfig
     report: Any  # featsvm.evaluation.report.ReportConfig
     split_options: dict[str, Any]
@@ -116,6 +123,7 @@ class Study:
 
 def load_study(path: str | os.PathLike[str]) -> Study:
     from featsvm.evaluation.report import ReportConfig
+    from featsvm.models.cv import cv_head_config
     from featsvm.models.finetune import finetune_config
     from featsvm.models.heads import HeadConfig
 
@@ -130,6 +138,7 @@ def load_study(path: str | os.PathLike[str]) -> Study:
         study=section(StudyConfig, doc, "study", src),
         extract=section(ExtractSettings, doc, "extract", src),
         fit=section(HeadConfig, doc, "fit", src),
+        cv=cv_head_config(doc, src),
         finetune=finetune_config(doc, src),
         report=section(ReportConfig, doc, "report", src),
         split_options=dict(split_options),
@@ -336,6 +345,11 @@ class StudyRun:
                     blocked = "" if backbone in self.extracted else f"extract {backbone} failed"
                     self.step(f"fit {backbone} + {head}", self.fit, backbone, head,
                               blocked=blocked)
+            for backbone in cfg.backbones if cfg.cv_folds else ():
+                for head in cfg.heads:
+                    blocked = "" if backbone in self.extracted else f"extract {backbone} failed"
+                    self.step(f"cv {backbone} + {head}", self.cv, backbone, head,
+                              blocked=blocked)
             if cfg.finetune:
                 for model in self.study.finetune.models:
                     self.step(f"finetune {model}", self.finetune, model)
@@ -429,6 +443,29 @@ class StudyRun:
         self.result.run_ids.append(rec.run_id)
         return "done", _headline(rec)
 
+    def cv(self, backbone: str, head: str) -> StepOutcome:
+        from featsvm.features.cache import locate_cache, read_cache
+        from featsvm.models.cv import cross_validate, find_cv_run
+
+        cfg, study = self.cfg, self.study
+        cache_file = locate_cache(cfg.cache, backbone, self._weights(backbone),
+                                  self._weights_dir(), study.extract.precision,
+                                  cfg.layers.get(backbone))
+        fp = read_cache(cache_file).attrs.get("fingerprint")
+        existing, _ = list_runs(self.runs_dir)
+        found = find_cv_run(existing, backbone, head, self.manifest.sha256, fp, study.cv,
+                            cfg.cv_folds)
+        if found is not None:
+            self.result.run_ids.append(found.run_id)
+            return "skipped", f"run {found.run_id} has the same split, cache, grid and folds"
+        rec = cross_validate(backbone, head, self.manifest.path, cache_dir=cfg.cache,
+                             weights=self._weights(backbone), weights_dir=self._weights_dir(),
+                             runs_dir=self.runs_dir, config=study.cv, folds=cfg.cv_folds,
+                             precision=study.extract.precision, layer=cfg.layers.get(backbone),
+                             progress=self.progress)
+        self.result.run_ids.append(rec.run_id)
+        return "done", _headline(rec)
+
     def finetune(self, model: str) -> StepOutcome:
         from featsvm.models.finetune import finetune
 
@@ -461,13 +498,15 @@ class StudyRun:
 
 
 def _headline(rec: RunRecord) -> str:
-    t = rec.metrics.get("test") or {}
+    block = "pooled" if rec.config.get("kind") == "cv" else "test"
+    t = rec.metrics.get(block) or {}
     b = t.get("binary") or {}
 
     def pct(v: Any) -> str:
         return "–" if v is None else f"{100 * float(v):.1f}%"
 
-    return (f"run {rec.run_id}: test accuracy {pct(t.get('accuracy'))}, sensitivity "
+    where = "pooled CV" if block == "pooled" else "test"
+    return (f"run {rec.run_id}: {where} accuracy {pct(t.get('accuracy'))}, sensitivity "
             f"{pct(b.get('sensitivity'))}, specificity {pct(b.get('specificity'))}")
 
 

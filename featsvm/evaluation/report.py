@@ -7,6 +7,9 @@ runs gives byte-identical files):
 
 * ``table.md`` / ``table.csv`` / ``table.json``: one row per run plus the reference study's
   published VGG16 row (labelled published, not measured) (`featsvm.evaluation.table`);
+* ``cv_table.csv`` / ``cv_table.json``: the pooled cross-validation runs (kind ``cv``, every
+  image scored once), the page's headline table, and ``shortcut.md``: every model beside the
+  two shortcut baselines (`featsvm.evaluation.shortcut`);
 * ``fig4_metrics.png``: grouped bars of the four metrics with 95 % CIs;
 * ``confusion-<run>.png``: counts and row-normalised confusion matrices (Figures 6-8);
 * ``fig5_examples.png``: test images with true / predicted class and probability for the best
@@ -33,13 +36,19 @@ from featsvm.evaluation.html import render_page
 from featsvm.evaluation.provenance import weight_provenance
 from featsvm.evaluation.sections import (
     CONFUSION_PREFIX,
+    CV_TABLE_CSV,
+    CV_TABLE_JSON,
     FIG4,
     FIG5,
+    POOLED,
     ROC_PREFIX,
+    SHORTCUT_MD,
     ReportContext,
     build_sections,
     rank_runs,
+    shortcut_table,
 )
+from featsvm.evaluation.shortcut import rows_markdown
 from featsvm.evaluation.table import (
     TABLE_CSV,
     TABLE_JSON,
@@ -108,6 +117,7 @@ def write_report(
     res = ReportResult(out_dir=out_dir, rows=ctx.rows, notes=ctx.notes,
                        best_run_ids=[r.run_id for r in ctx.best])
     res.files += write_tables(ctx.rows, out_dir, cfg.split)
+    res.files += write_cv_tables(ctx, out_dir)
     sections = build_sections(ctx)  # draws the figures
     res.files += [f.path for s in sections for f in s.figures]
     _remove_stale(out_dir, {p.name for p in res.files})
@@ -132,6 +142,8 @@ def gather(runs_dir: Path, out_dir: Path, data_dir: str | os.PathLike[str] | Non
             + (f" (incomplete folders: {', '.join(incomplete)})" if incomplete else "")
         )
     notes = [f"incomplete or broken run folder skipped: {name}" for name in incomplete]
+    cv_runs = sorted((r for r in runs if r.config.get("kind") == "cv"), key=run_order)
+    runs = [r for r in runs if r.config.get("kind") != "cv"]
     rows = build_table(runs, cfg.split)
     notes += [f"{r.run_id}: metrics.json has no {cfg.split!r} block"
               for r in runs if not r.metrics.get(cfg.split)]
@@ -148,7 +160,7 @@ def gather(runs_dir: Path, out_dir: Path, data_dir: str | os.PathLike[str] | Non
                            if row["source"] == "measured"},
         preds=preds, best=ranked[: max(0, cfg.best)], rank_how=rank_how,
         data_dir=Path(data_dir) if data_dir is not None else None, examples=cfg.examples,
-        notes=notes,
+        notes=notes, cv_runs=cv_runs, cv_rows=build_table(cv_runs, POOLED)[:-1],
     )
 
 
@@ -158,6 +170,22 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: Path, split: str) -> l
     write_text_atomic(out_dir / TABLE_CSV, table_csv(rows))
     write_json_atomic(out_dir / TABLE_JSON, table_json(rows, split))
     return [out_dir / TABLE_MD, out_dir / TABLE_CSV, out_dir / TABLE_JSON]
+
+
+def write_cv_tables(ctx: ReportContext, out_dir: Path) -> list[Path]:
+    """cv_table.csv / cv_table.json (pooled CV rows) and shortcut.md, when there is data."""
+    files: list[Path] = []
+    if ctx.cv_rows:
+        write_text_atomic(out_dir / CV_TABLE_CSV, table_csv(ctx.cv_rows))
+        write_json_atomic(out_dir / CV_TABLE_JSON, table_json(ctx.cv_rows, POOLED))
+        files += [out_dir / CV_TABLE_CSV, out_dir / CV_TABLE_JSON]
+    rows, block, _notes = shortcut_table(ctx)
+    if rows:
+        text = (f"# Shortcut check ({block})\n\n{rows_markdown(rows)}\n\n"
+                + "".join(f"* {line}\n" for r in rows for line in r.sentences()))
+        write_text_atomic(out_dir / SHORTCUT_MD, text)
+        files.append(out_dir / SHORTCUT_MD)
+    return files
 
 
 def _recorded_data_dir(runs: Sequence[RunRecord]) -> Path | None:

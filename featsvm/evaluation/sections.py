@@ -24,6 +24,8 @@ from featsvm.labels import LABELS
 from featsvm.runs import Predictions, RunRecord
 
 FIG4, FIG5 = "fig4_metrics.png", "fig5_examples.png"
+CV_TABLE_CSV, CV_TABLE_JSON, SHORTCUT_MD = "cv_table.csv", "cv_table.json", "shortcut.md"
+POOLED = "pooled"  # the metrics block of cross-validation runs (featsvm.models.cv)
 CONFUSION_PREFIX, ROC_PREFIX = "confusion-", "roc-"
 
 
@@ -43,6 +45,8 @@ class ReportContext:
     data_dir: Path | None  # image folder for example images (None: not available)
     examples: int  # images per example-grid row
     notes: list[str] = field(default_factory=list)
+    cv_runs: list[RunRecord] = field(default_factory=list)  # kind "cv": pooled K-fold CV
+    cv_rows: list[dict[str, Any]] = field(default_factory=list)  # their table rows (pooled)
 
 
 # ---------------------------------------------------------------- data the sections share
@@ -119,6 +123,63 @@ def _tiles(run: RunRecord, pred: Predictions, order: Sequence[int], data_dir: Pa
 
 def intro(ctx: ReportContext) -> Section:
     return Section("", "intro.html.j2", {"n_runs": len(ctx.runs), "split": ctx.split})
+
+
+def cv_table(ctx: ReportContext) -> Section | None:
+    """The headline table: pooled out-of-fold predictions of K-fold CV over all images."""
+    if not ctx.cv_rows:
+        return None
+    spread = {r.run_id: (r.metrics.get("fold_spread") or {}).get("accuracy") for r in ctx.cv_runs}
+    folds = {r.run_id: (r.config.get("cv") or {}).get("folds") for r in ctx.cv_runs}
+
+    def fold_cell(run_id: str) -> str:
+        s = spread.get(run_id)
+        return "–" if not s else (f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} "
+                                  f"({100 * s['min']:.1f}–{100 * s['max']:.1f})")
+
+    rows = [{"cells": [*tbl.cells(r), fold_cell(r["run_id"])], "published": False}
+            for r in ctx.cv_rows]
+    n = max((r.get("n") or 0) for r in ctx.cv_rows)
+    return Section(f"Pooled cross-validation: every image scored once (n = {n})",
+                   "cv_table.html.j2", {
+                       "header": [*tbl.header(), "Accuracy per fold: mean ± sd (min–max)"],
+                       "rows": rows, "folds": sorted({f for f in folds.values() if f}),
+                       "csv": CV_TABLE_CSV, "json": CV_TABLE_JSON})
+
+
+def shortcut_table(ctx: ReportContext) -> tuple[list[Any], str, list[str]]:
+    """Shortcut-check rows on the pooled CV predictions when there are CV runs, else on the
+    reported split; (rows, block, notes)."""
+    from featsvm.evaluation.shortcut import shortcut_rows
+
+    block, runs = (POOLED, ctx.cv_runs) if ctx.cv_runs else (ctx.split, ctx.runs)
+    rows, notes = shortcut_rows(runs, block)
+    return rows, block, notes
+
+
+def shortcut_check(ctx: ReportContext) -> Section | None:
+    from featsvm.evaluation.shortcut import BASELINES, COLOUR
+
+    rows, block, notes = shortcut_table(ctx)
+    if not rows:
+        return None
+    ctx.notes.extend(notes)
+    table = []
+    for r in rows:
+        cells = []
+        for base in BASELINES:
+            d = r.versus.get(base)
+            cells.append("–" if d is None else
+                         f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, "
+                         f"{100 * d['ci95'][1]:+.1f}]")
+        table.append([r.model, str(r.n), f"{100 * r.score:.1f}", *cells])
+    sentences = [line for r in rows for line in r.sentences()]
+    missing = not any(r.versus.get(COLOUR) for r in rows)
+    return Section("Shortcut check", "shortcut_check.html.j2", {
+        "block": "pooled cross-validation" if block == POOLED else f"the {block} split",
+        "header": ["Model", "n", "Balanced acc. %", "vs colour_stats (points)",
+                   "vs annotation_box (points)"],
+        "rows": table, "sentences": sentences, "missing": missing, "md": SHORTCUT_MD})
 
 
 def comparison_table(ctx: ReportContext) -> Section:
@@ -210,7 +271,7 @@ def run_list(ctx: ReportContext) -> Section:
     rows = [{"run_id": r.run_id, "model": str(r.config.get("model")),
              "kind": str(r.config.get("kind")), "seed": str(r.config.get("seed")),
              "settings": prov.run_settings(r.config), "created": str(r.config.get("created"))}
-            for r in ctx.runs]
+            for r in [*ctx.runs, *ctx.cv_runs]]
     return Section("Runs", "runs.html.j2", {"runs": rows})
 
 
@@ -225,6 +286,8 @@ def notes(ctx: ReportContext) -> Section | None:
 # The page, top to bottom. Figures are drawn while the sections are built, in this order.
 SECTIONS: tuple[Callable[[ReportContext], Section | None], ...] = (
     intro,
+    cv_table,  # the headline: every image scored once (when the study ran cross-validation)
+    shortcut_check,
     comparison_table,
     metric_bars,
     confusion_matrices,
