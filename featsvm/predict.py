@@ -89,13 +89,26 @@ def collect_inputs(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Path]
 
 
 class Predictor:
-    """A loaded run: call `predict_proba(images)` on a list of PIL RGB images."""
+    """A loaded run: call `predict_proba(images)` on a list of PIL RGB images.
+
+    `parts` holds the loaded pieces for code that needs more than probabilities
+    (`featsvm.explain`): ``device``; for a head run ``embedder`` and ``head`` (the
+    `FittedHead`); for an end-to-end run ``net`` and ``normaliser``."""
 
     def __init__(self, record: RunRecord, proba_fn: Callable[[list[Any]], np.ndarray],
-                 transform: Callable[[Any], Any]) -> None:
+                 transform: Callable[[Any], Any], **parts: Any) -> None:
         self.record = record
         self._proba_fn = proba_fn
         self.transform = transform
+        self.parts = parts
+
+    @property
+    def kind(self) -> str:
+        return str(self.record.config.get("kind"))
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return dict(self.record.config.get("preprocessing") or {})
 
     def predict_proba(self, images: list[Any]) -> np.ndarray:
         if not images:
@@ -158,7 +171,7 @@ class Predictor:
                 feats = embedder(x)
             return head.predict_proba(feats.float().cpu().numpy())
 
-        return cls(record, proba, transform)
+        return cls(record, proba, transform, embedder=embedder, head=head, device=dev)
 
     @classmethod
     def _end_to_end(cls, record: RunRecord, device: str) -> Predictor:
@@ -181,7 +194,7 @@ class Predictor:
             return predict_proba(net, pixels, normaliser, dev, precision,
                                  batch_size=max(1, len(images)))
 
-        return cls(record, proba, transform)
+        return cls(record, proba, transform, net=net, normaliser=normaliser, device=dev)
 
 
 def _comparable(pre: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""`featsvm serve`: a local web page for predictions and heatmaps of finished runs."""
