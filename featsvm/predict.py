@@ -282,9 +282,7 @@ def predict(
     def flush() -> None:
         if not batch:
             return
-        proba = predictor.predict_proba([im for _, _, im in batch])
-        for (fname, digest, _), row in zip(batch, proba, strict=True):
-            result.predictions.append(Prediction(fname, digest, np.asarray(row, dtype=float)))
+        result.predictions.extend(predict_images(predictor, batch))
         batch.clear()
 
     for path in tqdm(files, desc="predict", unit="img", disable=not progress):
@@ -299,6 +297,18 @@ def predict(
             flush()
     flush()
     return result
+
+
+def predict_images(predictor: Predictor, batch: Sequence[tuple[str, str, Any]]
+                   ) -> list[Prediction]:
+    """Predictions for in-memory images: `batch` holds (name, sha256, PIL RGB image). The one
+    place that turns a run's probabilities into `Prediction`s (used by `predict` and by
+    `featsvm serve`)."""
+    if not batch:
+        return []
+    proba = predictor.predict_proba([im for _, _, im in batch])
+    return [Prediction(fname, digest, np.asarray(row, dtype=float))
+            for (fname, digest, _), row in zip(batch, proba, strict=True)]
 
 
 def predictions_csv(result: PredictResult) -> str:

@@ -109,6 +109,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Image bytes (e.g. an upload, never written to disk) as 8-bit RGB; raises ImageError
+    naming the problem. Also returns the format PIL found, as ``image.info["format"]``."""
+    im = _decode(data, name)
+    fmt = im.format
+    rgb = to_rgb(im)
+    rgb.info["format"] = fmt
+    return rgb
+
+
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
     """Load one image file as 8-bit RGB; raises ImageError naming the problem."""
     try:
