@@ -442,7 +442,7 @@ def where_it_looks(
         "split": split,
         "n_images": len(rows),
         "n_split": len(preds.relpath),
-        "cell_detector": getattr(cell_mask, "__name__", None) or "stain_cell_mask (Lab a*, Otsu)",
+        "cell_detector": getattr(cell_mask, "__name__", None) or "featsvm.features.cells.detect",
         "annotation_box": list(ex.ANNOTATION_BOX),
         "share": {r: _nanmean([row[r] for row in rows]) for r in ex.REGIONS},
         "area": {r: _nanmean([row[f"area_{r}"] for row in rows]) for r in ex.REGIONS},

@@ -117,7 +117,7 @@ def test_regions_find_magenta_cells_and_the_corner() -> None:
     heat = np.zeros((100, 100))
     heat[20:40, 20:40] = 1.0
     s = ex.heat_shares(heat, m)
-    assert s["cells"] == pytest.approx(1.0) and s["corner"] == 0.0
+    assert s["cells"] == pytest.approx(1.0, abs=0.03) and s["corner"] == 0.0  # corners rounded
     assert s["area_cells"] == pytest.approx(0.04, abs=0.01)
 
 

@@ -27,12 +27,8 @@ Model-independent pieces used by `featsvm.explain` (which loads runs) and `feats
   annotation corner and on the rest (background); `rank_correlation` for the randomisation
   check of Adebayo et al. 2018.
 
-White cells, until a cell detector exists: Giemsa/Wright-stained leukocytes are the magenta
-objects of a smear. The CIE-Lab ``a*`` channel (green-red) separates them from the grey-blue
-red cells and the white background; Otsu's threshold on it (never below ``a* = 12``, so a
-field without a leukocyte does not get half its red cells called white cells), then small
-specks removed and holes filled. (The hematoxylin channel of ``rgb2hed`` with Otsu, tried
-first, also takes the red cells of the bluish fields.)
+White cells are those of the cell detector (`featsvm.features.cells.detect`: nucleus-colour
+threshold, morphology, watershed split, size filter).
 """
 
 from __future__ import annotations
@@ -54,7 +50,6 @@ from featsvm.errors import UsageError
 # its scale annotation there.
 ANNOTATION_BOX = (0.25, 0.2)
 REGIONS = ("cells", "background", "corner")
-CELL_A_STAR_FLOOR = 12.0
 
 
 # ---------------------------------------------------------------- cutting a network
@@ -300,26 +295,23 @@ def annotation_mask(size: tuple[int, int], frac: tuple[float, float] = ANNOTATIO
     return m
 
 
-def stain_cell_mask(image: Image.Image) -> np.ndarray:
-    """[H, W] bool: white (nucleated, magenta-stained) cells by Otsu on CIE-Lab a* (module
-    docstring)."""
-    from skimage import morphology
-    from skimage.color import rgb2lab
-    from skimage.filters import threshold_otsu
+def white_cell_mask(image: Image.Image) -> np.ndarray:
+    """[H, W] bool: the white cells `featsvm.features.cells.detect` finds in a field."""
+    from featsvm.features.cells import detect
 
-    a = rgb2lab(np.asarray(image.convert("RGB")))[..., 1]
-    t = max(float(threshold_otsu(a)) if np.ptp(a) > 0 else np.inf, CELL_A_STAR_FLOOR)
-    m = a > t
-    area = m.shape[0] * m.shape[1]
-    m = morphology.remove_small_objects(m, max_size=max(4, area // 2000))
-    return morphology.remove_small_holes(m, max_size=max(16, area // 500))
+    w, h = image.size
+    m = np.zeros((h, w), dtype=bool)
+    for c in detect(image).cells:
+        r0, c0, r1, c1 = c.bbox
+        m[r0:r1, c0:c1] |= c.mask
+    return m
 
 
 def regions(image: Image.Image, cell_mask: Callable[[Image.Image], np.ndarray] | None = None,
             frac: tuple[float, float] = ANNOTATION_BOX) -> dict[str, np.ndarray]:
     """Disjoint masks: corner (annotation box), cells (outside the box), background (rest)."""
     corner = annotation_mask(image.size, frac)
-    cells = (cell_mask or stain_cell_mask)(image) & ~corner
+    cells = (cell_mask or white_cell_mask)(image) & ~corner
     return {"cells": cells, "background": ~cells & ~corner, "corner": corner}
 
 
