@@ -47,10 +47,8 @@ from featsvm.labels import LABELS, MALIGNANT
 from featsvm.predict import Predictor, collect_inputs
 
 METHODS = ("auto", "gradcam", "cam", "occlusion")
-EXPLAIN_DIR = "explain"
-WHERE_JSON = "where.json"
-WHERE_CSV = "where.csv"
-EXAMPLES_PNG = "examples.png"
+EXPLAIN_DIR, WHERE_JSON, WHERE_CSV, EXAMPLES_PNG = (
+    ex.EXPLAIN_DIR, ex.WHERE_JSON, ex.WHERE_CSV, ex.EXAMPLES_PNG)
 
 
 @dataclass
@@ -237,30 +235,33 @@ class Explainer:
 
     # ------------------------------------------------------------ randomisation check
 
-    def randomised(self, seed: int = 0) -> Explainer:
+    def randomised(self, seed: int = 0, layers: str = "all") -> Explainer:
         """This explainer on a copy of the model with re-initialised weights (Adebayo et al.
-        2018, cascading randomisation to every layer): an end-to-end network is re-initialised
-        throughout; a head run gets a re-initialised backbone and, where the head is linear,
-        Gaussian coefficients of the same scale."""
+        2018). ``layers="all"``: cascading randomisation to every layer (an end-to-end network
+        throughout; a head run's backbone and, where the head is linear, its coefficients);
+        ``"top"``: only the last layer (the final linear layer of a network; a head run's
+        linear head)."""
         import torch
 
+        if layers not in ("all", "top"):
+            raise UsageError(f"layers must be 'all' or 'top', got {layers!r}")
         p = self.predictor
         parts = dict(p.parts)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            key = "net" if self.kind == "end_to_end" else "embedder"
-            module = copy.deepcopy(parts[key])
-            for m in module.modules():
-                reset = getattr(m, "reset_parameters", None)
-                if callable(reset):
-                    reset()
-            module.eval()
-            parts[key] = module
+        key = "net" if self.kind == "end_to_end" else "embedder"
+        if self.kind == "end_to_end" or layers == "all":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                module = copy.deepcopy(parts[key])
+                resettable = [m for m in module.modules()
+                              if callable(getattr(m, "reset_parameters", None))]
+                for m in resettable if layers == "all" else resettable[-1:]:
+                    m.reset_parameters()
+                module.eval()
+                parts[key] = module
         if self.kind == "head":
             parts["head"] = _randomised_head(parts["head"], seed)
         clone = Predictor(p.record, p._proba_fn, p.transform, **parts)
-        other = Explainer(clone, self.method, self.patch, self.stride, self.batch_size)
-        return other
+        return Explainer(clone, self.method, self.patch, self.stride, self.batch_size)
 
 
 def _randomised_head(head: Any, seed: int) -> Any:
@@ -404,9 +405,11 @@ def where_it_looks(
     order = _pick(preds.true_label, limit if limit else len(preds.relpath))
     out = Path(out_dir) if out_dir is not None else Path(record.path) / EXPLAIN_DIR
     out.mkdir(parents=True, exist_ok=True)
-    rnd = exp.randomised(seed=0)
+    # "top" needs a last layer to re-initialise: a network's, or a linear head's coefficients
+    tops = ("top",) if exp.kind == "end_to_end" or exp.method == "cam" else ()
+    rnd = {layers: exp.randomised(seed=0, layers=layers) for layers in (*tops, "all")}
     rows: list[dict[str, Any]] = []
-    rhos: list[float] = []
+    rhos: dict[str, list[float]] = {layers: [] for layers in rnd}
     examples: list[tuple[Any, Explanation]] = []
     ex_idx = set(_pick([preds.true_label[i] for i in order], n_examples))
     step = 8 if exp.method != "occlusion" else 2
@@ -422,12 +425,13 @@ def where_it_looks(
                 raise MissingInputError(f"{data_dir / preds.relpath[i]}: {exc}; is --data the "
                                         "folder the run was trained on?") from exc
         exps = exp.explain(ims, names)
-        if len(rhos) < n_random:
-            tgt = [LABELS.index(e.target) for e in exps]
-            r_maps, _, _ = rnd.maps(rnd.inputs(ims), tgt)
-            for e, m in zip(exps, r_maps, strict=True):
-                if len(rhos) < n_random:
-                    rhos.append(ex.rank_correlation(e.raw, m))
+        for layers, r_exp in rnd.items():
+            if len(rhos[layers]) < n_random:
+                tgt = [LABELS.index(e.target) for e in exps]
+                r_maps, _, _ = r_exp.maps(r_exp.inputs(ims), tgt)
+                for e, m in zip(exps, r_maps, strict=True):
+                    if len(rhos[layers]) < n_random:
+                        rhos[layers].append(ex.rank_correlation(e.raw, m))
         for k, (i, im, e) in enumerate(zip(chunk, ims, exps, strict=True)):
             shares = ex.heat_shares(e.heat, ex.regions(im, cell_mask), e.visible)
             rows.append({"relpath": preds.relpath[i], "true_label": preds.true_label[i],
@@ -452,11 +456,14 @@ def where_it_looks(
             for lab in LABELS if any(row["true_label"] == lab for row in rows)
         },
         "randomisation": {
-            "test": "cascading re-initialisation of every layer (Adebayo et al. 2018)",
-            "n_images": len(rhos),
-            "spearman_mean": _nanmean(rhos),
-            "spearman_median": float(np.median(rhos)) if rhos else None,
-            "spearman_abs_max": float(np.max(np.abs(rhos))) if rhos else None,
+            layers: {
+                "test": ("re-initialised last layer" if layers == "top" else
+                         "cascading re-initialisation of every layer") + " (Adebayo et al. 2018)",
+                "n_images": len(v),
+                "spearman_mean": _nanmean(v),
+                "spearman_median": float(np.median(v)) if v else None,
+                "spearman_abs_max": float(np.max(np.abs(v))) if v else None,
+            } for layers, v in rhos.items()
         },
     }
     if exp.method == "occlusion":

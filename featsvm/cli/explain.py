@@ -62,9 +62,10 @@ def command(run_dir: Path, inputs: tuple[Path, ...], out_dir: Path | None, metho
         click.echo(f"{'':<12}{'heat':>8}{'area':>8}")
         for r in ("cells", "background", "corner"):
             click.echo(f"{r:<12}{s['share'][r]:>8.1%}{s['area'][r]:>8.1%}")
-        rnd = s["randomisation"]
-        click.echo(f"randomised-weights maps: Spearman mean {rnd['spearman_mean']:.3f}, "
-                   f"median {rnd['spearman_median']:.3f} over {rnd['n_images']} image(s)")
+        for layers, rnd in s["randomisation"].items():
+            click.echo(f"randomised weights ({layers}): Spearman with the trained maps, mean "
+                       f"{rnd['spearman_mean']:.3f}, median {rnd['spearman_median']:.3f} over "
+                       f"{rnd['n_images']} image(s)")
         click.echo(f"wrote {s['out_dir']}")
         return
     if not inputs:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,11 @@ from featsvm.errors import UsageError
 # its scale annotation there.
 ANNOTATION_BOX = (0.25, 0.2)
 REGIONS = ("cells", "background", "corner")
+# where `featsvm explain --split` writes inside a run folder (and `featsvm report` reads)
+EXPLAIN_DIR = "explain"
+WHERE_JSON = "where.json"
+WHERE_CSV = "where.csv"
+EXAMPLES_PNG = "examples.png"
 
 
 # ---------------------------------------------------------------- cutting a network
@@ -339,3 +345,16 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
     return float(spearmanr(a, b).statistic)
+
+
+def read_where(run_dir: str | Path) -> dict[str, Any] | None:
+    """The where-it-looks summary `featsvm explain --split` wrote for a run (None if none or
+    unreadable)."""
+    import json
+
+    path = Path(run_dir) / EXPLAIN_DIR / WHERE_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
