@@ -369,6 +369,77 @@ def _nanmean(v: Sequence[float]) -> float | None:
     return float(a.mean()) if a.size else None
 
 
+def _data_dir(record: Any, data_dir: str | os.PathLike[str] | None) -> Path:
+    if data_dir is not None:
+        return Path(data_dir)
+    d = record.config.get("data_dir")
+    if not d or not Path(str(d)).is_dir():
+        raise MissingInputError(f"{record.path}: no image folder recorded; give --data")
+    return Path(str(d))
+
+
+def _load_images(data_dir: Path, relpaths: Sequence[str]) -> list[Any]:
+    ims = []
+    for rel in relpaths:
+        try:
+            ims.append(load_rgb(data_dir / rel))
+        except (ImageError, OSError) as exc:
+            raise MissingInputError(f"{data_dir / rel}: {exc}; is --data the folder the run "
+                                    "was trained on?") from exc
+    return ims
+
+
+def _randomisation_block(layers: str, v: list[float]) -> dict[str, Any]:
+    return {
+        "test": ("re-initialised last layer" if layers == "top" else
+                 "cascading re-initialisation of every layer") + " (Adebayo et al. 2018)",
+        "n_images": len(v),
+        "spearman_mean": _nanmean(v),
+        "spearman_median": float(np.median(v)) if v else None,
+        "spearman_abs_max": float(np.max(np.abs(v))) if v else None,
+    }
+
+
+def _summary(exp: Explainer, split: str, n_split: int, rows: list[dict[str, Any]],
+             rhos: dict[str, list[float]], cell_mask: Any) -> dict[str, Any]:
+    record = exp.predictor.record
+    summary: dict[str, Any] = {
+        "run_id": record.run_id,
+        "model": record.config.get("model"),
+        "kind": exp.kind,
+        "method": exp.method,
+        "split": split,
+        "n_images": len(rows),
+        "n_split": n_split,
+        "cell_detector": getattr(cell_mask, "__name__", None) or "featsvm.features.cells.detect",
+        "annotation_box": list(ex.ANNOTATION_BOX),
+        "share": {r: _nanmean([row[r] for row in rows]) for r in ex.REGIONS},
+        "area": {r: _nanmean([row[f"area_{r}"] for row in rows]) for r in ex.REGIONS},
+        "by_class": {
+            lab: {r: _nanmean([row[r] for row in rows if row["true_label"] == lab])
+                  for r in ex.REGIONS}
+            for lab in LABELS if any(row["true_label"] == lab for row in rows)
+        },
+        "randomisation": {k: _randomisation_block(k, v) for k, v in rhos.items()},
+    }
+    if exp.method == "occlusion":
+        summary["occlusion"] = {"patch": exp.patch, "stride": exp.stride}
+    return summary
+
+
+def _rank_correlations(exps: list[Explanation], ims: list[Any], rnd: dict[str, Explainer],
+                       rhos: dict[str, list[float]], n_random: int) -> None:
+    """Append Spearman(trained map, randomised map) per image until `n_random` per test."""
+    tgt = [LABELS.index(e.target) for e in exps]
+    for layers, r_exp in rnd.items():
+        if len(rhos[layers]) >= n_random:
+            continue
+        r_maps, _, _ = r_exp.maps(r_exp.inputs(ims), tgt)
+        for e, m in zip(exps, r_maps, strict=True):
+            if len(rhos[layers]) < n_random:
+                rhos[layers].append(ex.rank_correlation(e.raw, m))
+
+
 def where_it_looks(
     run_dir: str | os.PathLike[str],
     data_dir: str | os.PathLike[str] | None = None,
@@ -393,12 +464,7 @@ def where_it_looks(
     exp = Explainer.from_run(run_dir, method, weights, weights_dir, device, patch=patch,
                              stride=stride)
     record = exp.predictor.record
-    if data_dir is None:
-        d = record.config.get("data_dir")
-        if not d or not Path(str(d)).is_dir():
-            raise MissingInputError(f"{record.path}: no image folder recorded; give --data")
-        data_dir = Path(str(d))
-    data_dir = Path(data_dir)
+    data = _data_dir(record, data_dir)
     preds = record.predictions().select(split)
     if not preds.relpath:
         raise UsageError(f"{record.path}: no {split!r} rows in predictions.csv")
@@ -416,58 +482,16 @@ def where_it_looks(
     for s in tqdm(range(0, len(order), step), desc=f"explain {record.run_id}", unit="batch",
                   disable=not progress):
         chunk = order[s:s + step]
-        ims, names = [], []
-        for i in chunk:
-            try:
-                ims.append(load_rgb(data_dir / preds.relpath[i]))
-                names.append(preds.relpath[i])
-            except (ImageError, OSError) as exc:
-                raise MissingInputError(f"{data_dir / preds.relpath[i]}: {exc}; is --data the "
-                                        "folder the run was trained on?") from exc
-        exps = exp.explain(ims, names)
-        for layers, r_exp in rnd.items():
-            if len(rhos[layers]) < n_random:
-                tgt = [LABELS.index(e.target) for e in exps]
-                r_maps, _, _ = r_exp.maps(r_exp.inputs(ims), tgt)
-                for e, m in zip(exps, r_maps, strict=True):
-                    if len(rhos[layers]) < n_random:
-                        rhos[layers].append(ex.rank_correlation(e.raw, m))
+        ims = _load_images(data, [preds.relpath[i] for i in chunk])
+        exps = exp.explain(ims, [preds.relpath[i] for i in chunk])
+        _rank_correlations(exps, ims, rnd, rhos, n_random)
         for k, (i, im, e) in enumerate(zip(chunk, ims, exps, strict=True)):
             shares = ex.heat_shares(e.heat, ex.regions(im, cell_mask), e.visible)
             rows.append({"relpath": preds.relpath[i], "true_label": preds.true_label[i],
                          "pred_label": e.pred_label, "explained": e.target, **shares})
             if (s + k) in ex_idx:
                 examples.append((im, e))
-    summary: dict[str, Any] = {
-        "run_id": record.run_id,
-        "model": record.config.get("model"),
-        "kind": exp.kind,
-        "method": exp.method,
-        "split": split,
-        "n_images": len(rows),
-        "n_split": len(preds.relpath),
-        "cell_detector": getattr(cell_mask, "__name__", None) or "featsvm.features.cells.detect",
-        "annotation_box": list(ex.ANNOTATION_BOX),
-        "share": {r: _nanmean([row[r] for row in rows]) for r in ex.REGIONS},
-        "area": {r: _nanmean([row[f"area_{r}"] for row in rows]) for r in ex.REGIONS},
-        "by_class": {
-            lab: {r: _nanmean([row[r] for row in rows if row["true_label"] == lab])
-                  for r in ex.REGIONS}
-            for lab in LABELS if any(row["true_label"] == lab for row in rows)
-        },
-        "randomisation": {
-            layers: {
-                "test": ("re-initialised last layer" if layers == "top" else
-                         "cascading re-initialisation of every layer") + " (Adebayo et al. 2018)",
-                "n_images": len(v),
-                "spearman_mean": _nanmean(v),
-                "spearman_median": float(np.median(v)) if v else None,
-                "spearman_abs_max": float(np.max(np.abs(v))) if v else None,
-            } for layers, v in rhos.items()
-        },
-    }
-    if exp.method == "occlusion":
-        summary["occlusion"] = {"patch": exp.patch, "stride": exp.stride}
+    summary = _summary(exp, split, len(preds.relpath), rows, rhos, cell_mask)
     write_json_atomic(out / WHERE_JSON, summary)
     write_text_atomic(out / WHERE_CSV, _csv(rows))
     if examples:

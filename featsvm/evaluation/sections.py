@@ -251,6 +251,58 @@ def roc_curves(ctx: ReportContext) -> Section:
     return Section("One-vs-rest ROC curves of the best models", figures=figs)
 
 
+def _share(v: Any, area: Any) -> str:
+    if v is None:
+        return "–"
+    return f"{100 * v:.1f} % ({100 * area:.1f} %)" if area is not None else f"{100 * v:.1f} %"
+
+
+def _rho(block: Any) -> str:
+    if not block or block.get("spearman_mean") is None:
+        return "–"
+    return f"{block['spearman_mean']:.2f} (n={block['n_images']})"
+
+
+def where_it_looks(ctx: ReportContext) -> Section | None:
+    """Where each model looks: the `featsvm explain --split` summaries found in the run
+    folders (left out when no run has one)."""
+    from featsvm.evaluation.explanations import (
+        ANNOTATION_BOX,
+        EXAMPLES_PNG,
+        EXPLAIN_DIR,
+        read_where,
+    )
+
+    rows, figs, missing = [], [], []
+    for r in ctx.runs:
+        w = read_where(r.path)
+        if w is None:
+            missing.append(ctx.labels[r.run_id])
+            continue
+        share, area = w.get("share") or {}, w.get("area") or {}
+        rnd = w.get("randomisation") or {}
+        corner, corner_area = share.get("corner"), area.get("corner")
+        rows.append({
+            "model": ctx.labels[r.run_id], "method": w.get("method"),
+            "n": f"{w.get('n_images')} of {w.get('n_split')} ({w.get('split')})",
+            "cells": _share(share.get("cells"), area.get("cells")),
+            "background": _share(share.get("background"), area.get("background")),
+            "corner": _share(corner, corner_area),
+            "corner_flag": corner is not None and corner_area is not None
+            and corner > 2 * corner_area,
+            "rho_top": _rho(rnd.get("top")), "rho_all": _rho(rnd.get("all")),
+        })
+        png = Path(r.path) / EXPLAIN_DIR / EXAMPLES_PNG
+        if png.is_file():
+            figs.append(Figure(png, f"heatmaps {r.run_id}", heading=ctx.labels[r.run_id],
+                               aside=f"{w.get('method')}, {r.run_id}"))
+    if not rows:
+        return None
+    box = f"{100 * ANNOTATION_BOX[0]:.0f} % x {100 * ANNOTATION_BOX[1]:.0f} %"
+    return Section("Where the models look", "where_it_looks.html.j2",
+                   {"rows": rows, "missing": missing, "split": ctx.split, "box": box}, figs)
+
+
 def split_protocol(ctx: ReportContext) -> Section:
     lines, _ = prov.split_protocol(ctx.runs, ctx.runs_dir)
     return Section("Split protocol", "split_protocol.html.j2", {"lines": lines})
@@ -293,6 +345,7 @@ SECTIONS: tuple[Callable[[ReportContext], Section | None], ...] = (
     confusion_matrices,
     example_images,
     roc_curves,
+    where_it_looks,
     split_protocol,
     dataset,
     weight_provenance,
