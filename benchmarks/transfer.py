@@ -118,38 +118,46 @@ def embed_all(paths: list[Path], emb: Embedder, reference, work: Path, tag: str,
     feats: dict[str, list] = {v: [] for v in todo}
     feats["colour_field"], feats["colour_cells"], feats["n_cells"] = [], [], []
     t0 = time.perf_counter()
-    for i, p in enumerate(paths):
-        img = Image.open(p).convert("RGB")
-        crops = cell_crops(img, size=cell_size, suppress_background=True, max_cells=max_cells)
-        feats["n_cells"].append(len(crops))
-        feats["colour_field"].append(colour_stats(np.asarray(img).reshape(-1, 3)))
-        if crops:
-            pix = np.concatenate([np.asarray(c).reshape(-1, 3) for c in crops])
-            pix = pix[pix.max(axis=1) >= 16]
-        else:
-            pix = np.zeros((0, 3))
-        feats["colour_cells"].append(colour_stats(pix))
-        if "field" in todo:
-            feats["field"].append(emb([img], field=True)[0])
-        cell_sets = {
-            "cells": lambda crops=crops: crops,
-            "cells+reinhard": lambda crops=crops: [stain.reinhard(c, reference) for c in crops],
-            "cells+grey": lambda crops=crops: [stain.colour_free(c, "grey") for c in crops],
-        }
+    chunk = 16  # images whose crops go through the backbone in one batch
+
+    def variant_inputs(v: str, img, crops: list) -> list:
+        ims = crops or [img.resize((cell_size, cell_size))]  # no cell: the whole field
+        if v == "cells+reinhard":
+            return [stain.reinhard(c, reference) for c in ims]
+        if v == "cells+grey":
+            return [stain.colour_free(c, "grey") for c in ims]
+        return ims
+
+    for start in range(0, len(paths), chunk):
+        imgs, crop_lists = [], []
+        for p in paths[start:start + chunk]:
+            img = Image.open(p).convert("RGB")
+            crops = cell_crops(img, size=cell_size, suppress_background=True,
+                               max_cells=max_cells)
+            imgs.append(img)
+            crop_lists.append(crops)
+            feats["n_cells"].append(len(crops))
+            feats["colour_field"].append(colour_stats(np.asarray(img).reshape(-1, 3)))
+            if crops:
+                pix = np.concatenate([np.asarray(c).reshape(-1, 3) for c in crops])
+                pix = pix[pix.max(axis=1) >= 16]
+            else:
+                pix = np.zeros((0, 3))
+            feats["colour_cells"].append(colour_stats(pix))
         for v in todo:
             if v == "field":
+                feats[v].extend(emb(imgs, field=True))
                 continue
-            ims = cell_sets[v]()
-            if ims:
-                feats[v].append(emb(ims).mean(axis=0))
-            else:  # no cell found: the whole field stands in (listed in the summary)
-                whole = img.resize((cell_size, cell_size))
-                feats[v].append(emb([whole if v == "cells" else
-                                     stain.reinhard(whole, reference) if v == "cells+reinhard"
-                                     else stain.colour_free(whole, "grey")])[0])
-        if (i + 1) % 100 == 0:
-            rate = (i + 1) / (time.perf_counter() - t0)
-            print(f"  {tag}: {i + 1}/{len(paths)} ({rate:.1f} img/s)", flush=True)
+            sets = [variant_inputs(v, img, c) for img, c in zip(imgs, crop_lists, strict=True)]
+            e = emb([x for s in sets for x in s])
+            k = 0
+            for s in sets:
+                feats[v].append(e[k:k + len(s)].mean(axis=0))
+                k += len(s)
+        done = min(start + chunk, len(paths))
+        if done % 96 == 0 or done == len(paths):
+            rate = done / (time.perf_counter() - t0)
+            print(f"  {tag}: {done}/{len(paths)} ({rate:.2f} img/s)", flush=True)
     for v in todo:
         np.savez(path(v), x=np.asarray(feats[v]))
         have[v] = np.asarray(feats[v])

@@ -17,3 +17,6 @@ BASIC_CNN = "basic-cnn"  # featsvm.models.basic_cnn
 MODELS = (BASIC_CNN, *BACKBONES)  # what `featsvm finetune` trains
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
+VIEWS = ("field", "cells")  # featsvm.features.preprocess
+STAINS = ("none", "reinhard")
+COLOURS = ("rgb", "grey", "hematoxylin")

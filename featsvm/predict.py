@@ -35,7 +35,7 @@ from featsvm.fileio import sha256_file, write_text_atomic
 from featsvm.labels import LABELS, MALIGNANT
 from featsvm.runs import PROB_COLUMNS, RunRecord, load_joblib, read_run
 
-CSV_COLUMNS = ("file", "sha256", "pred_label", "prob_malignant", *PROB_COLUMNS)
+CSV_COLUMNS = ("file", "sha256", "pred_label", "prob_malignant", *PROB_COLUMNS, "ood")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Prediction:
     file: str  # as given, or relative to data_root when given
     sha256: str
     proba: np.ndarray  # (len(LABELS),)
+    ood: bool | None = None  # unlike the run's training images (None: the run has no flag)
 
     @property
     def pred_label(self) -> str:
@@ -96,10 +97,12 @@ class Predictor:
     `FittedHead`); for an end-to-end run ``net`` and ``normaliser``."""
 
     def __init__(self, record: RunRecord, proba_fn: Callable[[list[Any]], np.ndarray],
-                 transform: Callable[[Any], Any], **parts: Any) -> None:
+                 transform: Callable[[Any], Any],
+                 ood_fn: Callable[[list[Any]], Any] | None = None, **parts: Any) -> None:
         self.record = record
         self._proba_fn = proba_fn
         self.transform = transform
+        self._ood_fn = ood_fn  # head runs with an OOD flag: images -> (proba, flags)
         self.parts = parts
 
     @property
@@ -114,6 +117,15 @@ class Predictor:
         if not images:
             return np.zeros((0, len(LABELS)))
         return self._proba_fn(images)
+
+    def predict_with_ood(self, images: list[Any]) -> tuple[np.ndarray, list[bool | None]]:
+        """Class probabilities and the OOD flag of each image (None without a flag)."""
+        if not images:
+            return np.zeros((0, len(LABELS))), []
+        if self._ood_fn is None:
+            return self._proba_fn(images), [None] * len(images)
+        proba, ood = self._ood_fn(images)
+        return proba, [bool(v) for v in ood]
 
     @classmethod
     def from_run(
@@ -144,7 +156,7 @@ class Predictor:
         import torch
 
         from featsvm.device import autocast_context, check_precision, resolve_device
-        from featsvm.features.backbones import make_transform
+        from featsvm.features.preprocess import backbone_part, image_transform, pool
 
         cfg = record.config
         head = load_joblib(record.model_path)  # checks the sidecar first
@@ -153,25 +165,39 @@ class Predictor:
             raise PredictError(f"{record.path}/config.json: preprocessing has no 'layer'; "
                                "was it written by `featsvm fit`?")
         loaded = _load_recorded_backbone(cfg, weights, weights_dir, pre["layer"])
-        if _comparable(loaded.preprocessing) != _comparable(pre):
+        if _comparable(loaded.preprocessing) != _comparable(backbone_part(pre)):
             raise PredictError(
                 f"{record.path}: the run's preprocessing {pre} differs from what this featsvm "
                 f"version builds for {cfg['backbone']} ({loaded.preprocessing}); predict with "
                 "the featsvm version that made the run"
             )
-        transform = make_transform(pre)  # from the run's record, not from the spec
+        # from the run's record, not from the spec: view (field | cells), stain, colour
+        transform = image_transform(pre)
         dev = resolve_device(device)
         precision = str((cfg.get("cache") or {}).get("precision") or "fp32")
         check_precision(dev, precision)
         embedder = loaded.embedder.to(dev).eval()
 
-        def proba(images: list[Any]) -> np.ndarray:
-            x = torch.stack([transform(im) for im in images]).to(dev)
+        ood_cfg = cfg.get("ood") or {}
+        ood_flag = (load_joblib(record.path / ood_cfg["file"])
+                    if ood_cfg.get("file") else None)
+
+        def embed(images: list[Any]) -> np.ndarray:
+            stacks = [transform(im) for im in images]  # [k, 3, H, W] each (k cells or 1)
+            x = torch.cat(stacks).to(dev)
             with torch.inference_mode(), autocast_context(dev, precision):
                 feats = embedder(x)
-            return head.predict_proba(feats.float().cpu().numpy())
+            return pool(feats.float().cpu().numpy(), [len(t) for t in stacks])
 
-        return cls(record, proba, transform, embedder=embedder, head=head, device=dev)
+        def proba(images: list[Any]) -> np.ndarray:
+            return head.predict_proba(embed(images))
+
+        def proba_ood(images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+            feats = embed(images)
+            return head.predict_proba(feats), ood_flag.flag(feats)
+
+        return cls(record, proba, transform, proba_ood if ood_flag is not None else None,
+                   embedder=embedder, head=head, device=dev)
 
     @classmethod
     def _end_to_end(cls, record: RunRecord, device: str) -> Predictor:
@@ -306,9 +332,9 @@ def predict_images(predictor: Predictor, batch: Sequence[tuple[str, str, Any]]
     `featsvm serve`)."""
     if not batch:
         return []
-    proba = predictor.predict_proba([im for _, _, im in batch])
-    return [Prediction(fname, digest, np.asarray(row, dtype=float))
-            for (fname, digest, _), row in zip(batch, proba, strict=True)]
+    proba, ood = predictor.predict_with_ood([im for _, _, im in batch])
+    return [Prediction(fname, digest, np.asarray(row, dtype=float), flag)
+            for (fname, digest, _), row, flag in zip(batch, proba, ood, strict=True)]
 
 
 def predictions_csv(result: PredictResult) -> str:
@@ -317,7 +343,7 @@ def predictions_csv(result: PredictResult) -> str:
     w.writerow(CSV_COLUMNS)
     for p in result.predictions:
         w.writerow([p.file, p.sha256, p.pred_label, f"{p.prob_malignant:.6f}",
-                    *(f"{v:.6f}" for v in p.proba)])
+                    *(f"{v:.6f}" for v in p.proba), "" if p.ood is None else int(p.ood)])
     return buf.getvalue()
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from featsvm.config import ConfigError, load_toml, section
-from featsvm.errors import StudyError
+from featsvm.errors import FeatsvmError, StudyError
 from featsvm.fileio import sha256_file, write_json_atomic
 from featsvm.runs import RunRecord, list_runs
 
@@ -68,6 +68,10 @@ class StudyConfig:
     # per-backbone --weights: "none" (random), "default" (library download) or a file path
     weights: dict[str, str] = field(default_factory=dict)
     layers: dict[str, str] = field(default_factory=dict)  # per-backbone embedding layer
+    # inputs of the heads: "field", "cells", "cells+reinhard", "cells+grey", ... (view, then
+    # stain / colour; featsvm.features.preprocess.parse_input). Reinhard references come from
+    # the split's train images.
+    inputs: tuple[str, ...] = ("field",)
     finetune: bool = True  # train the [finetune] models
     # pooled grouped K-fold CV of every backbone x head over all images (0 = none)
     cv_folds: int = 0
@@ -75,6 +79,13 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if len(self.ratios) != 3 or abs(sum(self.ratios) - 1.0) > 1e-6:
             raise ConfigError(f"[study] ratios must be three numbers summing to 1: {self.ratios}")
+        from featsvm.features.preprocess import parse_input
+
+        for spec in self.inputs:
+            try:
+                parse_input(spec)
+            except FeatsvmError as exc:
+                raise ConfigError(f"[study] inputs: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -331,23 +342,29 @@ class StudyRun:
         self.runs_dir = Path(self.cfg.runs)
         self.result = StudyResult()
         self.manifest: Any = None  # featsvm.data.manifest.Manifest, once the split step ran
-        self.extracted: set[str] = set()  # backbones whose extract step succeeded
+        # (backbone, input) pairs whose extract step succeeded
+        self.extracted: set[tuple[str, str]] = set()
 
     def run(self) -> StudyResult:
         t_start = time.perf_counter()
         cfg = self.cfg
         if self.step("split", self.split):
             for backbone in cfg.backbones:
-                if self.step(f"extract {backbone}", self.extract, backbone):
-                    self.extracted.add(backbone)
+                for spec in cfg.inputs:
+                    if self.step(f"extract {_tag(backbone, spec)}", self.extract, backbone,
+                                 spec):
+                        self.extracted.add((backbone, spec))
             for backbone in cfg.backbones:
-                for head in cfg.heads:
-                    blocked = "" if backbone in self.extracted else f"extract {backbone} failed"
-                    self.step(f"fit {backbone} + {head}", self.fit, backbone, head,
-                              blocked=blocked)
+                for spec in cfg.inputs:
+                    for head in cfg.heads:
+                        blocked = ("" if (backbone, spec) in self.extracted
+                                   else f"extract {_tag(backbone, spec)} failed")
+                        self.step(f"fit {_tag(backbone, spec)} + {head}", self.fit, backbone,
+                                  head, spec, blocked=blocked)
             for backbone in cfg.backbones if cfg.cv_folds else ():
                 for head in cfg.heads:
-                    blocked = "" if backbone in self.extracted else f"extract {backbone} failed"
+                    blocked = ("" if (backbone, "field") in self.extracted
+                               else f"extract {backbone} failed")
                     self.step(f"cv {backbone} + {head}", self.cv, backbone, head,
                               blocked=blocked)
             if cfg.finetune:
@@ -390,6 +407,12 @@ class StudyRun:
     def _weights_dir(self) -> str | None:
         return _weights_dir(self.cfg)
 
+    def _options(self, spec: str) -> Any:
+        """ImageOptions of a study input (a Reinhard reference from the split's train images)."""
+        from featsvm.features.preprocess import parse_input, resolve_options
+
+        return resolve_options(*parse_input(spec), self.manifest.path, self.data)
+
     # ---- the steps
 
     def split(self) -> StepOutcome:
@@ -402,7 +425,7 @@ class StudyRun:
             return "skipped", f"reused {path} ({counts})"
         return "done", f"wrote {path} ({counts})"
 
-    def extract(self, backbone: str) -> StepOutcome:
+    def extract(self, backbone: str, spec: str = "field") -> StepOutcome:
         from featsvm.features.extract import extract
 
         cfg, ex = self.cfg, self.study.extract
@@ -413,6 +436,7 @@ class StudyRun:
             batch_size=None if ex.batch_size < 0 else ex.batch_size,
             workers=None if ex.workers < 0 else ex.workers,
             layer=cfg.layers.get(backbone), progress=self.progress, records=self.manifest.rows,
+            options=self._options(spec),
         )
         bad = f"; {len(s.skipped)} image(s) skipped: " + ", ".join(
             f"{p} ({why})" for p, why in s.skipped[:5]) if s.skipped else ""
@@ -421,14 +445,15 @@ class StudyRun:
         return "done", (f"{s.n_new} new, {s.n_cached} cached, {s.images_per_s:.1f} img/s "
                         f"-> {s.cache_path}{bad}")
 
-    def fit(self, backbone: str, head: str) -> StepOutcome:
+    def fit(self, backbone: str, head: str, spec: str = "field") -> StepOutcome:
         from featsvm.features.cache import locate_cache, read_cache
         from featsvm.models.fit import fit
 
         cfg, study = self.cfg, self.study
+        options = self._options(spec)
         cache_file = locate_cache(cfg.cache, backbone, self._weights(backbone),
                                   self._weights_dir(), study.extract.precision,
-                                  cfg.layers.get(backbone))
+                                  cfg.layers.get(backbone), options.to_dict())
         fp = read_cache(cache_file).attrs.get("fingerprint")
         existing, _ = list_runs(self.runs_dir)
         found = find_head_run(existing, backbone, head, self.manifest.sha256, fp, study.fit)
@@ -439,7 +464,7 @@ class StudyRun:
                   weights=self._weights(backbone), weights_dir=self._weights_dir(),
                   runs_dir=self.runs_dir, config=study.fit,
                   precision=study.extract.precision, layer=cfg.layers.get(backbone),
-                  progress=self.progress)
+                  progress=self.progress, options=options)
         self.result.run_ids.append(rec.run_id)
         return "done", _headline(rec)
 
@@ -495,6 +520,11 @@ class StudyRun:
         for note in rep.notes:
             self.log(f"note: {note}")
         return "done", f"{len(rep.files)} files in {rep.out_dir} (open index.html)"
+
+
+def _tag(backbone: str, spec: str) -> str:
+    """Step name of a backbone on a study input ("alexnet", "alexnet <cells+reinhard>")."""
+    return backbone if spec == "field" else f"{backbone} <{spec}>"
 
 
 def _headline(rec: RunRecord) -> str:

@@ -142,3 +142,18 @@ def test_cells_command_lists_fields_without_cells(tmp_path):
     assert "2 image(s)" in res.output and "2 cell(s)" in res.output
     assert "no cell found in 1 image(s):\n  empty.png" in res.output
     assert (tmp_path / "p.png").is_file()
+
+
+def test_hed_jitter_batch_for_fine_tuning():
+    import torch
+
+    from featsvm.models.pixels import hed_jitter
+
+    x = torch.rand(4, 3, 16, 16) * 0.5 + 0.3
+    x[:, :, :4] = 0.0  # black background
+    a = hed_jitter(x, torch.Generator().manual_seed(0), 0.2)
+    b = hed_jitter(x, torch.Generator().manual_seed(0), 0.2)
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert (a[:, :, :4] == 0).all()
+    assert (a - x).abs().mean() > 1e-3
+    assert (hed_jitter(x, torch.Generator().manual_seed(0), 0.0) - x).abs().max() < 1e-3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from featsvm.names import BACKBONES, DEVICES, PRECISIONS
+from featsvm.names import BACKBONES, COLOURS, DEVICES, PRECISIONS, STAINS, VIEWS
 
 
 @click.command("extract")
@@ -31,17 +31,31 @@ from featsvm.names import BACKBONES, DEVICES, PRECISIONS
 @click.option("--layer", default=None,
               help="Embedding layer (default: penultimate if pretrained, see docs), e.g. "
               "vgg16: fc7|gap|logits, inception_v3: avgpool|mixed_6c|logits.")
+@click.option("--view", default="field", show_default=True, type=click.Choice(VIEWS),
+              help="field: the whole image; cells: the white cells found in it, cropped at a "
+              "normalised scale on black, their embeddings averaged per image.")
+@click.option("--stain", default="none", show_default=True, type=click.Choice(STAINS),
+              help="reinhard: normalise colours to a reference taken from the TRAIN images of "
+              "--split (kept next to it).")
+@click.option("--colour", default="rgb", show_default=True, type=click.Choice(COLOURS),
+              help="grey / hematoxylin: colour-free input, to measure what colour carries.")
+@click.option("--split", "split_path", default=None, type=click.Path(dir_okay=False),
+              help="Split manifest (needed by --stain reinhard for its reference).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(data_dir, backbone, weights, weights_dir, cache_dir, device, precision, batch_size,
-            workers, layer, quiet) -> None:
+            workers, layer, view, stain, colour, split_path, quiet) -> None:
     """Embed every image of DATA_DIR with BACKBONE into CACHE (only images not cached yet)."""
     from featsvm.features.extract import extract
+    from featsvm.features.preprocess import resolve_options
 
+    options = resolve_options(view, stain, colour, split_path, data_dir)
     s = extract(data_dir, backbone, weights=weights, weights_dir=weights_dir,
                 cache_dir=cache_dir, device=device, precision=precision,
-                batch_size=batch_size, workers=workers, layer=layer, progress=not quiet)
+                batch_size=batch_size, workers=workers, layer=layer, progress=not quiet,
+                options=options)
     click.echo(f"cache:     {s.cache_path}")
     click.echo(f"backbone:  {s.backbone} layer {s.layer} ({s.dim}-d), {s.precision} on {s.device}")
+    click.echo(f"input:     {options.describe()}")
     click.echo(f"weights:   {s.weights_label}"
                + (f" (sha256 {s.weights_sha256[:12]}…)" if s.weights_sha256 else ""))
     click.echo(f"images:    {s.n_total} records: {s.n_new} computed, {s.n_cached} already cached, "

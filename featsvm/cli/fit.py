@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from featsvm.names import HEADS
+from featsvm.names import COLOURS, HEADS, STAINS, VIEWS
 
 
 def _fmt(value: float | None, ci: list[float] | None = None) -> str:
@@ -61,21 +61,29 @@ def results_table(metrics: dict[str, Any]) -> str:
 @click.option("--precision", type=click.Choice(("fp32", "bf16", "fp16")), default="fp32",
               show_default=True, help="Precision the cache was extracted with.")
 @click.option("--layer", default=None, help="Embedding layer the cache was extracted at.")
+@click.option("--view", default="field", show_default=True, type=click.Choice(VIEWS),
+              help="Input view the cache was extracted with (field | cells).")
+@click.option("--stain", default="none", show_default=True, type=click.Choice(STAINS),
+              help="Stain handling the cache was extracted with.")
+@click.option("--colour", default="rgb", show_default=True, type=click.Choice(COLOURS),
+              help="Colour handling the cache was extracted with.")
 @click.option("--quiet", is_flag=True, help="Less progress output.")
 def command(
     backbone: str, head: str, weights: str | None, weights_dir: Path | None, cache_dir: Path,
     split_path: Path, runs_dir: Path, config_path: Path | None, precision: str,
-    layer: str | None, quiet: bool,
+    layer: str | None, view: str, stain: str, colour: str, quiet: bool,
 ) -> None:
     """Tune HEAD by grouped CV on the train split of the cached BACKBONE embeddings, calibrate
     on val (SVM), score val and test once, and write a run record under --runs."""
+    from featsvm.features.preprocess import resolve_options
     from featsvm.models.fit import fit
     from featsvm.models.heads import load_head_config
 
     cfg = load_head_config(config_path)
+    options = resolve_options(view, stain, colour, split_path)
     rec = fit(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
               weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, precision=precision,
-              layer=layer, progress=not quiet)
+              layer=layer, progress=not quiet, options=options)
     cfg_json = rec.config
     click.echo(f"{cfg_json['model']}  ({cfg_json['weights']['label']})")
     if cfg_json.get("not_imagenet_from"):
@@ -83,4 +91,8 @@ def command(
     click.echo(f"hyperparameters: {cfg_json['hyperparameters']}  "
                f"(CV {cfg_json['cv']['scoring']} {cfg_json['cv']['best_score']:.4f})")
     click.echo(results_table(rec.metrics) + "   (%, 95 % CI over duplicate groups)")
+    ood = cfg_json.get("ood")
+    if ood:
+        click.echo(f"OOD flag: threshold {ood['threshold']:.3f} (95 % of val); "
+                   f"{100 * ood['rate_test']:.1f} % of test images flagged")
     click.echo(f"fit {cfg_json['timing']['fit_seconds']:.1f} s; run record: {rec.path}")

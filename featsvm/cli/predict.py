@@ -35,11 +35,17 @@ def command(run_dir: Path, inputs: tuple[Path, ...], out_csv: Path | None,
     if res.predictions:
         width = max(len("file"), *(len(p.file) for p in res.predictions))
         head = f"{'file':<{width}}  {'predicted':<12} {'P(malig.)':>9}  " + "  ".join(
-            f"{lab:>11}" for lab in LABELS)
+            f"{lab:>11}" for lab in LABELS) + "  ood"
         click.echo(head)
         for p in res.predictions:
+            ood = "-" if p.ood is None else ("yes" if p.ood else "no")
             click.echo(f"{p.file:<{width}}  {p.pred_label:<12} "
-                       f"{p.prob_malignant:>9.4f}  " + "  ".join(f"{v:>11.4f}" for v in p.proba))
+                       f"{p.prob_malignant:>9.4f}  " + "  ".join(f"{v:>11.4f}" for v in p.proba)
+                       + f"  {ood}")
+        flagged = [p for p in res.predictions if p.ood]
+        if any(p.ood is not None for p in res.predictions):
+            click.echo(f"ood: {len(flagged)} of {len(res.predictions)} image(s) unlike the "
+                       "run's training images (threshold: 95 % of its val images)")
     for f, why in res.skipped:
         click.echo(f"skipped {f}: {why}", err=True)
     if res.skipped:

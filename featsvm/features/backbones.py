@@ -371,12 +371,15 @@ def choose_layer(
 
 
 def preprocessing_for(
-    spec: BackboneSpec, weights: WeightsInfo, layer: str | None = None
+    spec: BackboneSpec, weights: WeightsInfo, layer: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """JSON-able description of everything between an RGB image and its embedding."""
+    """JSON-able description of everything between an RGB image and its embedding.
+    `options`: the non-default image options (view, stain, colour; see
+    `featsvm.features.preprocess.ImageOptions.to_dict`), merged in."""
     chosen = choose_layer(spec, weights, layer)
     known = spec.known_file(weights.sha256 or "")
-    return {
+    return (options or {}) | {
         "backbone": spec.name,
         "input_size": spec.input_size,
         "resize": spec.resize_size,
@@ -463,9 +466,10 @@ def describe(
     weights: str | os.PathLike[str] | None = None,
     weights_dir: str | os.PathLike[str] | None = None,
     layer: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> tuple[BackboneSpec, WeightsInfo, dict[str, Any]]:
     """(spec, weights info, preprocessing) without building the real model: cheap, used to
     find a cache file before deciding whether any image needs computing."""
     spec = get_spec(name)
     info, _ = inspect_weights(spec, weights, weights_dir)
-    return spec, info, preprocessing_for(spec, info, layer)
+    return spec, info, preprocessing_for(spec, info, layer, options)

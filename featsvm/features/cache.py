@@ -79,11 +79,12 @@ def cache_path(
     weights_info: WeightsInfo,
     precision: str = "fp32",
     layer: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Path:
     """Path of the cache file for this backbone/weights/precision/layer (may not exist)."""
     from featsvm.features.backbones import get_spec, preprocessing_for
 
-    pre = preprocessing_for(get_spec(backbone), weights_info, layer)
+    pre = preprocessing_for(get_spec(backbone), weights_info, layer, options)
     return Path(cache_dir) / file_name(backbone, weights_info.sha256, pre, precision)
 
 
@@ -95,6 +96,7 @@ def extract_command(
     cache_dir: str | os.PathLike[str] = "cache",
     precision: str = "fp32",
     layer: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> str:
     """The `featsvm extract ...` command line that (re)builds a cache."""
     parts = ["featsvm", "extract", os.fspath(data_dir) if data_dir else "DATA_DIR",
@@ -108,6 +110,12 @@ def extract_command(
         parts += ["--precision", precision]
     if layer is not None:
         parts += ["--layer", layer]
+    opts = options or {}
+    for key in ("view", "stain", "colour"):
+        if key in opts:
+            parts += [f"--{key}", str(opts[key])]
+    if "stain" in opts:
+        parts += ["--split", "SPLIT_CSV"]
     return shlex.join(parts)
 
 
@@ -118,16 +126,18 @@ def locate_cache(
     weights_dir: str | os.PathLike[str] | None = None,
     precision: str = "fp32",
     layer: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Path:
     """Find the existing cache file for these options (weights resolved as `extract` does).
 
     Raises CacheMissingError naming the exact `featsvm extract` command when it is absent."""
     from featsvm.features.backbones import describe
 
-    _spec, info, pre = describe(backbone, weights, weights_dir, layer)
+    _spec, info, pre = describe(backbone, weights, weights_dir, layer, options)
     path = Path(cache_dir) / file_name(backbone, info.sha256, pre, precision)
     if not path.is_file():
-        cmd = extract_command(None, backbone, weights, weights_dir, cache_dir, precision, layer)
+        cmd = extract_command(None, backbone, weights, weights_dir, cache_dir, precision, layer,
+                              options)
         raise CacheMissingError(
             f"no feature cache for {backbone} ({info.label}, layer {pre['layer']}, {precision}) "
             f"in {cache_dir}: expected {path.name}. Build it with: {cmd}"

@@ -25,8 +25,9 @@ from featsvm import __version__
 from featsvm.data.dataset import load_rgb, scan
 from featsvm.device import autocast_context, check_precision, resolve_device
 from featsvm.errors import UsageError
-from featsvm.features.backbones import BackboneSpec, describe, load_backbone, make_transform
+from featsvm.features.backbones import BackboneSpec, describe, load_backbone
 from featsvm.features.cache import CacheWriter, extract_command, file_name, fingerprint
+from featsvm.features.preprocess import ImageOptions, image_transform, pool
 from featsvm.fileio import sha256_file
 from featsvm.runs import now_iso, versions
 
@@ -68,12 +69,13 @@ class ExtractSummary:
 
 
 class _ImageFiles(Dataset):
-    """(index, tensor | None, error | None) per image; errors never raise in the worker."""
+    """(index, tensor [k,3,H,W] | None, error | None) per image (k = 1 for the field view,
+    its cells for the cell view); errors never raise in the worker."""
 
     def __init__(self, root: Path, items: Sequence[ImageRef], preprocessing: dict[str, Any]):
         self.root = root
         self.items = list(items)
-        self.transform = make_transform(preprocessing)
+        self.transform = image_transform(preprocessing)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -92,8 +94,8 @@ class _ImageFiles(Dataset):
 def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
     good = [(i, x) for i, x, _ in batch if x is not None]
     bad = [(i, err) for i, x, err in batch if x is None]
-    xs = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], xs, bad
+    xs = torch.cat([x for _, x in good]) if good else None
+    return [i for i, _ in good], xs, bad, [len(x) for _, x in good]
 
 
 def default_batch_size(device: torch.device, spec: BackboneSpec) -> int:
@@ -124,9 +126,12 @@ def extract(
     progress: bool = True,
     records: Sequence[ImageRef] | None = None,
     channels_last: bool = True,
+    options: ImageOptions | None = None,
 ) -> ExtractSummary:
     """Embed every image of `data_dir` (or the given `records`, relative to it) with
-    `backbone` into its cache file; return what was done. See the module doc."""
+    `backbone` into its cache file; return what was done. See the module doc. `options`:
+    view (field | cells, cells mean-pooled per image), stain and colour handling
+    (`featsvm.features.preprocess`), part of the cache fingerprint."""
     t0 = time.perf_counter()
     root = Path(data_dir)
     dev = resolve_device(device)
@@ -139,7 +144,8 @@ def extract(
         records = found.records
         skipped.extend(found.skipped)
 
-    spec, info, pre = describe(backbone, weights, weights_dir, layer)
+    opt_dict = (options or ImageOptions()).to_dict()
+    spec, info, pre = describe(backbone, weights, weights_dir, layer, opt_dict)
     batch_size = default_batch_size(dev, spec) if batch_size is None else batch_size
     path = Path(cache_dir) / file_name(backbone, info.sha256, pre, precision)
     attrs = {
@@ -157,7 +163,7 @@ def extract(
         "versions": json.dumps(versions(), sort_keys=True),
         "created": now_iso(),
         "extract_command": extract_command(
-            root, backbone, weights, weights_dir, cache_dir, precision, layer
+            root, backbone, weights, weights_dir, cache_dir, precision, layer, opt_dict
         ),
     }
     with CacheWriter(path, attrs) as writer:
@@ -177,7 +183,7 @@ def extract(
         n_new = 0
         if todo:
             n_new = _run(writer, root, todo, backbone, weights, weights_dir, layer, dev,
-                         precision, batch_size, workers, progress, channels_last, skipped)
+                         precision, batch_size, workers, progress, channels_last, skipped, pre)
         compute = time.perf_counter() - t1
         if n_new and compute > 0:  # the report's "extraction images/s" column reads this
             writer.note("images_per_s", n_new / compute)
@@ -207,6 +213,7 @@ def _run(
     progress: bool,
     channels_last: bool,
     skipped: list[tuple[str, str]],
+    preprocessing: dict[str, Any],
 ) -> int:
     from tqdm import tqdm
 
@@ -217,7 +224,7 @@ def _run(
         torch.backends.cudnn.benchmark = True
     n_workers = default_workers(dev) if workers is None else workers
     loader = DataLoader(
-        _ImageFiles(root, todo, loaded.preprocessing),
+        _ImageFiles(root, todo, preprocessing),
         batch_size=batch_size,
         shuffle=False,
         num_workers=n_workers,
@@ -232,7 +239,7 @@ def _run(
                dynamic_ncols=True)
     try:
         with torch.inference_mode():
-            for idx, xs, bad in loader:
+            for idx, xs, bad, counts in loader:
                 for i, reason in bad:
                     skipped.append((todo[i].relpath, reason))
                     bar.write(f"skipped {todo[i].relpath}: {reason}")
@@ -240,7 +247,7 @@ def _run(
                     xs = xs.to(dev, non_blocking=True, memory_format=memory_format)
                     with autocast_context(dev, precision):
                         emb = embedder(xs)
-                    feats = emb.float().cpu().numpy()
+                    feats = pool(emb.float().cpu().numpy(), counts)  # cells -> one row
                     items = [todo[i] for i in idx]
                     writer.append(feats, [r.sha256 for r in items], [r.relpath for r in items],
                                   [r.label for r in items])

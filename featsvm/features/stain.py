@@ -30,9 +30,8 @@ import numpy as np
 from PIL import Image
 
 from featsvm.errors import UsageError
+from featsvm.names import COLOURS
 
-COLOURS = ("rgb", "grey", "hematoxylin")
-STAINS = ("none", "reinhard")
 BLACK_LEVEL = 0.06  # max channel below this: background of a segmented / suppressed crop
 # fixed range of the rgb2hed hematoxylin channel mapped to [0, 1] (0: no stain)
 H_RANGE = (0.0, 0.25)

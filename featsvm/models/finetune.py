@@ -63,7 +63,15 @@ from featsvm.evaluation import metrics as fm
 from featsvm.fileio import FileLock, atomic_path, write_text_atomic
 from featsvm.labels import LABELS
 from featsvm.models.networks import FinetuneError, apply_freeze, build_model, split_trunk
-from featsvm.models.pixels import ImageSet, Normaliser, augment, batches, dihedral, preload
+from featsvm.models.pixels import (
+    ImageSet,
+    Normaliser,
+    augment,
+    batches,
+    dihedral,
+    hed_jitter,
+    preload,
+)
 from featsvm.names import BASIC_CNN, MODELS
 
 SELECT_METRICS = ("macro_f1", "balanced_accuracy")
@@ -102,6 +110,8 @@ class FinetuneConfig:
     class_weights: str = "balanced"
     augment: bool = True
     color_jitter: float = 0.1  # +-10 % brightness, contrast, saturation
+    # HED-space stain augmentation strength (models.pixels.hed_jitter); 0 = off. Training only.
+    stain_jitter: float = 0.0
     select_metric: str = "macro_f1"
     patience: int = 5  # epochs without val improvement before stopping; 0 = never stop early
     # Wall-clock cap on training (minutes, 0 = none; the frozen-trunk cache counts): no epoch
@@ -147,6 +157,8 @@ class FinetuneConfig:
             raise ConfigError("[finetune] cache_views must be between 1 and 8")
         if not 0.0 <= self.color_jitter < 1.0:
             raise ConfigError("[finetune] color_jitter must be in [0, 1)")
+        if not 0.0 <= self.stain_jitter < 1.0:
+            raise ConfigError("[finetune] stain_jitter must be in [0, 1)")
         return self
 
     def for_model(self, model: str | None = None, **changes: Any) -> FinetuneConfig:
@@ -182,6 +194,8 @@ def fingerprint(cfg: FinetuneConfig, split_sha256: str, weights: dict[str, Any],
     for key in ("models", "overrides", "device", "threads", "workers", "n_boot",
                 "cache_max_gb"):
         settings.pop(key)
+    if not settings.get("stain_jitter"):  # off: fingerprints of earlier runs stay valid
+        settings.pop("stain_jitter", None)
     blob = json.dumps(
         {"settings": settings, "split": split_sha256, "weights": weights,
          "data_dir": str(Path(data_dir).resolve())},
@@ -247,6 +261,8 @@ class PixelFeeder:
         x = self.sets["train"].pixels[idx].float().div_(255.0)
         if self.cfg.augment:
             x = augment(x, gen, self.cfg.color_jitter)
+            if self.cfg.stain_jitter > 0:
+                x = hed_jitter(x, gen, self.cfg.stain_jitter)
         return self._prep(x)
 
     def eval(self, split: str, sl: slice) -> torch.Tensor:

@@ -32,6 +32,7 @@ from featsvm.names import HEADS
 from featsvm.runs import RunRecord, finish_run, new_run_dir, now_iso, save_joblib, versions
 
 MODEL_FILE = "model.joblib"
+OOD_FILE = "ood.joblib"
 
 
 def _extract_hint(cached: Any) -> str:
@@ -85,9 +86,13 @@ def fit(
     precision: str = "fp32",
     layer: str | None = None,
     progress: bool = True,
+    options: Any = None,
 ) -> RunRecord:
     """Fit `head` on the cached `backbone` embeddings of the split's train images, score val
-    and test, and write a complete run record (see the module docstring)."""
+    and test, and write a complete run record (see the module docstring). `options`: the
+    `featsvm.features.preprocess.ImageOptions` the cache was extracted with (view, stain,
+    colour). The run also gets an out-of-distribution flag (`evaluation.ood.OODFlag`) fitted
+    on the train embeddings with its threshold at the 95 % quantile of the val images."""
     from featsvm.features.cache import locate_cache, read_cache
 
     if head not in HEADS:
@@ -95,7 +100,9 @@ def fit(
     cfg = config or HeadConfig()
     t_start = time.perf_counter()
     manifest = read_manifest(split_path)
-    cache_file = locate_cache(cache_dir, backbone, weights, weights_dir, precision, layer)
+    opt_dict = options.to_dict() if options is not None else None
+    cache_file = locate_cache(cache_dir, backbone, weights, weights_dir, precision, layer,
+                              opt_dict)
     cached = read_cache(cache_file)
     feats, rows = load_split_features(manifest, cached)
     if not rows["train"]:
@@ -125,8 +132,11 @@ def fit(
     relpaths = [r.relpath for r in scored]
     metrics = score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
 
+    ood_flag, ood_info = fit_ood_flag(feats, rows)
     run_dir = new_run_dir(runs_dir, backbone, head)
     model_sha = save_joblib(run_dir, fitted, MODEL_FILE)
+    if ood_flag is not None and ood_info is not None:
+        ood_info |= {"file": OOD_FILE, "sha256": save_joblib(run_dir, ood_flag, OOD_FILE)}
     timing: dict[str, Any] = {
         "fit_seconds": fit_seconds,
         **fitted.timing,
@@ -139,13 +149,30 @@ def fit(
             timing["extract_images_per_s"] = cached.attrs[key]
     config_json = _run_config(run_dir.name, backbone, head, layer, cfg, manifest, rows,
                               cache_file, cached, int(feats["train"].shape[1]), fitted,
-                              model_sha, timing)
+                              model_sha, timing, options=options, ood=ood_info)
     record = finish_run(
         run_dir, config_json, metrics, relpaths, [r.sha256 for r in scored],
         [r.split for r in scored], [r.label for r in scored], proba,
     )
     say(f"run record: {Path(run_dir)}")
     return record
+
+
+def fit_ood_flag(feats: dict[str, np.ndarray], rows: dict[str, list[Any]]
+                 ) -> tuple[Any, dict[str, Any] | None]:
+    """OOD flag fitted on the train embeddings, threshold at 95 % of val (None without val)."""
+    from featsvm.evaluation.ood import OODFlag
+
+    if not rows["val"] or len(rows["train"]) <= 2:
+        return None, None
+    flag = OODFlag().fit(feats["train"]).calibrate(feats["val"])
+    return flag, {
+        "method": "Mahalanobis (Ledoit-Wolf) on the PCA of the standardised embedding "
+                  "+ PCA residual, fitted on train",
+        "n_components": int(flag.fitted_["pca"].n_components_),
+        "quantile": flag.quantile, "threshold": flag.threshold, "threshold_from": "val",
+        "rate_test": float(flag.flag(feats["test"]).mean()),
+    }
 
 
 def fit_and_calibrate(feats: dict[str, np.ndarray], rows: dict[str, list[Any]], head: str,
@@ -167,13 +194,17 @@ def fit_and_calibrate(feats: dict[str, np.ndarray], rows: dict[str, list[Any]], 
 
 def _run_config(run_id: str, backbone: str, head: str, layer: str | None, cfg: HeadConfig,
                 manifest: Manifest, rows: dict[str, list[Any]], cache_file: Path, cached: Any,
-                dim: int, fitted: FittedHead, model_sha: str, timing: dict[str, Any]
-                ) -> dict[str, Any]:
+                dim: int, fitted: FittedHead, model_sha: str, timing: dict[str, Any],
+                options: Any = None, ood: dict[str, Any] | None = None) -> dict[str, Any]:
     """config.json of a head run."""
     attrs = cached.attrs
     pre = attrs.get("preprocessing", {})
     # an explicitly chosen embedding layer is part of the model's name (report rows)
     model_backbone = f"{backbone}[{attrs.get('layer')}]" if layer else backbone
+    if options is not None and options.to_dict():  # e.g. "alexnet<cells+reinhard> + logreg"
+        from featsvm.features.preprocess import input_name
+
+        model_backbone += f"<{input_name(options)}>"
     return {
         "run_id": run_id,
         "kind": "head",
@@ -213,6 +244,7 @@ def _run_config(run_id: str, backbone: str, head: str, layer: str | None, cfg: H
         "cv": _cv_block(cfg, fitted),
         "calibration": _calibration_block(fitted),
         "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed, "unit": "duplicate group"},
+        "ood": ood,
     }
 
 

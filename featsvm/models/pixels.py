@@ -158,6 +158,29 @@ def augment(x: torch.Tensor, gen: torch.Generator, jitter: float) -> torch.Tenso
     return x
 
 
+def hed_jitter(x: torch.Tensor, gen: torch.Generator, sigma: float) -> torch.Tensor:
+    """Stain augmentation in HED space (Tellez et al. 2019), per image: optical density is
+    deconvolved into hematoxylin / eosin / DAB with scikit-image's stain matrices
+    (``skimage.color.hed_from_rgb``), each stain scaled by ``1 + U(-sigma, sigma)`` and shifted
+    by ``U(-sigma, sigma)`` x 0.05, and recombined. Black (segmented background) stays black.
+
+    x: float [B, 3, H, W] in [0, 1].
+    """
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    b = x.shape[0]
+    to_hed = torch.as_tensor(hed_from_rgb, dtype=x.dtype)
+    to_rgb = torch.as_tensor(rgb_from_hed, dtype=x.dtype)
+    od = -torch.log(x.clamp(min=1e-3, max=1.0))  # optical density, [B, 3, H, W]
+    hed = torch.einsum("bchw,cd->bdhw", od, to_hed)
+    alpha = 1.0 + (torch.rand(b, 3, generator=gen) * 2 - 1) * sigma
+    beta = (torch.rand(b, 3, generator=gen) * 2 - 1) * sigma * 0.05
+    hed = hed * alpha.view(b, 3, 1, 1).to(x.dtype) + beta.view(b, 3, 1, 1).to(x.dtype)
+    out = torch.exp(-torch.einsum("bdhw,dc->bchw", hed, to_rgb)).clamp(0.0, 1.0)
+    black = (x.amax(dim=1, keepdim=True) < 0.06)
+    return torch.where(black, x, out)
+
+
 def dihedral(x: torch.Tensor, d: int) -> torch.Tensor:
     """The d-th (0..7) of the 8 flips/rotations of images [..., H, W] (0 = identity)."""
     x = torch.rot90(x, d % 4, dims=(-2, -1))

@@ -1,0 +1,242 @@
+"""Image options between a file and a backbone: view (field | cells), stain, colour.
+
+`ImageOptions` are part of the preprocessing dict of every cache and run record, hence of
+every fingerprint; only non-default values are written, so the fingerprints of plain
+``field / none / rgb`` caches made before these options existed stay valid.
+
+* ``view = "field"``: the whole image, through the backbone's own transform (resize, crop).
+* ``view = "cells"``: the white cells found by `featsvm.features.cells` (at most ``max_cells``,
+  largest first), each cropped at a normalised scale (``cell_size`` pixels, the cell spanning
+  80 % of it) with the background blacked out; a segmented single-cell image is one cell.
+  **An image's embedding is the mean of its cells' embeddings** (pooled embedding: one cache
+  row per image, so heads, CV and the cache work unchanged). A field where no cell is found
+  is embedded whole, resized to ``cell_size`` (`featsvm cells DATA` lists such fields).
+* ``stain = "reinhard"``: Reinhard normalisation of each input (crop or field) to
+  ``stain_reference`` (Lab mean and std), computed from the TRAIN images of a split manifest
+  only (`reinhard_reference`), stored in the preprocessing dict.
+* ``colour = "grey" | "hematoxylin"``: colour-free input (`featsvm.features.stain.colour_free`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featsvm.errors import UsageError
+from featsvm.names import COLOURS, STAINS, VIEWS
+
+DEFAULT_CELL_SIZE = 112  # the 224-px Taleqani fields hold cells of ~25-30 px: 112 loses nothing
+DEFAULT_MAX_CELLS = 3
+REFERENCE_IMAGES = 300  # train images whose inputs form the stain reference
+OPTION_KEYS = ("view", "stain", "stain_reference", "colour", "cell_size", "max_cells")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    view: str = "field"
+    stain: str = "none"
+    stain_reference: tuple[float, ...] | None = None
+    colour: str = "rgb"
+    cell_size: int = DEFAULT_CELL_SIZE
+    max_cells: int = DEFAULT_MAX_CELLS
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("view", self.view, VIEWS), ("stain", self.stain, STAINS),
+                                     ("colour", self.colour, COLOURS)):
+            if value not in allowed:
+                raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.stain == "reinhard" and (self.stain_reference is None
+                                         or len(self.stain_reference) != 6):
+            raise UsageError("stain 'reinhard' needs a 6-number stain_reference (Lab mean, "
+                             "std) from training images; see featsvm.features.preprocess")
+        if self.cell_size < 32 or self.max_cells < 1:
+            raise UsageError("cell_size must be >= 32 and max_cells >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The non-default options (what goes into the preprocessing dict)."""
+        out: dict[str, Any] = {}
+        if self.view != "field":
+            out.update(view=self.view, cell_size=self.cell_size, max_cells=self.max_cells)
+        if self.stain != "none":
+            out.update(stain=self.stain,
+                       stain_reference=[round(float(v), 4) for v in self.stain_reference or ()])
+        if self.colour != "rgb":
+            out["colour"] = self.colour
+        return out
+
+    @classmethod
+    def from_preprocessing(cls, pre: dict[str, Any]) -> ImageOptions:
+        ref = pre.get("stain_reference")
+        return cls(view=pre.get("view", "field"), stain=pre.get("stain", "none"),
+                   stain_reference=tuple(ref) if ref else None,
+                   colour=pre.get("colour", "rgb"),
+                   cell_size=int(pre.get("cell_size", DEFAULT_CELL_SIZE)),
+                   max_cells=int(pre.get("max_cells", DEFAULT_MAX_CELLS)))
+
+    def describe(self) -> str:
+        parts = [f"view {self.view}"]
+        if self.view == "cells":
+            parts.append(f"{self.cell_size}-px cells, <= {self.max_cells} per image, mean-pooled")
+        if self.stain != "none":
+            parts.append(f"stain {self.stain}")
+        if self.colour != "rgb":
+            parts.append(f"colour {self.colour}")
+        return ", ".join(parts)
+
+
+def backbone_part(pre: dict[str, Any]) -> dict[str, Any]:
+    """The preprocessing dict without the image options (what the backbone spec builds)."""
+    return {k: v for k, v in pre.items() if k not in OPTION_KEYS}
+
+
+def _inputs(image, opts: ImageOptions) -> tuple[list, bool]:
+    """(images to embed, are they cell crops) for one PIL image."""
+    from featsvm.features.cells import cell_crops
+
+    if opts.view == "cells":
+        crops = cell_crops(image, size=opts.cell_size, suppress_background=True,
+                           max_cells=opts.max_cells)
+        return (crops or [image.resize((opts.cell_size, opts.cell_size))]), True
+    return [image], False
+
+
+def _recolour(images: list, opts: ImageOptions) -> list:
+    from featsvm.features import stain
+
+    if opts.stain == "reinhard":
+        ref = stain.LabStats.from_list(opts.stain_reference or ())
+        images = [stain.reinhard(im, ref) for im in images]
+    if opts.colour != "rgb":
+        images = [stain.colour_free(im, opts.colour) for im in images]
+    return images
+
+
+def image_transform(pre: dict[str, Any]) -> Callable[[Any], Any]:
+    """PIL RGB image -> float tensor [k, 3, H, W] (k = 1 for the field view, the number of
+    cells for the cell view) as described by a preprocessing dict."""
+    import torch
+    from torchvision import transforms as T
+
+    from featsvm.features.backbones import make_transform
+
+    opts = ImageOptions.from_preprocessing(pre)
+    field_tf = make_transform(pre)
+    crop_tf = T.Compose([T.ToTensor(), T.Normalize(list(pre["mean"]), list(pre["std"]))])
+
+    def transform(image) -> torch.Tensor:
+        images, crops = _inputs(image.convert("RGB"), opts)
+        tf = crop_tf if crops else field_tf
+        return torch.stack([tf(im) for im in _recolour(images, opts)])
+
+    return transform
+
+
+def pool(embeddings: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Mean of consecutive row blocks of sizes `counts` (one row per image)."""
+    out = np.empty((len(counts), embeddings.shape[1]), dtype=embeddings.dtype)
+    start = 0
+    for i, n in enumerate(counts):
+        out[i] = embeddings[start:start + n].mean(axis=0)
+        start += n
+    return out
+
+
+# ------------------------------------------------------------------------------ stain reference
+
+
+def reference_path(split_path: str | os.PathLike[str], view: str) -> Path:
+    p = Path(split_path)
+    return p.with_name(f"{p.name}.reinhard-{view}.json")
+
+
+def reinhard_reference(
+    split_path: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None,
+    view: str = "field",
+    cell_size: int = DEFAULT_CELL_SIZE,
+    max_cells: int = DEFAULT_MAX_CELLS,
+) -> tuple[float, ...]:
+    """The Reinhard reference of a split: Lab statistics of the inputs (fields or cell crops) of
+    every k-th TRAIN image (at most REFERENCE_IMAGES), computed once and kept next to the
+    manifest (``<split>.reinhard-<view>.json``, tied to the manifest's sha256). Never from
+    val/test or external images."""
+    from featsvm.data.dataset import load_rgb
+    from featsvm.data.manifest import read_manifest
+    from featsvm.features import stain
+    from featsvm.fileio import write_text_atomic
+
+    manifest = read_manifest(split_path)
+    side = reference_path(split_path, view)
+    if side.is_file():
+        rec = json.loads(side.read_text())
+        if rec.get("split_sha256") == manifest.sha256 and rec.get("cell_size") == cell_size:
+            return tuple(rec["lab"])
+    if data_dir is None:
+        raise UsageError(f"no stain reference {side} for this split yet: run `featsvm extract "
+                         f"DATA_DIR ... --stain reinhard --split {split_path}` first")
+    train = manifest.subset("train")
+    if not train:
+        raise UsageError(f"{split_path} has no train images to take a stain reference from")
+    step = max(1, len(train) // REFERENCE_IMAGES)
+    opts = ImageOptions(view=view, cell_size=cell_size, max_cells=max_cells)
+    inputs = [im for r in train[::step]
+              for im in _inputs(load_rgb(Path(data_dir) / r.relpath), opts)[0]]
+    ref = stain.reference_from_images(inputs).to_list()
+    write_text_atomic(side, json.dumps({
+        "lab": ref, "view": view, "cell_size": cell_size, "split_sha256": manifest.sha256,
+        "n_train_images": len(train[::step]), "n_inputs": len(inputs),
+        "rule": f"every {step}th train image of the manifest",
+    }, indent=2) + "\n")
+    return tuple(ref)
+
+
+def resolve_options(
+    view: str = "field",
+    stain: str = "none",
+    colour: str = "rgb",
+    split_path: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> ImageOptions:
+    """ImageOptions from command-line values; `reinhard` takes its reference from the split's
+    train images (computed with `data_dir`, or read from the file a previous extract wrote)."""
+    ref = None
+    if stain == "reinhard":
+        if split_path is None:
+            raise UsageError("--stain reinhard needs --split (the reference comes from its "
+                             "train images)")
+        ref = reinhard_reference(split_path, data_dir, view)
+    return ImageOptions(view=view, stain=stain, stain_reference=ref, colour=colour)
+
+
+def parse_input(spec: str) -> tuple[str, str, str]:
+    """(view, stain, colour) of a study input name such as ``field``, ``cells``,
+    ``cells+reinhard`` or ``cells+grey`` (view first, then any of a stain and a colour)."""
+    view, *rest = spec.split("+")
+    stain, colour = "none", "rgb"
+    for part in rest:
+        if part in STAINS:
+            stain = part
+        elif part in COLOURS:
+            colour = part
+        else:
+            raise UsageError(f"input {spec!r}: {part!r} is neither a stain ({', '.join(STAINS)}) "
+                             f"nor a colour ({', '.join(COLOURS)})")
+    if view not in VIEWS:
+        raise UsageError(f"input {spec!r} must start with a view: {', '.join(VIEWS)}")
+    return view, stain, colour
+
+
+def input_name(options: ImageOptions) -> str:
+    """The inverse of `parse_input` (``field`` for the defaults)."""
+    parts = [options.view]
+    if options.stain != "none":
+        parts.append(options.stain)
+    if options.colour != "rgb":
+        parts.append(options.colour)
+    return "+".join(parts)
