@@ -100,6 +100,15 @@ def test_cells_and_reinhard_through_extract_fit_predict(tiny: dict[str, Path]) -
     assert "ood:" in r.output
     rows = list(csv.DictReader(out.open()))
     assert {row["ood"] for row in rows} <= {"0", "1"}
+    assert "<cells+reinhard>" in rec.config["model"]
+
+    from featsvm.models.cv import cross_validate
+
+    cvrec = cross_validate("alexnet", "logreg", tiny["split"], cache_dir=cache, weights="none",
+                           runs_dir=tiny["root"] / "runs-cv", config=cfg, folds=2,
+                           progress=False, options=again)
+    assert cvrec.config["model"] == "alexnet<cells+reinhard> + logreg"
+    assert cvrec.config["preprocessing"]["view"] == "cells"
 
 
 def test_study_inputs_are_checked_on_load(tmp_path: Path) -> None:

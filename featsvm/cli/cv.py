@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from featsvm.names import HEADS
+from featsvm.names import COLOURS, HEADS, STAINS, VIEWS
 
 _COLS = (
     ("accuracy", ("accuracy",)),
@@ -69,21 +69,31 @@ def summary(metrics: dict[str, Any]) -> str:
               help="TOML file: its [fit] section with [cv] overrides (e.g. a smaller grid).")
 @click.option("--precision", type=click.Choice(("fp32", "bf16", "fp16")), default="fp32",
               show_default=True, help="Precision the cache was extracted with.")
+@click.option("--view", default="field", show_default=True, type=click.Choice(VIEWS),
+              help="Input view the cache was extracted with (field | cells).")
+@click.option("--stain", default="none", show_default=True, type=click.Choice(STAINS),
+              help="Stain handling the cache was extracted with.")
+@click.option("--colour", default="rgb", show_default=True, type=click.Choice(COLOURS),
+              help="Colour handling the cache was extracted with.")
 @click.option("--quiet", is_flag=True, help="Less progress output.")
 def command(
     backbone: str, head: str, folds: int, split_path: Path, layer: str | None,
     weights: str | None, weights_dir: Path | None, cache_dir: Path, runs_dir: Path,
-    config_path: Path | None, precision: str, quiet: bool,
+    config_path: Path | None, precision: str, view: str, stain: str, colour: str,
+    quiet: bool,
 ) -> None:
     """Score every image of the split manifest out of fold: K grouped, stratified folds, the
     head tuned inside each fold's training part, metrics over the pooled predictions with
     95 % CIs by bootstrap over duplicate groups. Writes a run record of kind 'cv'."""
+    from featsvm.features.preprocess import resolve_options
     from featsvm.models.cv import cross_validate, load_cv_head_config
 
     cfg = load_cv_head_config(config_path)
+    options = resolve_options(view, stain, colour, split_path)
     rec = cross_validate(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
                          weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, folds=folds,
-                         precision=precision, layer=layer, progress=not quiet)
+                         precision=precision, layer=layer, progress=not quiet,
+                         options=options)
     c = rec.config
     pooled = rec.metrics["pooled"]
     click.echo(f"{c['model']}  ({c['weights']['label']}); {folds}-fold CV over "

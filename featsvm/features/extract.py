@@ -130,8 +130,7 @@ def extract(
 ) -> ExtractSummary:
     """Embed every image of `data_dir` (or the given `records`, relative to it) with
     `backbone` into its cache file; return what was done. See the module doc. `options`:
-    view (field | cells, cells mean-pooled per image), stain and colour handling
-    (`featsvm.features.preprocess`), part of the cache fingerprint."""
+    view / stain / colour (`featsvm.features.preprocess`), part of the fingerprint."""
     t0 = time.perf_counter()
     root = Path(data_dir)
     dev = resolve_device(device)
@@ -144,8 +143,8 @@ def extract(
         records = found.records
         skipped.extend(found.skipped)
 
-    opt_dict = (options or ImageOptions()).to_dict()
-    spec, info, pre = describe(backbone, weights, weights_dir, layer, opt_dict)
+    spec, info, pre = describe(backbone, weights, weights_dir, layer,
+                               opt_dict := (options or ImageOptions()).to_dict())
     batch_size = default_batch_size(dev, spec) if batch_size is None else batch_size
     path = Path(cache_dir) / file_name(backbone, info.sha256, pre, precision)
     attrs = {
@@ -167,18 +166,7 @@ def extract(
         ),
     }
     with CacheWriter(path, attrs) as writer:
-        seen: set[str] = set()
-        todo: list[ImageRef] = []
-        n_cached = n_dup = 0
-        for rec in records:
-            if rec.sha256 in seen:
-                n_dup += 1
-                continue
-            seen.add(rec.sha256)
-            if writer.has(rec.sha256):
-                n_cached += 1
-            else:
-                todo.append(rec)
+        todo, n_cached, n_dup = _partition(records, writer)
         t1 = time.perf_counter()
         n_new = 0
         if todo:
@@ -196,6 +184,24 @@ def extract(
         compute_seconds=compute if todo else 0.0,
         images_per_s=n_new / compute if n_new and compute > 0 else 0.0,
     )
+
+
+def _partition(records: Sequence[ImageRef], writer: CacheWriter
+               ) -> tuple[list[ImageRef], int, int]:
+    """(records to compute, number already cached, number of duplicate files)."""
+    seen: set[str] = set()
+    todo: list[ImageRef] = []
+    n_cached = n_dup = 0
+    for rec in records:
+        if rec.sha256 in seen:
+            n_dup += 1
+            continue
+        seen.add(rec.sha256)
+        if writer.has(rec.sha256):
+            n_cached += 1
+        else:
+            todo.append(rec)
+    return todo, n_cached, n_dup
 
 
 def _run(

@@ -280,9 +280,11 @@ def cross_validate(
     precision: str = "fp32",
     layer: str | None = None,
     progress: bool = True,
+    options: Any = None,
 ) -> RunRecord:
     """K-fold CV of `head` on the cached `backbone` embeddings of every image of the manifest;
-    writes a run record of kind ``cv`` (see the module doc)."""
+    writes a run record of kind ``cv`` (see the module doc). `options`: the
+    `featsvm.features.preprocess.ImageOptions` (view, stain, colour) of the cache."""
     from featsvm.features.cache import locate_cache, read_cache
 
     if head not in HEADS:
@@ -292,7 +294,8 @@ def cross_validate(
     manifest = read_manifest(split_path)
     if not manifest.rows:
         raise ManifestError(f"split manifest {manifest.path} lists no images")
-    cache_file = locate_cache(cache_dir, backbone, weights, weights_dir, precision, layer)
+    cache_file = locate_cache(cache_dir, backbone, weights, weights_dir, precision, layer,
+                              options.to_dict() if options is not None else None)
     cached = read_cache(cache_file)
     X = _features_for_all(manifest, cached)
     rows = manifest.rows
@@ -316,7 +319,7 @@ def cross_validate(
     })
     folds_sha = write_sidecar(run_dir / FOLDS_FILE)
     config_json = _run_config(run_dir, backbone, head, layer, cfg, folds, manifest, cached,
-                              cache_file, int(X.shape[1]), res, folds_sha, t_start)
+                              cache_file, int(X.shape[1]), res, folds_sha, t_start, options)
     record = finish_run(
         run_dir, config_json, metrics, [r.relpath for r in rows], [r.sha256 for r in rows],
         [POOLED] * len(rows), y, res.proba, folds=[int(f) for f in res.fold],
@@ -328,12 +331,16 @@ def cross_validate(
 def _run_config(
     run_dir: Path, backbone: str, head: str, layer: str | None, cfg: HeadConfig, folds: int,
     manifest: Manifest, cached: Any, cache_file: Path, dim: int, res: CVResult,
-    folds_sha: str, t_start: float,
+    folds_sha: str, t_start: float, options: Any = None,
 ) -> dict[str, Any]:
     """config.json of a CV run (the keys of a head run's, kind ``cv``)."""
     attrs = cached.attrs
     pre = attrs.get("preprocessing", {})
     model_backbone = f"{backbone}[{attrs.get('layer')}]" if layer else backbone
+    if options is not None and options.to_dict():  # e.g. "alexnet<cells> + logreg"
+        from featsvm.features.preprocess import input_name
+
+        model_backbone += f"<{input_name(options)}>"
     calibrated = res.calibration != "none"
     return {
         "run_id": run_dir.name,

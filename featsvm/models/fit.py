@@ -89,10 +89,8 @@ def fit(
     options: Any = None,
 ) -> RunRecord:
     """Fit `head` on the cached `backbone` embeddings of the split's train images, score val
-    and test, and write a complete run record (see the module docstring). `options`: the
-    `featsvm.features.preprocess.ImageOptions` the cache was extracted with (view, stain,
-    colour). The run also gets an out-of-distribution flag (`evaluation.ood.OODFlag`) fitted
-    on the train embeddings with its threshold at the 95 % quantile of the val images."""
+    and test, and write a complete run record with an OOD flag (`fit_ood_flag`). `options`:
+    the `ImageOptions` (view, stain, colour) the cache was extracted with."""
     from featsvm.features.cache import locate_cache, read_cache
 
     if head not in HEADS:
