@@ -128,12 +128,13 @@ def embed_all(paths: list[Path], emb: Embedder, reference, work: Path, tag: str,
             return [stain.colour_free(c, "grey") for c in ims]
         return ims
 
+    need_cells = need_colour or any(v != "field" for v in todo)
     for start in range(0, len(paths), chunk):
         imgs, crop_lists = [], []
         for p in paths[start:start + chunk]:
             img = Image.open(p).convert("RGB")
-            crops = cell_crops(img, size=cell_size, suppress_background=True,
-                               max_cells=max_cells)
+            crops = (cell_crops(img, size=cell_size, suppress_background=True,
+                                max_cells=max_cells) if need_cells else [])
             imgs.append(img)
             crop_lists.append(crops)
             feats["n_cells"].append(len(crops))
@@ -242,6 +243,9 @@ def main() -> None:
                     help="largest cells pooled per field (bounds the CPU time)")
     ap.add_argument("--reference-images", type=int, default=300,
                     help="train images whose cell crops form the Reinhard reference")
+    ap.add_argument("--field-cache", default=None,
+                    help="featsvm cache of the same backbone (field view) to take the Taleqani "
+                    "field embeddings from instead of recomputing them")
     ap.add_argument("--limit", type=int, default=0, help="smoke test: every k-th image only")
     ap.add_argument("--lab-every", type=int, default=1,
                     help="use every k-th Taleqani image (CPU budget; the external set is whole)")
@@ -284,6 +288,14 @@ def main() -> None:
     emb = Embedder(args.backbone, args.weights_dir)
     tag = f"{args.backbone}-{man.sha256[:8]}-c{args.cell_size}-m{args.max_cells}-e{args.lab_every}"
     t0 = time.perf_counter()
+    field_npz = work / f"{tag}-taleqani-field.npz"
+    if args.field_cache and "field" in variants and not field_npz.is_file():
+        from featsvm.features.cache import read_cache
+
+        cached = read_cache(args.field_cache)
+        if cached.attrs["preprocessing"] != emb.loaded.preprocessing:
+            raise SystemExit(f"{args.field_cache}: preprocessing differs from {args.backbone}'s")
+        np.savez(field_npz, x=cached.lookup([r.sha256 for r in rows]))
     lab = embed_all([root / r.relpath for r in rows], emb, reference, work, f"{tag}-taleqani",
                     variants, args.cell_size, args.max_cells)
     ext = embed_all([Path(ext_dir) / r[0] for r in ext_rows], emb, reference, work,
