@@ -362,11 +362,12 @@ class StudyRun:
                         self.step(f"fit {_tag(backbone, spec)} + {head}", self.fit, backbone,
                                   head, spec, blocked=blocked)
             for backbone in cfg.backbones if cfg.cv_folds else ():
-                for head in cfg.heads:
-                    blocked = ("" if (backbone, "field") in self.extracted
-                               else f"extract {backbone} failed")
-                    self.step(f"cv {backbone} + {head}", self.cv, backbone, head,
-                              blocked=blocked)
+                for spec in cfg.inputs:
+                    for head in cfg.heads:
+                        blocked = ("" if (backbone, spec) in self.extracted
+                                   else f"extract {_tag(backbone, spec)} failed")
+                        self.step(f"cv {_tag(backbone, spec)} + {head}", self.cv, backbone,
+                                  head, spec, blocked=blocked)
             if cfg.finetune:
                 for model in self.study.finetune.models:
                     self.step(f"finetune {model}", self.finetune, model)
@@ -468,14 +469,15 @@ class StudyRun:
         self.result.run_ids.append(rec.run_id)
         return "done", _headline(rec)
 
-    def cv(self, backbone: str, head: str) -> StepOutcome:
+    def cv(self, backbone: str, head: str, spec: str = "field") -> StepOutcome:
         from featsvm.features.cache import locate_cache, read_cache
         from featsvm.models.cv import cross_validate, find_cv_run
 
         cfg, study = self.cfg, self.study
+        options = self._options(spec)
         cache_file = locate_cache(cfg.cache, backbone, self._weights(backbone),
                                   self._weights_dir(), study.extract.precision,
-                                  cfg.layers.get(backbone))
+                                  cfg.layers.get(backbone), options.to_dict())
         fp = read_cache(cache_file).attrs.get("fingerprint")
         existing, _ = list_runs(self.runs_dir)
         found = find_cv_run(existing, backbone, head, self.manifest.sha256, fp, study.cv,
@@ -487,7 +489,7 @@ class StudyRun:
                              weights=self._weights(backbone), weights_dir=self._weights_dir(),
                              runs_dir=self.runs_dir, config=study.cv, folds=cfg.cv_folds,
                              precision=study.extract.precision, layer=cfg.layers.get(backbone),
-                             progress=self.progress)
+                             progress=self.progress, options=options)
         self.result.run_ids.append(rec.run_id)
         return "done", _headline(rec)
 
