@@ -196,7 +196,10 @@ class Predictor:
             feats = embed(images)
             return head.predict_proba(feats), ood_flag.flag(feats)
 
-        return cls(record, proba, transform, proba_ood if ood_flag is not None else None,
+        def first(im: Any) -> Any:  # one tensor [3, H, W] per image (the field, or its
+            return transform(im)[0]  # largest cell in the cell view), for featsvm.explain
+
+        return cls(record, proba, first, proba_ood if ood_flag is not None else None,
                    embedder=embedder, head=head, device=dev)
 
     @classmethod
