@@ -28,10 +28,11 @@ Config sections: ``[study]`` (this module: paths, seed, ratios, what to run), ``
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from featsvm.config import ConfigError, load_toml, section
 from featsvm.errors import FeatsvmError, StudyError
 from featsvm.fileio import sha256_file, write_json_atomic
 from featsvm.runs import RunRecord, list_runs
+
+logger = logging.getLogger(__name__)
 
 DATA_HELP = (
     "The dataset is the Kaggle 'Acute Lymphoblastic Leukemia (ALL) image dataset' "
@@ -168,8 +171,7 @@ def _split_meta_path(split_path: Path) -> Path:
     return split_path.with_name(split_path.name + ".study.json")
 
 
-def ensure_split(data_dir: Path, study: Study, log: Callable[[str], None],
-                 progress: bool = True) -> tuple[Path, bool]:
+def ensure_split(data_dir: Path, study: Study, progress: bool = True) -> tuple[Path, bool]:
     """The split manifest for this data and these settings: reused when its recorded settings
     and sha256 match, else (re)made. Returns (path, reused)."""
     cfg = study.study
@@ -183,15 +185,18 @@ def ensure_split(data_dir: Path, study: Study, log: Callable[[str], None],
             meta = {}
         if meta.get("settings") == settings and meta.get("sha256") == sha256_file(split_path):
             return split_path, True
-        log(f"split: {split_path} was made with other settings or changed; re-splitting")
+        logger.info("split: %s was made with other settings or changed; re-splitting",
+                    split_path)
     elif split_path.is_file():
         problem = _manifest_mismatch(split_path, data_dir)
         if problem is None:
-            log(f"split: reusing {split_path}, made outside `featsvm run` (its seed and ratios "
-                f"are not recorded; delete it to re-split with the [study] settings)")
+            logger.info("split: reusing %s, made outside `featsvm run` (its seed and ratios are "
+                        "not recorded; delete it to re-split with the [study] settings)",
+                        split_path)
             return split_path, True
-        log(f"split: {split_path} does not match {data_dir} ({problem}); re-splitting")
-    _make_split(data_dir, split_path, cfg, study.split_options, progress, log)
+        logger.info("split: %s does not match %s (%s); re-splitting", split_path, data_dir,
+                    problem)
+    _make_split(data_dir, split_path, cfg, study.split_options, progress)
     write_json_atomic(meta_path, {"settings": settings, "sha256": sha256_file(split_path)})
     return split_path, False
 
@@ -215,7 +220,7 @@ def _manifest_mismatch(split_path: Path, data_dir: Path) -> str | None:
 
 
 def _make_split(data_dir: Path, out: Path, cfg: StudyConfig, options: dict[str, Any],
-                progress: bool, log: Callable[[str], None]) -> None:
+                progress: bool) -> None:
     """`featsvm.data.split.make_split` with the ``[split]`` table: ``subset``, ``class_map`` and a
     ``[split.duplicates]`` sub-table (`featsvm.data.duplicates.DuplicateConfig`)."""
     from featsvm.config import build
@@ -228,21 +233,14 @@ def _make_split(data_dir: Path, out: Path, cfg: StudyConfig, options: dict[str, 
         raise ConfigError(f"[split]: unknown key(s) {unknown}; allowed: class_map, duplicates, "
                           "subset (seed, ratios and folds are set in [study])")
     dup = opts.pop("duplicates", None)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        def bar(it: Iterable, **kw: Any) -> Iterable:
-            return tqdm(it, unit="img", leave=False, **kw)
-
     result = split_mod.make_split(
         data_dir, out, seed=cfg.seed, ratios=tuple(cfg.ratios),  # type: ignore[arg-type]
         folds=cfg.folds or None,
         duplicate_config=build(DuplicateConfig, dup, "[split.duplicates]") if dup else None,
-        progress=bar, **opts,
+        progress=progress, **opts,
     )
     for line in split_mod.summary_lines(result, max_groups=5):
-        log(f"  {line}")
+        logger.info("  %s", line)
 
 
 def _weights_for(cfg: StudyConfig, backbone: str) -> str | None:
@@ -305,13 +303,12 @@ def find_finetune_run(runs: list[RunRecord], fp: str) -> RunRecord | None:
 def run_study(
     config_path: str | os.PathLike[str],
     data_dir: str | os.PathLike[str] | None = None,
-    log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> StudyResult:
     """Run (or complete) the study described by `config_path`; see the module docstring."""
     study = load_study(config_path)
     data = check_data_dir(Path(data_dir) if data_dir is not None else Path(study.study.data))
-    return StudyRun(study, data, log, progress).run()
+    return StudyRun(study, data, progress).run()
 
 
 def check_data_dir(data: Path) -> Path:
@@ -335,10 +332,9 @@ class StudyRun:
     method returning ``(status, detail)`` and recorded the same way by `step` (a failing step
     is logged and recorded, and the study goes on with the steps that do not depend on it)."""
 
-    def __init__(self, study: Study, data: Path, log: Callable[[str], None],
-                 progress: bool) -> None:
+    def __init__(self, study: Study, data: Path, progress: bool) -> None:
         self.study, self.cfg, self.data = study, study.study, data
-        self.log, self.progress = log, progress
+        self.progress = progress
         self.runs_dir = Path(self.cfg.runs)
         self.result = StudyResult()
         self.manifest: Any = None  # featsvm.data.manifest.Manifest, once the split step ran
@@ -382,22 +378,23 @@ class StudyRun:
         res = self.result
         if blocked:
             res.steps.append(Step(name, "failed", blocked))
-            self.log(f"FAILED {name}: {blocked}")
+            logger.error("FAILED %s: %s", name, blocked)
             return False
-        self.log(f"== {name}")
+        logger.info("== %s", name)
         t0 = time.perf_counter()
         try:
             status, detail = fn(*args)
         except Exception as exc:  # noqa: BLE001 - one failing step must not hide the others
             detail = f"{type(exc).__name__}: {exc}"
             res.steps.append(Step(name, "failed", detail, time.perf_counter() - t0))
-            self.log(f"FAILED {name}: {detail}")
-            if os.environ.get("FEATSVM_DEBUG"):
-                self.log(traceback.format_exc())
+            logger.error("FAILED %s: %s", name, detail)
+            # the traceback with -v (or FEATSVM_DEBUG=1, as before)
+            logger.log(logging.ERROR if os.environ.get("FEATSVM_DEBUG") else logging.DEBUG,
+                       "%s", traceback.format_exc())
             return False
         res.steps.append(Step(name, status, detail, time.perf_counter() - t0))
-        self.log(f"{'skipped' if status == 'skipped' else 'done'} {name}: {detail} "
-                 f"({time.perf_counter() - t0:.1f} s)")
+        logger.info("%s %s: %s (%.1f s)", "skipped" if status == "skipped" else "done", name,
+                    detail, time.perf_counter() - t0)
         return True
 
     # ---- settings per backbone
@@ -419,7 +416,7 @@ class StudyRun:
     def split(self) -> StepOutcome:
         from featsvm.data.manifest import read_manifest
 
-        path, reused = ensure_split(self.data, self.study, self.log, self.progress)
+        path, reused = ensure_split(self.data, self.study, self.progress)
         self.manifest = man = read_manifest(path)
         counts = ", ".join(f"{s} {len(man.subset(s))}" for s in ("train", "val", "test"))
         if reused:
@@ -504,7 +501,7 @@ class StudyRun:
             return "skipped", f"run {found.run_id} has the same training fingerprint"
         out = finetune(self.data, self.manifest.path, self.study.finetune.for_model(model),
                        weights=self._weights(model), weights_dir=self._weights_dir(),
-                       runs_dir=self.runs_dir, progress=self.progress, log=self.log)
+                       runs_dir=self.runs_dir, progress=self.progress)
         if out.record is None:
             raise StudyError(f"training stopped before the end; resumable in {out.run_dir}")
         self.result.run_ids.append(out.record.run_id)
@@ -520,7 +517,7 @@ class StudyRun:
                            config=self.study.report, only=res.run_ids)
         res.report_dir = rep.out_dir
         for note in rep.notes:
-            self.log(f"note: {note}")
+            logger.info("note: %s", note)
         return "done", f"{len(rep.files)} files in {rep.out_dir} (open index.html)"
 
 

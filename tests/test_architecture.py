@@ -69,3 +69,23 @@ def test_no_function_is_longer_than_80_lines() -> None:
             if lines > MAX_FUNCTION_LINES and f"{rel}::{name}" not in LONG_FUNCTION_ALLOWLIST:
                 too_long.append(f"{rel}:{node.lineno} {name} ({lines} lines)")
     assert not too_long, f"split these into named steps (or list a data table): {too_long}"
+
+
+def test_library_output_goes_through_logging() -> None:
+    """Outside featsvm/cli/, messages go through `logging` (and tqdm bars), never print,
+    click.echo or tqdm.write (featsvm/logs.py is the one place that writes them)."""
+    found = []
+    for path in sorted((REPO / "featsvm").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith("featsvm/cli/") or rel == "featsvm/logs.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            name = (f.id if isinstance(f, ast.Name)
+                    else f"{getattr(f.value, 'id', '?')}.{f.attr}" if isinstance(f, ast.Attribute)
+                    else "")
+            if name in ("print", "click.echo", "tqdm.write"):
+                found.append(f"{rel}:{node.lineno} {name}")
+    assert not found, found

@@ -51,7 +51,7 @@ def _run(tiny_split, tmp_path: Path, cfg: ft.FinetuneConfig = TINY, **kw) -> ft.
     data, split = tiny_split
     kw.setdefault("runs_dir", tmp_path / "runs")
     kw.setdefault("resume", False)
-    return ft.finetune(data, split, cfg, progress=False, log=lambda _m: None, **kw)
+    return ft.finetune(data, split, cfg, progress=False, **kw)
 
 
 def _history(run_dir: Path) -> list[dict[str, str]]:
@@ -253,7 +253,7 @@ def test_bad_and_changed_images_are_skipped_and_listed(tiny_split, tmp_path):
     victim = manifest.subset("train")[0].relpath
     (copy / victim).write_bytes(b"not a jpeg")
     res = ft.finetune(copy, split, dataclasses.replace(TINY, epochs=1), runs_dir=tmp_path / "r",
-                      resume=False, progress=False, log=lambda _m: None)
+                      resume=False, progress=False)
     assert [s["relpath"] for s in res.record.config["skipped"]] == [victim]
     assert "sha256" in res.record.config["skipped"][0]["reason"]
 

@@ -48,7 +48,7 @@ def cnn_run(tiny: dict[str, Path]) -> Path:
                          basic_cnn_channels=(4, 8), basic_cnn_dense=8, n_boot=10, workers=1,
                          device="cpu")
     res = finetune(tiny["data"], tiny["split"], cfg, runs_dir=tiny["root"] / "runs-e2e",
-                   progress=False, log=lambda _m: None)
+                   progress=False)
     assert res.record is not None
     return res.run_dir
 

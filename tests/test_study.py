@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -63,10 +64,15 @@ def tiny_study(tmp_path: Path) -> Path:
     return cfg
 
 
-def test_run_end_to_end_then_everything_is_skipped(tiny_study: Path) -> None:
+def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("featsvm")]
+
+
+def test_run_end_to_end_then_everything_is_skipped(tiny_study: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     root = tiny_study.parent
-    lines: list[str] = []
-    res = run_study(tiny_study, log=lines.append, progress=False)
+    caplog.set_level(logging.INFO, logger="featsvm")
+    res = run_study(tiny_study, progress=False)
     assert not res.failed, [(s.name, s.detail) for s in res.failed]
     assert [s.name for s in res.steps] == [
         "split", "extract efficientnet_lite0", "fit efficientnet_lite0 + logreg",
@@ -84,20 +90,20 @@ def test_run_end_to_end_then_everything_is_skipped(tiny_study: Path) -> None:
     assert {"head", "end_to_end", "published"} <= kinds
 
     # second run: split, cache, head and CNN are all reused and said to be
-    lines2: list[str] = []
-    res2 = run_study(tiny_study, log=lines2.append, progress=False)
+    caplog.clear()
+    res2 = run_study(tiny_study, progress=False)
     status = {s.name: s.status for s in res2.steps}
     assert status == {"split": "skipped", "extract efficientnet_lite0": "skipped",
                       "fit efficientnet_lite0 + logreg": "skipped", "finetune basic-cnn": "skipped",
                       "report": "done"}
     assert sorted(res2.run_ids) == sorted(res.run_ids)
-    assert sum(line.startswith("skipped ") for line in lines2) == 4
+    assert sum(line.startswith("skipped ") for line in _messages(caplog)) == 4
     assert len([p for p in (root / "runs").iterdir() if p.is_dir()]) == 2
 
     # a changed head grid refits only the head; split and cache are still reused
     text = tiny_study.read_text().replace("logreg_C = [1.0]", "logreg_C = [0.1]")
     tiny_study.write_text(text.replace('models = ["basic-cnn"]', "models = []"))
-    res3 = run_study(tiny_study, progress=False, log=lambda _m: None)
+    res3 = run_study(tiny_study, progress=False)
     status = {s.name: s.status for s in res3.steps}
     assert status == {"split": "skipped", "extract efficientnet_lite0": "skipped",
                       "fit efficientnet_lite0 + logreg": "done", "report": "done"}
@@ -120,7 +126,7 @@ def test_failed_backbone_is_reported_and_the_rest_goes_on(tiny_study: Path,
                         'efficientnet_lite0 = "none", vgg16 = "/no/such/file.pth"')
     text = text.replace("finetune = true", "finetune = false")
     tiny_study.write_text(text)
-    res = run_study(tiny_study, progress=False, log=lambda _m: None)
+    res = run_study(tiny_study, progress=False)
     status = {s.name: s.status for s in res.steps}
     assert status["extract vgg16"] == "failed"
     assert status["fit vgg16 + logreg"] == "failed"
@@ -138,7 +144,8 @@ def test_shipped_configs_load(name: str) -> None:
     assert "basic-cnn" in study.finetune.models
 
 
-def test_split_made_outside_run_is_reused_only_if_it_matches_the_data(tiny_study: Path) -> None:
+def test_split_made_outside_run_is_reused_only_if_it_matches_the_data(
+        tiny_study: Path, caplog: pytest.LogCaptureFixture) -> None:
     from featsvm.data.manifest import read_manifest, write_manifest
     from featsvm.data.split import make_split
     from featsvm.study import ensure_split
@@ -148,9 +155,9 @@ def test_split_made_outside_run_is_reused_only_if_it_matches_the_data(tiny_study
     data = Path(study.study.data)
     make_split(data, root / "split.csv", seed=0, ratios=(0.5, 0.25, 0.25))  # no .study.json
     before = (root / "split.csv").read_bytes()
-    msgs: list[str] = []
-    path, reused = ensure_split(data, study, msgs.append, progress=False)
-    assert reused and "made outside" in msgs[0]
+    caplog.set_level(logging.INFO, logger="featsvm")
+    path, reused = ensure_split(data, study, progress=False)
+    assert reused and "made outside" in _messages(caplog)[0]
     assert path.read_bytes() == before
 
     man = read_manifest(path)
@@ -158,19 +165,19 @@ def test_split_made_outside_run_is_reused_only_if_it_matches_the_data(tiny_study
     rows[0] = type(rows[0])(rows[0].relpath, "0" * 64, rows[0].label, rows[0].group,
                             rows[0].split)
     write_manifest(path, rows)
-    msgs.clear()
-    path, reused = ensure_split(data, study, msgs.append, progress=False)
-    assert not reused and "another sha256" in msgs[0]
+    caplog.clear()
+    path, reused = ensure_split(data, study, progress=False)
+    assert not reused and "another sha256" in _messages(caplog)[0]
     assert (root / "split.csv.study.json").is_file()
-    msgs.clear()
-    assert ensure_split(data, study, msgs.append, progress=False)[1]  # now recorded: reused
+    caplog.clear()
+    assert ensure_split(data, study, progress=False)[1]  # now recorded: reused
 
 
 def test_cv_step_headline_table_and_reuse(tiny_study: Path) -> None:
     root = tiny_study.parent
     text = tiny_study.read_text().replace("finetune = true", "finetune = false\ncv_folds = 3")
     tiny_study.write_text(text + "\n[cv]\nlogreg_C = [0.1]\n")
-    res = run_study(tiny_study, progress=False, log=lambda _m: None)
+    res = run_study(tiny_study, progress=False)
     assert not res.failed, [(s.name, s.detail) for s in res.failed]
     status = {s.name: s.status for s in res.steps}
     assert status["cv efficientnet_lite0 + logreg"] == "done"
@@ -183,5 +190,5 @@ def test_cv_step_headline_table_and_reuse(tiny_study: Path) -> None:
     html = (report / "index.html").read_text()
     assert "Pooled cross-validation: every image scored once (n = 32)" in html
     assert html.index("Pooled cross-validation") < html.index("Comparison table")
-    res2 = run_study(tiny_study, progress=False, log=lambda _m: None)
+    res2 = run_study(tiny_study, progress=False)
     assert {s.name: s.status for s in res2.steps}["cv efficientnet_lite0 + logreg"] == "skipped"

@@ -19,7 +19,7 @@ class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         import pkgutil
 
-        return sorted(m.name for m in pkgutil.iter_modules(__path__))
+        return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "options")
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         import importlib
@@ -41,5 +41,18 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="featsvm")
-def main() -> None:
+@click.option("-q", "--quiet", is_flag=True,
+              help="Only warnings and errors (and each command's result); no progress bars.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Debug messages too (e.g. the traceback of a failed study step).")
+@click.pass_context
+def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """Pretrained CNN features + SVM / logistic-regression heads for ALL cell images."""
+    from featsvm import logs
+    from featsvm.cli.options import QUIET_KEY
+
+    if quiet and verbose:
+        raise click.UsageError("-q/--quiet and -v/--verbose exclude each other")
+    ctx.meta[QUIET_KEY] = quiet
+    # the one place logging is configured (a command's own --quiet may lower it later)
+    logs.configure(logs.QUIET if quiet else logs.VERBOSE if verbose else logs.NORMAL)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from featsvm.cli import options
+
 
 @click.command("cells")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -17,13 +19,13 @@ import click
 @click.option("--limit", default=None, type=click.IntRange(1),
               help="Survey a seeded random sample of this many images (default: all).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@options.quiet()
 def command(data_dir: Path, preview: Path | None, n_preview: int, limit: int | None,
-            seed: int, quiet: bool) -> None:
+            seed: int) -> None:
     """Find the white cells of every image under DATA_DIR (a segmented single-cell image is
     one cell); print how many, and every image where none was found."""
     from featsvm.features.cells import survey
 
     res = survey(data_dir, preview=preview, n_preview=n_preview, limit=limit, seed=seed,
-                 progress=not quiet)
+                 progress=options.progress())
     click.echo(res.summary())

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import click
 
-from featsvm.names import BACKBONES, COLOURS, DEVICES, PRECISIONS, STAINS, VIEWS
+from featsvm.cli import options
+from featsvm.names import COLOURS, STAINS, VIEWS
 
 
 @click.command("extract")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--backbone", required=True, type=click.Choice(sorted(BACKBONES)),
-              help="Pretrained CNN to embed with.")
-@click.option("--weights", default=None, metavar="PATH|none|default",
-              help="Local state_dict file, 'none' (random init, labelled 'random') or "
-              "'default' (library ImageNet download). Default: --weights-dir if given, "
-              "else the library download.")
-@click.option("--weights-dir", default=None, type=click.Path(file_okay=False),
-              envvar="FEATSVM_WEIGHTS_DIR", show_envvar=True,
-              help="Offline weights folder with a weights.toml index (sha256-checked).")
-@click.option("--cache", "cache_dir", default="cache", show_default=True,
-              type=click.Path(file_okay=False), help="Folder of the HDF5 feature caches.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
-              help="fp16 is refused on the CPU (use bf16).")
+@options.backbone(help="Pretrained CNN to embed with.")
+@options.weights()
+@options.weights_dir()
+@options.cache()
+@options.device()
+@options.precision()
 @click.option("--batch-size", default=None, type=click.IntRange(1),
               help="Images per forward pass (default: the backbone's fastest CPU batch, e.g. 4 "
               "for VGG16, 32 for AlexNet; 64 on an accelerator).")
@@ -41,21 +34,21 @@ from featsvm.names import BACKBONES, COLOURS, DEVICES, PRECISIONS, STAINS, VIEWS
               help="grey / hematoxylin: colour-free input, to measure what colour carries.")
 @click.option("--split", "split_path", default=None, type=click.Path(dir_okay=False),
               help="Split manifest (needed by --stain reinhard for its reference).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@options.quiet()
 def command(data_dir, backbone, weights, weights_dir, cache_dir, device, precision, batch_size,
-            workers, layer, view, stain, colour, split_path, quiet) -> None:
+            workers, layer, view, stain, colour, split_path) -> None:
     """Embed every image of DATA_DIR with BACKBONE into CACHE (only images not cached yet)."""
     from featsvm.features.extract import extract
     from featsvm.features.preprocess import resolve_options
 
-    options = resolve_options(view, stain, colour, split_path, data_dir)
+    prep = resolve_options(view, stain, colour, split_path, data_dir)
     s = extract(data_dir, backbone, weights=weights, weights_dir=weights_dir,
                 cache_dir=cache_dir, device=device, precision=precision,
-                batch_size=batch_size, workers=workers, layer=layer, progress=not quiet,
-                options=options)
+                batch_size=batch_size, workers=workers, layer=layer,
+                progress=options.progress(), options=prep)
     click.echo(f"cache:     {s.cache_path}")
     click.echo(f"backbone:  {s.backbone} layer {s.layer} ({s.dim}-d), {s.precision} on {s.device}")
-    click.echo(f"input:     {options.describe()}")
+    click.echo(f"input:     {prep.describe()}")
     click.echo(f"weights:   {s.weights_label}"
                + (f" (sha256 {s.weights_sha256[:12]}…)" if s.weights_sha256 else ""))
     click.echo(f"images:    {s.n_total} records: {s.n_new} computed, {s.n_cached} already cached, "

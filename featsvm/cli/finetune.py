@@ -6,19 +6,17 @@ from pathlib import Path
 
 import click
 
+from featsvm.cli import options
 from featsvm.names import MODELS
 
 
 @click.command("finetune")
 @click.argument("data_dir", type=click.Path(path_type=Path))
-@click.option("--split", "split_path", required=True, type=click.Path(path_type=Path),
-              help="Split manifest CSV written by `featsvm split`.")
+@options.split(required=True, default=None, show_default=False)
 @click.option("--model", type=click.Choice(MODELS), default=None,
               help="Model to train (default: [finetune] model of --config, else basic-cnn).")
-@click.option("--weights", default=None,
-              help="Pretrained weights: a local state_dict file, or 'none' for random init.")
-@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
-              help="Folder with a weights.toml index (or set FEATSVM_WEIGHTS_DIR).")
+@options.weights()
+@options.weights_dir()
 @click.option("--epochs", type=int, default=None, help="Maximum epochs.")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None,
@@ -30,24 +28,25 @@ from featsvm.names import MODELS
               help="Run the frozen layers once and train on their stored outputs (CPU speed-up; "
               "augmentation limited to cached flips/rotations).")
 @click.option("--seed", type=int, default=None)
-@click.option("--device", default=None, help="auto | cpu | cuda | mps")
-@click.option("--precision", type=click.Choice(("fp32", "bf16", "fp16")), default=None)
-@click.option("--runs", "runs_dir", type=click.Path(path_type=Path), default=Path("runs"),
-              show_default=True)
+@options.device(default=None, show_default=False,
+                help="Where to train (default: [finetune] device of --config, else auto).")
+@options.precision(default=None, show_default=False,
+                   help="Training precision (default: [finetune] precision, else fp32; "
+                   "fp16 is refused on the CPU).")
+@options.runs()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="TOML file; its [finetune] section (and [finetune.overrides.MODEL]).")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None,
               help="Continue this unfinished run folder from its last checkpoint.")
 @click.option("--no-resume", is_flag=True,
               help="Start a new run even if an unfinished one with the same settings exists.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@options.quiet()
 def command(
     data_dir: Path, split_path: Path, model: str | None, weights: str | None,
-    weights_dir: Path | None, epochs: int | None, batch_size: int | None, lr: float | None,
+    weights_dir: str | None, epochs: int | None, batch_size: int | None, lr: float | None,
     freeze: str | None, cache_frozen: bool | None, seed: int | None, device: str | None,
     precision: str | None,
     runs_dir: Path, config_path: Path | None, resume_dir: Path | None, no_resume: bool,
-    quiet: bool,
 ) -> None:
     """Train an end-to-end CNN (basic-cnn from scratch, or fine-tune a pretrained backbone)
     on the train split of SPLIT, select the epoch on val, score val and test.
@@ -66,8 +65,7 @@ def command(
                              precision=precision)
         resume: Path | bool = resume_dir if resume_dir is not None else not no_resume
         result = finetune(data_dir, split_path, cfg, weights=weights, weights_dir=weights_dir,
-                          runs_dir=runs_dir, resume=resume, progress=not quiet,
-                          log=click.echo)
+                          runs_dir=runs_dir, resume=resume, progress=options.progress())
     except KeyboardInterrupt:
         click.echo("\ninterrupted: the last finished epoch is checkpointed; run the same command "
                    "again to resume from it (or pass --no-resume to start over)", err=True)

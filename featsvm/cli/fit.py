@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from featsvm.cli import options
 from featsvm.names import COLOURS, HEADS, STAINS, VIEWS
 
 
@@ -43,23 +44,17 @@ def results_table(metrics: dict[str, Any]) -> str:
 
 
 @click.command("fit")
-@click.option("--backbone", required=True, help="Backbone whose cached embeddings to use.")
+@options.backbone(help="Backbone whose cached embeddings to use.")
 @click.option("--head", type=click.Choice(HEADS), required=True)
-@click.option("--weights", default=None,
-              help="Weights the cache was built with: a local state_dict file, or 'none'.")
-@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
-              help="Folder with a weights.toml index (or set FEATSVM_WEIGHTS_DIR).")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=Path("cache"),
-              show_default=True, help="Feature cache folder (written by featsvm extract).")
-@click.option("--split", "split_path", type=click.Path(path_type=Path),
-              default=Path("split.csv"), show_default=True,
-              help="Split manifest CSV written by featsvm split.")
-@click.option("--runs", "runs_dir", type=click.Path(path_type=Path), default=Path("runs"),
-              show_default=True)
+@options.weights(help="Weights the cache was built with: a local state_dict file, 'none' or "
+                 "'default' (as given to featsvm extract).")
+@options.weights_dir()
+@options.cache(help="Feature cache folder (written by featsvm extract).")
+@options.split()
+@options.runs()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="TOML file with a [fit] section (grids; defaults: configs/heads.toml).")
-@click.option("--precision", type=click.Choice(("fp32", "bf16", "fp16")), default="fp32",
-              show_default=True, help="Precision the cache was extracted with.")
+@options.precision(help="Precision the cache was extracted with.")
 @click.option("--layer", default=None, help="Embedding layer the cache was extracted at.")
 @click.option("--view", default="field", show_default=True, type=click.Choice(VIEWS),
               help="Input view the cache was extracted with (field | cells).")
@@ -67,11 +62,11 @@ def results_table(metrics: dict[str, Any]) -> str:
               help="Stain handling the cache was extracted with.")
 @click.option("--colour", default="rgb", show_default=True, type=click.Choice(COLOURS),
               help="Colour handling the cache was extracted with.")
-@click.option("--quiet", is_flag=True, help="Less progress output.")
+@options.quiet()
 def command(
-    backbone: str, head: str, weights: str | None, weights_dir: Path | None, cache_dir: Path,
+    backbone: str, head: str, weights: str | None, weights_dir: str | None, cache_dir: str,
     split_path: Path, runs_dir: Path, config_path: Path | None, precision: str,
-    layer: str | None, view: str, stain: str, colour: str, quiet: bool,
+    layer: str | None, view: str, stain: str, colour: str,
 ) -> None:
     """Tune HEAD by grouped CV on the train split of the cached BACKBONE embeddings, calibrate
     on val (SVM), score val and test once, and write a run record under --runs."""
@@ -80,10 +75,10 @@ def command(
     from featsvm.models.heads import load_head_config
 
     cfg = load_head_config(config_path)
-    options = resolve_options(view, stain, colour, split_path)
+    prep = resolve_options(view, stain, colour, split_path)
     rec = fit(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
               weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, precision=precision,
-              layer=layer, progress=not quiet, options=options)
+              layer=layer, progress=options.progress(), options=prep)
     cfg_json = rec.config
     click.echo(f"{cfg_json['model']}  ({cfg_json['weights']['label']})")
     if cfg_json.get("not_imagenet_from"):

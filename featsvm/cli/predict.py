@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from featsvm.cli import options
+
 
 @click.command("predict")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
@@ -15,22 +17,22 @@ import click
               help="Also write the table as CSV here.")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Print file names relative to this folder.")
-@click.option("--weights", default=None,
-              help="Backbone weights file of a head run, when not found at its recorded path.")
-@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
-              help="Folder with weights.toml (default: $FEATSVM_WEIGHTS_DIR).")
-@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|mps")
+@options.weights(help="Backbone weights file of a head run, when not found at its recorded "
+                 "path.")
+@options.weights_dir()
+@options.device()
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@options.quiet()
 def command(run_dir: Path, inputs: tuple[Path, ...], out_csv: Path | None,
-            data_root: Path | None, weights: str | None, weights_dir: Path | None,
-            device: str, batch_size: int, quiet: bool) -> None:
+            data_root: Path | None, weights: str | None, weights_dir: str | None,
+            device: str, batch_size: int) -> None:
     """Predict the class of every image in INPUTS (files or folders) with the run RUN_DIR."""
     from featsvm.labels import LABELS
     from featsvm.predict import predict, write_predictions_csv
 
     res = predict(run_dir, inputs, weights=weights, weights_dir=weights_dir, device=device,
-                  batch_size=batch_size, data_root=data_root, progress=not quiet)
+                  batch_size=batch_size, data_root=data_root,
+                  progress=options.progress())
     click.echo(f"run {res.run_id} ({res.model}): {len(res.predictions)} image(s)")
     if res.predictions:
         width = max(len("file"), *(len(p.file) for p in res.predictions))

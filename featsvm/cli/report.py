@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
+from featsvm.cli import options
+
 
 @click.command("report")
-@click.option("--runs", "runs_dir", type=click.Path(path_type=Path), default=Path("runs"),
-              show_default=True, help="Folder of run records.")
+@options.runs()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("report"),
               show_default=True, help="Folder to write the report into.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,

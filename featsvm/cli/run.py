@@ -6,17 +6,19 @@ from pathlib import Path
 
 import click
 
+from featsvm.cli import options
+
 
 @click.command("run")
 @click.argument("config_file", type=click.Path(path_type=Path))
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Image folder (holding Original/); overrides [study] data.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def command(config_file: Path, data_dir: Path | None, quiet: bool) -> None:
+@options.quiet()
+def command(config_file: Path, data_dir: Path | None) -> None:
     """Run the study in CONFIG_FILE, reusing every split, cache and run that already matches."""
     from featsvm.study import run_study, summary_lines
 
-    res = run_study(config_file, data_dir, log=click.echo, progress=not quiet)
+    res = run_study(config_file, data_dir, progress=options.progress())
     click.echo("\n== summary")
     for line in summary_lines(res):
         click.echo(line)

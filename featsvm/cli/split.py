@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from featsvm.data.dataset import parse_class_map
-from featsvm.data.split import make_split, pairs_path, parse_ratios, summary_lines
+from featsvm.cli import options
 
 
 @click.command("split")
@@ -23,15 +22,16 @@ from featsvm.data.split import make_split, pairs_path, parse_ratios, summary_lin
               help="Sub-folder to read (e.g. Segmented) instead of the default Original/.")
 @click.option("--class-map", multiple=True, metavar="FOLDER=LABEL",
               help="Map a class folder to a label (benign, early_pre_b, pre_b, pro_b).")
+@options.quiet()
 def command(data_dir: Path, out: Path, seed: int, ratios: str, folds: int | None,
             subset: str | None, class_map: tuple[str, ...]) -> None:
     """Group duplicates and re-captures, then split DATA_DIR into train/val/test."""
-    from tqdm import tqdm
+    from featsvm.data.dataset import parse_class_map
+    from featsvm.data.split import make_split, pairs_path, parse_ratios, summary_lines
 
     result = make_split(
         data_dir, out, seed=seed, ratios=parse_ratios(ratios), folds=folds, subset=subset,
-        class_map=parse_class_map(class_map),
-        progress=lambda it, **kw: tqdm(it, leave=False, **kw),
+        class_map=parse_class_map(class_map), progress=options.progress(),
     )
     for line in summary_lines(result):
         click.echo(line)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +184,7 @@ def scan(
     subset: str | None = None,
     class_map: dict[str, str] | None = None,
     workers: int | None = None,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: bool = False,
 ) -> ScanResult:
     """Find, hash and verify every labelled image under `root`.
 
@@ -213,9 +213,10 @@ def scan(
 
     n_workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        outcomes: Iterable = pool.map(work, jobs)
-        if progress is not None:
-            outcomes = progress(outcomes, total=len(jobs))  # type: ignore[call-arg]
+        from tqdm import tqdm
+
+        outcomes = tqdm(pool.map(work, jobs), total=len(jobs), desc="scan", unit="img",
+                        leave=False, disable=not progress)
         for outcome in outcomes:
             if isinstance(outcome, ImageRecord):
                 result.records.append(outcome)

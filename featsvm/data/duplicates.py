@@ -24,9 +24,10 @@ How (classical, explainable, no training):
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -228,7 +229,7 @@ def group_images(
     sha256s: Sequence[str],
     cfg: DuplicateConfig | None = None,
     workers: int | None = None,
-    progress: Callable[..., Iterable] | None = None,
+    progress: bool = False,
 ) -> Grouping:
     """Group images (given as file paths, sorted deterministically by the caller)."""
     cfg = cfg or DuplicateConfig()
@@ -257,7 +258,11 @@ def group_images(
             unreadable.append((paths[i], str(exc)))
             return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))
 
-    wrap = progress or (lambda it, **_: it)
+    from tqdm import tqdm
+
+    def wrap(it: Iterable, **kw: Any) -> Iterable:
+        return tqdm(it, leave=False, disable=not progress, **kw)
+
     with threadpool_limits(1), ThreadPoolExecutor(n_workers) as pool:
         features = list(wrap(pool.map(feat, reps), total=len(reps), desc="keypoints"))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,7 +133,7 @@ def make_split(
     subset: str | None = None,
     class_map: dict[str, str] | None = None,
     duplicate_config: DuplicateConfig | None = None,
-    progress: Callable[..., Iterable] | None = None,
+    progress: bool = False,
 ) -> SplitResult:
     """Scan `data_dir`, group duplicates and re-captures, split, and write the manifest."""
     t0 = time.perf_counter()

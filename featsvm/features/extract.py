@@ -10,8 +10,8 @@ is reported by name, skipped, and listed in the summary; the run goes on.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +30,8 @@ from featsvm.features.cache import CacheWriter, extract_command, file_name, fing
 from featsvm.features.preprocess import ImageOptions, image_transform, pool
 from featsvm.fileio import sha256_file
 from featsvm.runs import now_iso, versions
+
+logger = logging.getLogger(__name__)
 
 # Test hook: seconds to sleep after each committed batch (lets a test SIGKILL a real run
 # between batches). Never set it in normal use.
@@ -260,8 +262,8 @@ def _run(
                     n_new += len(items)
                 bar.update(len(idx) + len(bad))
                 if sleep_after:
-                    print(f"featsvm-test: committed {writer.n_rows} rows", file=sys.stderr,
-                          flush=True)
+                    # test hook (SLEEP_ENV): at WARNING so it reaches stderr unconfigured
+                    logger.warning("featsvm-test: committed %d rows", writer.n_rows)
                     time.sleep(sleep_after)
     finally:
         bar.close()

@@ -43,6 +43,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import time
@@ -73,6 +74,8 @@ from featsvm.models.pixels import (
     preload,
 )
 from featsvm.names import BASIC_CNN, MODELS
+
+logger = logging.getLogger(__name__)
 
 SELECT_METRICS = ("macro_f1", "balanced_accuracy")
 CLASS_WEIGHTS = ("balanced", "none")
@@ -447,7 +450,6 @@ def finetune(
     resume: str | os.PathLike[str] | bool = True,
     progress: bool = True,
     max_epochs_this_call: int | None = None,
-    log: Callable[[str], None] = print,
 ) -> FinetuneResult:
     """Train `cfg.model` on the split's train images and write a run record.
 
@@ -474,12 +476,11 @@ def finetune(
 
     # one process per run folder (a second identical command is refused, not merged)
     with FileLock(run_dir / TRAIN_LOCK, True, _run_busy):
-        images = load_images(data_dir, manifest, built.transform, cfg, progress, log, split)
-        feeder, augmentation, cache_seconds = make_feeder(built, images, cfg, device, progress,
-                                                          log)
+        images = load_images(data_dir, manifest, built.transform, cfg, progress, split)
+        feeder, augmentation, cache_seconds = make_feeder(built, images, cfg, device, progress)
         opt = Optimisation.build(built.model, built.backbone, images.sets["train"].targets, cfg,
                                  device)
-        training = Training(cfg, device, run_dir, fp, built.model, feeder, opt, images, log,
+        training = Training(cfg, device, run_dir, fp, built.model, feeder, opt, images,
                             progress, cache_seconds)
         training.resume()
         training.describe(frozen_until)
@@ -535,8 +536,7 @@ class TrainImages:
 
 
 def load_images(data_dir: Path, manifest: Manifest, transform: Any, cfg: FinetuneConfig,
-                progress: bool, log: Callable[[str], None],
-                split: str | os.PathLike[str]) -> TrainImages:
+                progress: bool, split: str | os.PathLike[str]) -> TrainImages:
     """Decode every image of the three splits once (`featsvm.models.pixels.preload`)."""
     t0 = time.perf_counter()
     normaliser = Normaliser.probe(transform)
@@ -548,7 +548,7 @@ def load_images(data_dir: Path, manifest: Manifest, transform: Any, cfg: Finetun
         skipped.extend(sk)
     seconds = time.perf_counter() - t0
     for relpath, reason in skipped:
-        log(f"skipped {relpath}: {reason}")
+        logger.warning("skipped %s: %s", relpath, reason)
     if len(sets["train"]) < 2:
         raise FinetuneError(f"{split}: fewer than 2 usable train images; nothing to train on")
     if len(sets["val"]) == 0:
@@ -557,8 +557,7 @@ def load_images(data_dir: Path, manifest: Manifest, transform: Any, cfg: Finetun
 
 
 def make_feeder(built: Any, images: TrainImages, cfg: FinetuneConfig, device: torch.device,
-                progress: bool, log: Callable[[str], None]
-                ) -> tuple[PixelFeeder | CachedFeeder, str, float]:
+                progress: bool) -> tuple[PixelFeeder | CachedFeeder, str, float]:
     """The model on its device and where its inputs come from: the decoded pixels, or the
     frozen trunk's cached outputs (``cache_frozen``). Returns (feeder, augmentation in words,
     seconds spent caching the trunk)."""
@@ -578,8 +577,8 @@ def make_feeder(built: Any, images: TrainImages, cfg: FinetuneConfig, device: to
     cache_seconds = time.perf_counter() - tc
     augmentation = (f"{cfg.cache_views} cached view(s) per train image (identity + random "
                     "flips/90-degree rotations); no colour jitter")
-    log(f"cached the frozen trunk ({len(list(trunk))} stages, output "
-        f"{tuple(feats['val'].shape[1:])}) in {cache_seconds:.0f} s")
+    logger.info("cached the frozen trunk (%d stages, output %s) in %.0f s", len(list(trunk)),
+                tuple(feats["val"].shape[1:]), cache_seconds)
     return CachedFeeder(rest, feats, cfg, device), augmentation, cache_seconds
 
 
@@ -652,11 +651,10 @@ class Training:
 
     def __init__(self, cfg: FinetuneConfig, device: torch.device, run_dir: Path, fp: str,
                  model: nn.Module, feeder: PixelFeeder | CachedFeeder, opt: Optimisation,
-                 images: TrainImages, log: Callable[[str], None], progress: bool,
-                 cache_seconds: float) -> None:
+                 images: TrainImages, progress: bool, cache_seconds: float) -> None:
         self.cfg, self.device, self.run_dir, self.fp = cfg, device, run_dir, fp
         self.model, self.feeder, self.opt, self.images = model, feeder, opt, images
-        self.log, self.progress, self.cache_seconds = log, progress, cache_seconds
+        self.progress, self.cache_seconds = progress, cache_seconds
         self.state = TrainState()
 
     def resume(self) -> None:
@@ -677,18 +675,18 @@ class Training:
         st.best_state = torch.load(self.run_dir / BEST_CHECKPOINT, map_location="cpu",
                                    weights_only=True)
         st.resumed_from = st.epoch
-        self.log(f"resuming {self.run_dir} after epoch {st.epoch} (best so far: epoch "
-                 f"{st.best_epoch}, val {self.cfg.select_metric} {st.best_score:.4f})")
+        logger.info(f"resuming {self.run_dir} after epoch {st.epoch} (best so far: epoch "
+                    f"{st.best_epoch}, val {self.cfg.select_metric} {st.best_score:.4f})")
 
     def describe(self, frozen_until: str | None) -> None:
         sets = self.images.sets
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.log(f"{self.cfg.model}: {self.n_trainable:,} of {self.n_params:,} parameters "
-                 f"trainable{f' (frozen up to {frozen_until})' if frozen_until else ''}; "
-                 f"{len(sets['train'])} train / {len(sets['val'])} val / {len(sets['test'])} "
-                 f"test images on {self.device}, {self.opt.steps_per_epoch} steps per epoch; "
-                 f"run folder {self.run_dir}")
+        logger.info(f"{self.cfg.model}: {self.n_trainable:,} of {self.n_params:,} parameters "
+                    f"trainable{f' (frozen up to {frozen_until})' if frozen_until else ''}; "
+                    f"{len(sets['train'])} train / {len(sets['val'])} val / {len(sets['test'])} "
+                    f"test images on {self.device}, {self.opt.steps_per_epoch} steps per epoch; "
+                    f"run folder {self.run_dir}")
 
     def run(self, max_epochs_this_call: int | None = None) -> bool:
         """Train until the last epoch, early stopping or the time budget (True), or until
@@ -713,8 +711,8 @@ class Training:
         spent = st.train_seconds + self.cache_seconds
         if budget > 0 and st.epoch > 0 and spent + st.train_seconds / st.epoch > budget:
             st.stopped_by_budget = True
-            self.log(f"stopping after epoch {st.epoch}: another epoch would exceed "
-                     f"max_train_minutes = {cfg.max_train_minutes:g}")
+            logger.info(f"stopping after epoch {st.epoch}: another epoch would exceed "
+                        f"max_train_minutes = {cfg.max_train_minutes:g}")
             return True
         return False
 
@@ -752,8 +750,7 @@ class Training:
             f"bal-acc {val['balanced_accuracy']:.3f} | {seconds:.0f} s"
             f"{'  *best*' if improved else ''}"
         )
-        if self.progress:
-            tqdm.write(summary)
+        logger.info(summary)
 
     def _checkpoint(self) -> None:
         st, opt = self.state, self.opt

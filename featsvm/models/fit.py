@@ -17,6 +17,7 @@ The test split is used for nothing but the final scoring.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from featsvm.runs import RunRecord, finish_run, new_run_dir, now_iso, save_jobli
 
 MODEL_FILE = "model.joblib"
 OOD_FILE = "ood.joblib"
+
+logger = logging.getLogger(__name__)
 
 
 def _extract_hint(cached: Any) -> str:
@@ -108,18 +111,13 @@ def fit(
     if not rows["test"]:
         raise ManifestError(f"split manifest {manifest.path} has no test images")
     t_loaded = time.perf_counter()
-
-    def say(msg: str) -> None:
-        if progress:
-            print(msg, flush=True)
-
-    say(f"fit {backbone} + {head}: {len(rows['train'])} train / {len(rows['val'])} val / "
-        f"{len(rows['test'])} test images, {feats['train'].shape[1]}-d features from "
-        f"{cache_file.name}")
+    logger.info(f"fit {backbone} + {head}: {len(rows['train'])} train / {len(rows['val'])} "
+                f"val / {len(rows['test'])} test images, {feats['train'].shape[1]}-d features "
+                f"from {cache_file.name}")
     fitted = fit_and_calibrate(feats, rows, head, cfg, manifest, progress)
     fit_seconds = time.perf_counter() - t_loaded
-    say(f"best {fitted.best_params} (CV {cfg.scoring} {fitted.cv_best_score:.4f}); "
-        f"fit {fit_seconds:.1f} s")
+    logger.info(f"best {fitted.best_params} (CV {cfg.scoring} {fitted.cv_best_score:.4f}); "
+                f"fit {fit_seconds:.1f} s")
 
     t_pred = time.perf_counter()
     scored = rows["val"] + rows["test"]
@@ -152,7 +150,7 @@ def fit(
         run_dir, config_json, metrics, relpaths, [r.sha256 for r in scored],
         [r.split for r in scored], [r.label for r in scored], proba,
     )
-    say(f"run record: {Path(run_dir)}")
+    logger.info("run record: %s", Path(run_dir))
     return record
 
 

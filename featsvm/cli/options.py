@@ -1,0 +1,83 @@
+"""Options shared by several commands, defined once so their names, types, defaults and help
+agree everywhere. Each is a function returning a click decorator; keyword arguments override
+the shared attributes for one command (e.g. ``@options.device(default=None)`` where a config
+file supplies the default).
+
+Folders handed on to the library as recorded text (``--cache``, ``--weights-dir``) stay
+strings, exactly as typed; ``--runs`` and ``--split`` are `Path`s.
+
+Like every command module, this imports only `featsvm.names` at the top, so that
+``featsvm --help`` imports neither torch nor scikit-learn (tests/test_cli.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from featsvm.names import BACKBONES, DEVICES, PRECISIONS
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+QUIET_KEY = "featsvm.quiet"  # click's ctx.meta: quiet was asked for (group or command)
+
+
+def _shared(*decls: str, **attrs: Any) -> Callable[..., Decorator]:
+    def option(**overrides: Any) -> Decorator:
+        return click.option(*decls, **{**attrs, **overrides})
+
+    option.__doc__ = f"The shared {decls[0]} option."
+    return option
+
+
+backbone = _shared(
+    "--backbone", required=True, type=click.Choice(BACKBONES),
+    help="Pretrained CNN whose features to use.")
+weights = _shared(
+    "--weights", default=None, metavar="PATH|none|default",
+    help="Backbone weights: a local state_dict file, 'none' (random init, labelled 'random') "
+    "or 'default' (library ImageNet download). Default: --weights-dir if given, else the "
+    "library download.")
+weights_dir = _shared(
+    "--weights-dir", default=None, type=click.Path(file_okay=False),
+    envvar="FEATSVM_WEIGHTS_DIR", show_envvar=True,
+    help="Offline weights folder with a weights.toml index (sha256-checked).")
+device = _shared(
+    "--device", default="auto", show_default=True, type=click.Choice(DEVICES),
+    help="Where to run the network.")
+precision = _shared(
+    "--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
+    help="Floating-point precision of the network (fp16 is refused on the CPU; use bf16).")
+cache = _shared(
+    "--cache", "cache_dir", default="cache", show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder of the HDF5 feature caches.")
+runs = _shared(
+    "--runs", "runs_dir", default=Path("runs"), show_default=True,
+    type=click.Path(file_okay=False, path_type=Path), help="Folder of run records.")
+split = _shared(
+    "--split", "split_path", default=Path("split.csv"), show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Split manifest CSV written by `featsvm split`.")
+
+
+def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        from featsvm import logs
+
+        ctx.meta[QUIET_KEY] = True
+        logs.configure(logs.QUIET)
+
+
+def quiet() -> Decorator:
+    """``--quiet`` after a command name: the same as ``featsvm -q CMD`` (kept so that older
+    command lines keep working)."""
+    return click.option("--quiet", is_flag=True, expose_value=False, is_eager=True,
+                        callback=_set_quiet, hidden=True, help="Same as featsvm -q.")
+
+
+def progress() -> bool:
+    """Whether the running command shows progress bars (not with -q / --quiet)."""
+    return not click.get_current_context().meta.get(QUIET_KEY, False)
