@@ -30,9 +30,9 @@ deployable model (use ``featsvm fit`` for one).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ from featsvm.fileio import write_json_atomic
 from featsvm.models.heads import HeadConfig, calibrate, fit_head, needs_calibration
 from featsvm.names import HEADS
 from featsvm.runs import RunRecord, finish_run, new_run_dir, now_iso, versions, write_sidecar
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_FOLDS = 10
 CALIBRATION_PARTS = 9  # the calibration part is 1/9 of a fold's training part (train:val 8:1)
@@ -146,7 +148,6 @@ def cross_validate_features(
     cfg: HeadConfig | None = None,
     folds: int = DEFAULT_FOLDS,
     seed: int | None = None,
-    log: Callable[[str], None] | None = None,
 ) -> CVResult:
     """Out-of-fold probabilities for every row of `X` (see the module doc, steps 1-4).
 
@@ -183,9 +184,8 @@ def cross_validate_features(
         fold_of[test] = fr.fold
         results.append(fr)
         cpu += fold_cpu
-        if log:
-            log(f"  fold {fr.fold + 1}/{folds}: fit {fr.n_fit}, calibration {fr.n_calibration}, "
-                f"test {fr.n_test}; {fr.best_params}; {fr.seconds:.1f} s")
+        logger.info("  fold %d/%d: fit %d, calibration %d, test %d; %s; %.1f s", fr.fold + 1,
+                    folds, fr.n_fit, fr.n_calibration, fr.n_test, fr.best_params, fr.seconds)
     assert (fold_of >= 0).all(), "every image is scored by exactly one fold"
     return CVResult(proba, fold_of, results, calibration, time.perf_counter() - t_all, cpu)
 
@@ -302,13 +302,9 @@ def cross_validate(
     y = [r.label for r in rows]
     groups = [r.group for r in rows]
 
-    def say(msg: str) -> None:
-        if progress:
-            print(msg, flush=True)
-
-    say(f"cv {backbone} + {head}: {folds} grouped folds over {len(rows)} images "
-        f"({len(set(groups))} groups), {X.shape[1]}-d features from {cache_file.name}")
-    res = cross_validate_features(X, y, groups, head, cfg, folds, log=say if progress else None)
+    logger.info(f"cv {backbone} + {head}: {folds} grouped folds over {len(rows)} images "
+                f"({len(set(groups))} groups), {X.shape[1]}-d features from {cache_file.name}")
+    res = cross_validate_features(X, y, groups, head, cfg, folds)
     metrics = cv_metrics(y, groups, res, n_boot=cfg.n_boot, seed=cfg.seed)
 
     run_dir = new_run_dir(runs_dir, backbone, head, "cv")
@@ -324,7 +320,7 @@ def cross_validate(
         run_dir, config_json, metrics, [r.relpath for r in rows], [r.sha256 for r in rows],
         [POOLED] * len(rows), y, res.proba, folds=[int(f) for f in res.fold],
     )
-    say(f"run record: {Path(run_dir)}")
+    logger.info("run record: %s", Path(run_dir))
     return record
 
 
