@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from featsvm.cli import main, options
-from featsvm.names import BACKBONES, DEVICES, PRECISIONS
+from featsvm.names import DEVICES, FEATURES, PRECISIONS
 
 
 def test_help_imports_neither_torch_nor_sklearn() -> None:
@@ -23,7 +23,8 @@ def test_help_imports_neither_torch_nor_sklearn() -> None:
         "from featsvm.cli import main\n"
         "for args in (['--help'], ['extract', '--help'], ['finetune', '--help'],\n"
         "             ['fit', '--help'], ['predict', '--help'], ['run', '--help'],\n"
-        "             ['split', '--help'], ['report', '--help'], ['cells', '--help']):\n"
+        "             ['split', '--help'], ['report', '--help'], ['cells', '--help'],\n"
+        "             ['cv', '--help'], ['explain', '--help'], ['serve', '--help']):\n"
         "    res = CliRunner().invoke(main, args)\n"
         "    assert res.exit_code == 0, res.output\n"
         "heavy = sorted(m for m in ('torch', 'sklearn') if m in sys.modules)\n"
@@ -82,7 +83,7 @@ def test_quiet_and_verbose_exclude_each_other(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "exclude each other" in res.output
 
 
-SHARED = {"--backbone": BACKBONES, "--device": DEVICES, "--precision": PRECISIONS}
+SHARED = {"--backbone": FEATURES, "--device": DEVICES, "--precision": PRECISIONS}
 
 
 def test_shared_options_are_the_same_everywhere() -> None:
@@ -96,14 +97,17 @@ def test_shared_options_are_the_same_everywhere() -> None:
             if opt in SHARED:
                 assert isinstance(p.type, click.Choice), (name, opt)
                 assert tuple(p.type.choices) == SHARED[opt], (name, opt)
-            if opt in ("--weights-dir", "--cache", "--runs", "--split"):
+            if opt in ("--weights-dir", "--cache", "--runs"):
                 assert p.name == {"--weights-dir": "weights_dir", "--cache": "cache_dir",
-                                  "--runs": "runs_dir", "--split": "split_path"}[opt]
+                                  "--runs": "runs_dir"}[opt]
                 assert isinstance(p.type, click.Path), (name, opt)
+            if opt == "--split" and name != "explain":  # explain --split names a split
+                assert p.name == "split_path" and isinstance(p.type, click.Path), name
             if opt == "--weights-dir":
                 assert p.envvar == "FEATSVM_WEIGHTS_DIR", name
             found.setdefault(opt, []).append(name)
-    assert found["--device"] == ["extract", "finetune", "predict"]
-    assert found["--backbone"] == ["extract", "fit"]
+    assert found["--device"] == ["explain", "extract", "finetune", "predict", "serve"]
+    assert found["--backbone"] == ["cv", "extract", "fit"]
+    assert found["--split"] == ["cv", "explain", "finetune", "fit"]
     assert "options" not in main.list_commands(ctx)
     assert options.progress.__doc__

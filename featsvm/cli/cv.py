@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from featsvm.cli import options
 from featsvm.names import COLOURS, HEADS, STAINS, VIEWS
 
 _COLS = (
@@ -46,41 +47,32 @@ def summary(metrics: dict[str, Any]) -> str:
 
 
 @click.command("cv")
-@click.option("--backbone", required=True, help="Backbone (or baseline) whose cached "
-              "embeddings to use.")
+@options.backbone(help="Backbone (or baseline) whose cached embeddings to use.")
 @click.option("--head", type=click.Choice(HEADS), required=True)
 @click.option("--folds", default=10, show_default=True, type=click.IntRange(2),
               help="Outer folds (grouped, stratified) over all images of the manifest.")
-@click.option("--split", "split_path", type=click.Path(path_type=Path),
-              default=Path("split.csv"), show_default=True,
-              help="Split manifest CSV (its images, labels and duplicate groups are used; its "
-              "train/val/test column is not).")
+@options.split(help="Split manifest CSV (its images, labels and duplicate groups are used; "
+               "its train/val/test column is not).")
 @click.option("--layer", default=None, help="Embedding layer the cache was extracted at.")
-@click.option("--weights", default=None,
-              help="Weights the cache was built with: a local state_dict file, or 'none'.")
-@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
-              envvar="FEATSVM_WEIGHTS_DIR", show_envvar=True,
-              help="Folder with a weights.toml index.")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=Path("cache"),
-              show_default=True, help="Feature cache folder (written by featsvm extract).")
-@click.option("--runs", "runs_dir", type=click.Path(path_type=Path), default=Path("runs"),
-              show_default=True)
+@options.weights(help="Weights the cache was built with: a local state_dict file, 'none' or "
+                 "'default' (as given to featsvm extract).")
+@options.weights_dir()
+@options.cache(help="Feature cache folder (written by featsvm extract).")
+@options.runs()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="TOML file: its [fit] section with [cv] overrides (e.g. a smaller grid).")
-@click.option("--precision", type=click.Choice(("fp32", "bf16", "fp16")), default="fp32",
-              show_default=True, help="Precision the cache was extracted with.")
+@options.precision(help="Precision the cache was extracted with.")
 @click.option("--view", default="field", show_default=True, type=click.Choice(VIEWS),
               help="Input view the cache was extracted with (field | cells).")
 @click.option("--stain", default="none", show_default=True, type=click.Choice(STAINS),
               help="Stain handling the cache was extracted with.")
 @click.option("--colour", default="rgb", show_default=True, type=click.Choice(COLOURS),
               help="Colour handling the cache was extracted with.")
-@click.option("--quiet", is_flag=True, help="Less progress output.")
+@options.quiet()
 def command(
     backbone: str, head: str, folds: int, split_path: Path, layer: str | None,
-    weights: str | None, weights_dir: Path | None, cache_dir: Path, runs_dir: Path,
+    weights: str | None, weights_dir: str | None, cache_dir: str, runs_dir: Path,
     config_path: Path | None, precision: str, view: str, stain: str, colour: str,
-    quiet: bool,
 ) -> None:
     """Score every image of the split manifest out of fold: K grouped, stratified folds, the
     head tuned inside each fold's training part, metrics over the pooled predictions with
@@ -89,11 +81,11 @@ def command(
     from featsvm.models.cv import cross_validate, load_cv_head_config
 
     cfg = load_cv_head_config(config_path)
-    options = resolve_options(view, stain, colour, split_path)
+    prep = resolve_options(view, stain, colour, split_path)
     rec = cross_validate(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
                          weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, folds=folds,
-                         precision=precision, layer=layer, progress=not quiet,
-                         options=options)
+                         precision=precision, layer=layer, progress=options.progress(),
+                         options=prep)
     c = rec.config
     pooled = rec.metrics["pooled"]
     click.echo(f"{c['model']}  ({c['weights']['label']}); {folds}-fold CV over "

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from featsvm.cli import options
+
 METHODS = ("auto", "gradcam", "cam", "occlusion")  # featsvm.explain.METHODS (a test checks)
 
 
@@ -33,15 +35,14 @@ METHODS = ("auto", "gradcam", "cam", "occlusion")  # featsvm.explain.METHODS (a 
               help="Occlusion patch side in model pixels (default crop/7).")
 @click.option("--stride", type=click.IntRange(min=1), default=None,
               help="Occlusion stride (default: the patch side).")
-@click.option("--weights", default=None, help="Backbone weights file of a head run.")
-@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
-              help="Folder with weights.toml (default: $FEATSVM_WEIGHTS_DIR).")
-@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|mps")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@options.weights(help="Backbone weights file of a head run.")
+@options.weights_dir()
+@options.device()
+@options.quiet()
 def command(run_dir: Path, inputs: tuple[Path, ...], out_dir: Path | None, method: str,
             target: str | None, split: str | None, data_dir: Path | None, limit: int | None,
             patch: int | None, stride: int | None, weights: str | None,
-            weights_dir: Path | None, device: str, quiet: bool) -> None:
+            weights_dir: str | None, device: str) -> None:
     """Heatmaps (PNG overlays) of where the run RUN_DIR looks in each image of INPUTS, or,
     with --split, the share of heat on white cells, background and the annotation corner."""
     from featsvm.errors import UsageError
@@ -56,7 +57,7 @@ def command(run_dir: Path, inputs: tuple[Path, ...], out_dir: Path | None, metho
 
         s = where_it_looks(run_dir, data_dir, split, method, limit, out_dir, weights=weights,
                            weights_dir=weights_dir, device=device, patch=patch, stride=stride,
-                           progress=not quiet)
+                           progress=options.progress())
         click.echo(f"run {s['run_id']} ({s['model']}), {s['method']}, {s['n_images']} "
                    f"{split} image(s)")
         click.echo(f"{'':<12}{'heat':>8}{'area':>8}")
@@ -75,7 +76,7 @@ def command(run_dir: Path, inputs: tuple[Path, ...], out_dir: Path | None, metho
     from featsvm.explain import explain_files
 
     res = explain_files(run_dir, inputs, out_dir, method, target, weights, weights_dir, device,
-                        patch, stride, progress=not quiet)
+                        patch, stride, progress=options.progress())
     click.echo(f"run {res.run_id}: {res.method}, {len(res.rows)} image(s)")
     for r in res.rows:
         click.echo(f"{r['heatmap']}: {r['pred_label']} P(malig.) {r['prob_malignant']:.3f}; "

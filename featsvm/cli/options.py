@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from featsvm.names import BACKBONES, DEVICES, PRECISIONS
+from featsvm.names import DEVICES, FEATURES, PRECISIONS
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 QUIET_KEY = "featsvm.quiet"  # click's ctx.meta: quiet was asked for (group or command)
@@ -33,8 +33,8 @@ def _shared(*decls: str, **attrs: Any) -> Callable[..., Decorator]:
 
 
 backbone = _shared(
-    "--backbone", required=True, type=click.Choice(BACKBONES),
-    help="Pretrained CNN whose features to use.")
+    "--backbone", required=True, type=click.Choice(FEATURES),
+    help="Pretrained CNN (or hand-crafted baseline) whose features to use.")
 weights = _shared(
     "--weights", default=None, metavar="PATH|none|default",
     help="Backbone weights: a local state_dict file, 'none' (random init, labelled 'random') "

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from featsvm.cli import options
+
 
 @click.command("serve")
 @click.option("--run", "run_dirs", required=True, multiple=True,
@@ -18,12 +20,11 @@ import click
 @click.option("--max-mb", default=20.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Largest image accepted, in MB.")
 @click.option("--no-heatmap", is_flag=True, help="Do not compute heatmaps (faster).")
-@click.option("--weights", default=None, help="Backbone weights file of a head run.")
-@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
-              help="Folder with weights.toml (default: $FEATSVM_WEIGHTS_DIR).")
-@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|mps")
+@options.weights(help="Backbone weights file of a head run.")
+@options.weights_dir()
+@options.device()
 def command(run_dirs: tuple[Path, ...], host: str, port: int, max_mb: float, no_heatmap: bool,
-            weights: str | None, weights_dir: Path | None, device: str) -> None:
+            weights: str | None, weights_dir: str | None, device: str) -> None:
     """Serve a page on http://HOST:PORT/ where images dropped in the browser get the class,
     P(malignant), the run's abstain / OOD flags and a heatmap. Images stay in memory."""
     from featsvm.errors import UsageError
