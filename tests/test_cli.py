@@ -108,6 +108,6 @@ def test_shared_options_are_the_same_everywhere() -> None:
             found.setdefault(opt, []).append(name)
     assert found["--device"] == ["explain", "extract", "finetune", "predict", "serve"]
     assert found["--backbone"] == ["cv", "extract", "fit"]
-    assert found["--split"] == ["cv", "explain", "finetune", "fit"]
+    assert found["--split"] == ["cv", "explain", "extract", "finetune", "fit"]
     assert "options" not in main.list_commands(ctx)
     assert options.progress.__doc__
