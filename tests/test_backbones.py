@@ -36,7 +36,7 @@ def _random(name: str):
 
 
 def test_spec_table() -> None:
-    assert set(SPECS) == set(EXPECTED)
+    assert set(SPECS) == set(EXPECTED) | {"colour_stats", "annotation_box"}
     full = WeightsInfo("some file", "0" * 64, "test")
     for name, (size, resize, interp, layer, dim) in EXPECTED.items():
         spec = get_spec(name)
@@ -157,6 +157,8 @@ def test_the_light_name_lists_match_the_registries() -> None:
     from featsvm.features.backbones import SPECS
     from featsvm.models.networks import FREEZE_AUTO
 
-    assert tuple(SPECS) == names.BACKBONES
+    assert tuple(SPECS) == names.FEATURES == (*names.BACKBONES, *names.BASELINES)
+    assert all(SPECS[b].image_features is not None for b in names.BASELINES)
+    assert all(SPECS[b].image_features is None for b in names.BACKBONES)
     assert set(FREEZE_AUTO) == set(names.BACKBONES)
     assert (names.BASIC_CNN, *names.BACKBONES) == names.MODELS

@@ -176,12 +176,16 @@ def test_split_made_outside_run_is_reused_only_if_it_matches_the_data(
 def test_cv_step_headline_table_and_reuse(tiny_study: Path) -> None:
     root = tiny_study.parent
     text = tiny_study.read_text().replace("finetune = true", "finetune = false\ncv_folds = 3")
+    text = text.replace('backbones = ["efficientnet_lite0"]',
+                        'backbones = ["efficientnet_lite0", "colour_stats"]')
     tiny_study.write_text(text + "\n[cv]\nlogreg_C = [0.1]\n")
     res = run_study(tiny_study, progress=False)
     assert not res.failed, [(s.name, s.detail) for s in res.failed]
     status = {s.name: s.status for s in res.steps}
     assert status["cv efficientnet_lite0 + logreg"] == "done"
-    cv_dir = next(p for p in (root / "runs").iterdir() if "-cv-" in p.name)
+    assert status["cv colour_stats + logreg"] == "done"
+    cv_dir = next(p for p in (root / "runs").iterdir()
+                  if p.name.startswith("efficientnet_lite0") and "-cv-" in p.name)
     cfg = json.loads((cv_dir / "config.json").read_text())
     assert cfg["kind"] == "cv" and cfg["head_config"]["logreg_C"] == [0.1]  # [cv] over [fit]
     assert cfg["cv"]["folds"] == 3
@@ -190,5 +194,7 @@ def test_cv_step_headline_table_and_reuse(tiny_study: Path) -> None:
     html = (report / "index.html").read_text()
     assert "Pooled cross-validation: every image scored once (n = 32)" in html
     assert html.index("Pooled cross-validation") < html.index("Comparison table")
+    assert "Shortcut check" in html and (report / "shortcut.md").is_file()
+    assert "efficientnet_lite0 + logreg" in (report / "shortcut.md").read_text()
     res2 = run_study(tiny_study, progress=False)
     assert {s.name: s.status for s in res2.steps}["cv efficientnet_lite0 + logreg"] == "skipped"

@@ -68,11 +68,15 @@ def summary(metrics: dict[str, Any]) -> str:
               help="Stain handling the cache was extracted with.")
 @click.option("--colour", default="rgb", show_default=True, type=click.Choice(COLOURS),
               help="Colour handling the cache was extracted with.")
+@click.option("--mask-annotation", is_flag=True,
+              help="Fill the burnt-in scale-annotation box (bottom-right 25 % x 20 %) with the "
+              "image's median colour first (part of the cache fingerprint).")
 @options.quiet()
 def command(
     backbone: str, head: str, folds: int, split_path: Path, layer: str | None,
     weights: str | None, weights_dir: str | None, cache_dir: str, runs_dir: Path,
     config_path: Path | None, precision: str, view: str, stain: str, colour: str,
+    mask_annotation: bool,
 ) -> None:
     """Score every image of the split manifest out of fold: K grouped, stratified folds, the
     head tuned inside each fold's training part, metrics over the pooled predictions with
@@ -81,7 +85,8 @@ def command(
     from featsvm.models.cv import cross_validate, load_cv_head_config
 
     cfg = load_cv_head_config(config_path)
-    prep = resolve_options(view, stain, colour, split_path)
+    prep = resolve_options(view, stain, colour, split_path,
+                           mask_annotation=mask_annotation)
     rec = cross_validate(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
                          weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, folds=folds,
                          precision=precision, layer=layer, progress=options.progress(),

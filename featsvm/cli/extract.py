@@ -34,14 +34,17 @@ from featsvm.names import COLOURS, STAINS, VIEWS
               help="grey / hematoxylin: colour-free input, to measure what colour carries.")
 @click.option("--split", "split_path", default=None, type=click.Path(dir_okay=False),
               help="Split manifest (needed by --stain reinhard for its reference).")
+@click.option("--mask-annotation", is_flag=True,
+              help="Fill the burnt-in scale-annotation box (bottom-right 25 % x 20 %) with the "
+              "image's median colour first (part of the cache fingerprint).")
 @options.quiet()
 def command(data_dir, backbone, weights, weights_dir, cache_dir, device, precision, batch_size,
-            workers, layer, view, stain, colour, split_path) -> None:
+            workers, layer, view, stain, colour, split_path, mask_annotation) -> None:
     """Embed every image of DATA_DIR with BACKBONE into CACHE (only images not cached yet)."""
     from featsvm.features.extract import extract
     from featsvm.features.preprocess import resolve_options
 
-    prep = resolve_options(view, stain, colour, split_path, data_dir)
+    prep = resolve_options(view, stain, colour, split_path, data_dir, mask_annotation)
     s = extract(data_dir, backbone, weights=weights, weights_dir=weights_dir,
                 cache_dir=cache_dir, device=device, precision=precision,
                 batch_size=batch_size, workers=workers, layer=layer,

@@ -62,11 +62,14 @@ def results_table(metrics: dict[str, Any]) -> str:
               help="Stain handling the cache was extracted with.")
 @click.option("--colour", default="rgb", show_default=True, type=click.Choice(COLOURS),
               help="Colour handling the cache was extracted with.")
+@click.option("--mask-annotation", is_flag=True,
+              help="Fill the burnt-in scale-annotation box (bottom-right 25 % x 20 %) with the "
+              "image's median colour first (part of the cache fingerprint).")
 @options.quiet()
 def command(
     backbone: str, head: str, weights: str | None, weights_dir: str | None, cache_dir: str,
     split_path: Path, runs_dir: Path, config_path: Path | None, precision: str,
-    layer: str | None, view: str, stain: str, colour: str,
+    layer: str | None, view: str, stain: str, colour: str, mask_annotation: bool,
 ) -> None:
     """Tune HEAD by grouped CV on the train split of the cached BACKBONE embeddings, calibrate
     on val (SVM), score val and test once, and write a run record under --runs."""
@@ -75,7 +78,8 @@ def command(
     from featsvm.models.heads import load_head_config
 
     cfg = load_head_config(config_path)
-    prep = resolve_options(view, stain, colour, split_path)
+    prep = resolve_options(view, stain, colour, split_path,
+                           mask_annotation=mask_annotation)
     rec = fit(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
               weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, precision=precision,
               layer=layer, progress=options.progress(), options=prep)

@@ -13,6 +13,12 @@ pretrained and the global-average-pooled last conv block otherwise (VGG16: 512-d
 shared Keras conv-base file), InceptionV3 gives avgpool (2048-d) and EfficientNet-Lite0 its
 1280-d pre-logits. Other layers (``logits``, InceptionV3 ``mixed_6c``) are chosen with
 ``layer=``.
+
+Hand-crafted baselines (``colour_stats``, ``annotation_box``; `featsvm.features.handcrafted`)
+are specs too: their ``image_features`` is a non-torch embedder (PIL image -> vector). Their
+"transform" computes the vector (shaped [dim, 1, 1] so that batches stay 4-d like images), their
+network is a flatten, and they need no weights (label ``none``). Extract, predict and the cache
+treat them like any other backbone.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ from torch import nn
 from torchvision import transforms as T
 
 from featsvm.errors import UsageError
+from featsvm.features.handcrafted import (
+    ANNOTATION_BOX_FEATURES,
+    COLOUR_STATS,
+    FeatureTensor,
+    ImageFeatures,
+)
 from featsvm.features.weights import RANDOM_SEED, WeightsInfo, inspect_weights
 
 # ------------------------------------------------------------------------------ spec types
@@ -81,6 +93,8 @@ class BackboneSpec:
     # batches stay in cache for the conv nets; AlexNet's big fully connected layers want more.
     cpu_batch_size: int = 4
     reference: str = ""
+    # a hand-crafted, non-torch embedder (shortcut baselines): no weights, no network
+    image_features: ImageFeatures | None = None
 
     def layer(self, name: str) -> EmbeddingLayer:
         for lay in self.layers:
@@ -128,6 +142,10 @@ def _conv_gap(m: nn.Module) -> nn.Module:
 
 def _whole(m: nn.Module) -> nn.Module:
     return m
+
+
+def _flatten(_m: nn.Module) -> nn.Module:
+    return nn.Flatten(1)
 
 
 _INCEPTION_STEM = (
@@ -333,6 +351,33 @@ SPECS: dict[str, BackboneSpec] = {
 }
 
 
+def _handcrafted(features: ImageFeatures, reference: str) -> BackboneSpec:
+    """The spec of a hand-crafted baseline: only `features` matters; the image fields are
+    unused (the features read the decoded image at its own size)."""
+    return BackboneSpec(
+        name=features.name,
+        build=nn.Identity,
+        layers=(EmbeddingLayer(features.layer, features.dim, _flatten,
+                               description=features.description),),
+        input_size=0, resize_size=0, interpolation="none", crop_size=0,
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        default_weights=NO_WEIGHTS_LABEL, default_url="", library="featsvm",
+        classifier_prefixes=(), cpu_batch_size=64, reference=reference,
+        image_features=features,
+    )
+
+
+NO_WEIGHTS_LABEL = "none"
+NO_WEIGHTS = WeightsInfo(NO_WEIGHTS_LABEL, None, "hand-crafted features: no weights")
+
+for _spec in (
+    _handcrafted(COLOUR_STATS, "shortcut baseline: 27 colour statistics of the whole image"),
+    _handcrafted(ANNOTATION_BOX_FEATURES,
+                 "shortcut baseline: the burnt-in scale-annotation corner only"),
+):
+    SPECS[_spec.name] = _spec
+
+
 def get_spec(name: str) -> BackboneSpec:
     try:
         return SPECS[name]
@@ -378,6 +423,19 @@ def preprocessing_for(
     `options`: the non-default image options (view, stain, colour; see
     `featsvm.features.preprocess.ImageOptions.to_dict`), merged in."""
     chosen = choose_layer(spec, weights, layer)
+    if spec.image_features is not None:
+        other = sorted(set(options or {}) - {"mask_annotation"})
+        if other:
+            raise UsageError(f"{spec.name} is a hand-crafted baseline of the whole field: it "
+                             f"takes no {', '.join(other)} option (only --mask-annotation)")
+        return (options or {}) | {
+            "backbone": spec.name,
+            "features": spec.image_features.record(),
+            "layer": chosen.name,
+            "dim": chosen.dim,
+            "hooks": [],
+            "not_imagenet_from": None,
+        }
     known = spec.known_file(weights.sha256 or "")
     return (options or {}) | {
         "backbone": spec.name,
@@ -403,7 +461,11 @@ _INTERPOLATIONS = {
 
 def make_transform(preprocessing: dict[str, Any]) -> T.Compose:
     """The exact torchvision transform (PIL RGB image -> normalised float tensor [3,H,W])
-    described by a `preprocessing` dict (from a cache file or a run record)."""
+    described by a `preprocessing` dict (from a cache file or a run record). For a
+    hand-crafted baseline: PIL image -> its feature vector as a [dim, 1, 1] tensor."""
+    spec = SPECS.get(str(preprocessing.get("backbone")))
+    if spec is not None and spec.image_features is not None:
+        return T.Compose([FeatureTensor(spec.name)])
     try:
         interp = _INTERPOLATIONS[preprocessing["interpolation"]]
         return T.Compose([
@@ -449,7 +511,7 @@ def load_backbone(
         torch.manual_seed(RANDOM_SEED)  # 'random' weights are reproducible
         model = spec.build()
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    info, state = inspect_weights(spec, weights, weights_dir, model_shapes=shapes)
+    info, state = _weights(spec, weights, weights_dir, shapes)
     if state is not None:
         model.load_state_dict(state, strict=False)
     preprocessing = preprocessing_for(spec, info, layer)
@@ -471,5 +533,18 @@ def describe(
     """(spec, weights info, preprocessing) without building the real model: cheap, used to
     find a cache file before deciding whether any image needs computing."""
     spec = get_spec(name)
-    info, _ = inspect_weights(spec, weights, weights_dir)
+    info, _ = _weights(spec, weights, weights_dir)
     return spec, info, preprocessing_for(spec, info, layer, options)
+
+
+def _weights(
+    spec: BackboneSpec,
+    weights: str | os.PathLike[str] | None,
+    weights_dir: str | os.PathLike[str] | None,
+    shapes: dict[str, torch.Size] | None = None,
+) -> tuple[WeightsInfo, dict[str, torch.Tensor] | None]:
+    """`inspect_weights`, except that hand-crafted features have none (any --weights /
+    --weights-dir is ignored for them: a study passes one folder for all backbones)."""
+    if spec.image_features is not None:
+        return NO_WEIGHTS, None
+    return inspect_weights(spec, weights, weights_dir, model_shapes=shapes)

@@ -69,7 +69,10 @@ def file_name(
     backbone: str, weights_sha256: str | None, preprocessing: dict[str, Any], precision: str
 ) -> str:
     fp = fingerprint(backbone, weights_sha256, preprocessing, precision)
-    wtag = weights_sha256[:8] if weights_sha256 else RANDOM_LABEL
+    if weights_sha256:
+        wtag = weights_sha256[:8]
+    else:  # hand-crafted features (features.handcrafted) have no weights at all
+        wtag = "none" if "features" in preprocessing else RANDOM_LABEL
     return f"{backbone}-{preprocessing['layer']}-{wtag}-{precision}-{fp[:12]}.h5"
 
 
@@ -116,6 +119,8 @@ def extract_command(
             parts += [f"--{key}", str(opts[key])]
     if "stain" in opts:
         parts += ["--split", "SPLIT_CSV"]
+    if opts.get("mask_annotation"):
+        parts += ["--mask-annotation"]
     return shlex.join(parts)
 
 

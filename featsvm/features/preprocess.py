@@ -15,6 +15,9 @@ every fingerprint; only non-default values are written, so the fingerprints of p
   ``stain_reference`` (Lab mean and std), computed from the TRAIN images of a split manifest
   only (`reinhard_reference`), stored in the preprocessing dict.
 * ``colour = "grey" | "hematoxylin"``: colour-free input (`featsvm.features.stain.colour_free`).
+* ``mask_annotation``: the burnt-in scale-annotation box (bottom-right, `featsvm.data.annotation`)
+  filled with the image's median colour first, before any view, stain or colour step
+  (``--mask-annotation``; ``+masked`` in model names).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from featsvm.names import COLOURS, STAINS, VIEWS
 DEFAULT_CELL_SIZE = 112  # the 224-px Taleqani fields hold cells of ~25-30 px: 112 loses nothing
 DEFAULT_MAX_CELLS = 3
 REFERENCE_IMAGES = 300  # train images whose inputs form the stain reference
-OPTION_KEYS = ("view", "stain", "stain_reference", "colour", "cell_size", "max_cells")
+OPTION_KEYS = ("view", "stain", "stain_reference", "colour", "cell_size", "max_cells",
+               "mask_annotation")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class ImageOptions:
     colour: str = "rgb"
     cell_size: int = DEFAULT_CELL_SIZE
     max_cells: int = DEFAULT_MAX_CELLS
+    mask_annotation: bool = False
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("view", self.view, VIEWS), ("stain", self.stain, STAINS),
@@ -68,6 +73,8 @@ class ImageOptions:
                        stain_reference=[round(float(v), 4) for v in self.stain_reference or ()])
         if self.colour != "rgb":
             out["colour"] = self.colour
+        if self.mask_annotation:
+            out["mask_annotation"] = True
         return out
 
     @classmethod
@@ -77,7 +84,8 @@ class ImageOptions:
                    stain_reference=tuple(ref) if ref else None,
                    colour=pre.get("colour", "rgb"),
                    cell_size=int(pre.get("cell_size", DEFAULT_CELL_SIZE)),
-                   max_cells=int(pre.get("max_cells", DEFAULT_MAX_CELLS)))
+                   max_cells=int(pre.get("max_cells", DEFAULT_MAX_CELLS)),
+                   mask_annotation=bool(pre.get("mask_annotation", False)))
 
     def describe(self) -> str:
         parts = [f"view {self.view}"]
@@ -87,6 +95,8 @@ class ImageOptions:
             parts.append(f"stain {self.stain}")
         if self.colour != "rgb":
             parts.append(f"colour {self.colour}")
+        if self.mask_annotation:
+            parts.append("annotation masked")
         return ", ".join(parts)
 
 
@@ -123,14 +133,19 @@ def image_transform(pre: dict[str, Any]) -> Callable[[Any], Any]:
     import torch
     from torchvision import transforms as T
 
+    from featsvm.data.annotation import mask_annotation
     from featsvm.features.backbones import make_transform
 
     opts = ImageOptions.from_preprocessing(pre)
     field_tf = make_transform(pre)
-    crop_tf = T.Compose([T.ToTensor(), T.Normalize(list(pre["mean"]), list(pre["std"]))])
+    crop_tf = (T.Compose([T.ToTensor(), T.Normalize(list(pre["mean"]), list(pre["std"]))])
+               if "mean" in pre else field_tf)  # hand-crafted baselines: the field view only
 
     def transform(image) -> torch.Tensor:
-        images, crops = _inputs(image.convert("RGB"), opts)
+        image = image.convert("RGB")
+        if opts.mask_annotation:
+            image = mask_annotation(image)
+        images, crops = _inputs(image, opts)
         tf = crop_tf if crops else field_tf
         return torch.stack([tf(im) for im in _recolour(images, opts)])
 
@@ -202,6 +217,7 @@ def resolve_options(
     colour: str = "rgb",
     split_path: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
+    mask_annotation: bool = False,
 ) -> ImageOptions:
     """ImageOptions from command-line values; `reinhard` takes its reference from the split's
     train images (computed with `data_dir`, or read from the file a previous extract wrote)."""
@@ -211,7 +227,8 @@ def resolve_options(
             raise UsageError("--stain reinhard needs --split (the reference comes from its "
                              "train images)")
         ref = reinhard_reference(split_path, data_dir, view)
-    return ImageOptions(view=view, stain=stain, stain_reference=ref, colour=colour)
+    return ImageOptions(view=view, stain=stain, stain_reference=ref, colour=colour,
+                        mask_annotation=mask_annotation)
 
 
 def parse_input(spec: str) -> tuple[str, str, str]:
@@ -239,4 +256,6 @@ def input_name(options: ImageOptions) -> str:
         parts.append(options.stain)
     if options.colour != "rgb":
         parts.append(options.colour)
+    if options.mask_annotation:
+        parts.append("masked")
     return "+".join(parts)
