@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 _CHUNK = 1 << 20
+TEMP_SUFFIX = ".tmp"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -31,20 +32,57 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file or a folder (a folder's entry list: a rename is durable only then)."""
+    is_dir = Path(path).is_dir()
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # pragma: no cover - a folder that cannot be opened on this system
+        if is_dir:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; a file must sync
+        if not is_dir:
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only on success."""
+    """Yield a temporary path beside `path`; on success fsync it, rename it onto `path` and
+    fsync the folder, so that after a crash or power loss `path` holds either the old or the
+    new complete content. A killed writer leaves ``.<name>.<random>.tmp`` behind; owners of a
+    folder remove those with `remove_temp_files`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fsync_path(tmp_path)
         os.replace(tmp_path, path)
+        fsync_path(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files that killed `atomic_path` writers left in `folder`
+    (only call it while holding the folder's lock: a live writer's temp file looks the same).
+    Returns the files removed."""
+    removed = []
+    for p in sorted(Path(folder).glob(f".*{TEMP_SUFFIX}")):
+        if p.is_file() and not p.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

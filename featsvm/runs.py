@@ -123,7 +123,17 @@ def verify_sidecar(model_path: str | os.PathLike[str]) -> str:
         raise RunRecordError(f"model file {model_path} is missing")
     if not side.is_file():
         raise RunRecordError(f"{model_path} has no sha256 sidecar ({side.name}); refusing to load")
-    expected = side.read_text(encoding="utf-8").split()[0]
+    try:
+        words = side.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunRecordError(f"{side} is unreadable ({exc}); refusing to load {model_path}") \
+            from None
+    expected = words[0].lower() if words else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise RunRecordError(
+            f"{side} holds no sha256 ({'empty' if not words else 'garbled'} sidecar); refusing "
+            f"to load {model_path}: re-run the command that made the run"
+        )
     actual = sha256_file(model_path)
     if actual != expected:
         raise RunRecordError(
