@@ -45,6 +45,10 @@ class StaleCacheError(CacheError):
     """A cache file made from different images or settings."""
 
 
+class CacheFullError(CacheError):
+    """The disk holding a feature cache is full; the message names the space needed."""
+
+
 class CacheMissingError(CacheError):
     """No cache file for the requested features."""
 

@@ -5,14 +5,25 @@ Each test reproduces one fault first; the fault-injection figures are in benchma
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import stat
+import subprocess
+import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
+from conftest import make_dataset
 
 from featsvm import fileio
-from featsvm.errors import RunRecordError
+from featsvm.errors import CacheError, CacheFullError, RunRecordError
+from featsvm.features.backbones import get_spec, preprocessing_for
+from featsvm.features.cache import CacheWriter, cache_path, read_cache
+from featsvm.features.weights import WeightsInfo
 from featsvm.runs import verify_sidecar, write_sidecar
 
 # ---------------------------------------------------------------- atomic writes
@@ -58,3 +69,224 @@ def test_empty_or_garbled_sidecar_is_a_run_record_error(tmp_path: Path) -> None:
         sidecar.write_text(text, encoding="utf-8")
         with pytest.raises(RunRecordError, match="sidecar"):
             verify_sidecar(model)
+
+
+# ---------------------------------------------------------------- the HDF5 cache
+
+RANDOM = WeightsInfo("random", None, "random init")
+
+
+def _cache_attrs(layer: str = "gap") -> dict:
+    pre = preprocessing_for(get_spec("alexnet"), RANDOM, layer)
+    return {"backbone": "alexnet", "weights_label": "random", "weights_sha256": "",
+            "preprocessing": pre, "precision": "fp32",
+            "extract_command": "featsvm extract DATA --backbone alexnet --weights none"}
+
+
+def _rows(start: int, n: int, dim: int = 256):
+    """Deterministic, never-zero rows: row i holds i + 1 + arange(dim) / dim."""
+    ids = np.arange(start, start + n)
+    feats = (ids[:, None] + 1 + np.arange(dim)[None, :] / dim).astype(np.float32)
+    return (feats, [f"{i:064x}" for i in ids], [f"Original/Benign/ä-{i}.jpg" for i in ids],
+            ["benign"] * n)
+
+
+def _check_rows(c) -> None:
+    n = len(c)
+    want = _rows(0, n)
+    assert c.sha256 == want[1] and c.relpath == want[2] and c.label == want[3]
+    np.testing.assert_array_equal(c.features, want[0])
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 1 MiB tmpfs (a really full disk); skipped where mounting is not allowed."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("space_check", ["on", "blind"])
+def test_full_disk_commits_no_wrong_rows(small_tmpfs: Path, space_check: str,
+                                         monkeypatch) -> None:
+    """"blind": the free-space check is fooled (another process fills the disk between the
+    check and the write), so the write itself meets ENOSPC."""
+    if space_check == "blind":
+        import featsvm.features.cache as cache_mod
+
+        real = shutil.disk_usage
+        monkeypatch.setattr(cache_mod.shutil, "disk_usage",
+                            lambda p: real(p)._replace(free=1 << 40))
+    path = cache_path(small_tmpfs, "alexnet", RANDOM, "fp32", layer="gap")
+    w = CacheWriter(path, _cache_attrs())
+    w.expect_rows(5000)
+    with pytest.raises(CacheFullError) as err:
+        for start in range(0, 5000, 8):
+            w.append(*_rows(start, 8))
+    w.close()
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "free" in msg and "MB" in msg
+    c = read_cache(path)
+    assert 0 < len(c) < 5000
+    _check_rows(c)  # every committed row is the row written: no zeros
+    assert np.all(np.abs(c.features).sum(axis=1) > 0)
+
+
+def _writer_child(path: Path, ready_fd: int) -> None:  # runs in a forked child
+    try:
+        with CacheWriter(path, _cache_attrs()) as w:
+            os.write(ready_fd, b"r")
+            i = w.n_rows
+            while True:
+                w.append(*_rows(i, 3))
+                i += 3
+    except BaseException as exc:  # noqa: BLE001 - report any failure of the resumed writer
+        os.write(2, f"writer child failed: {type(exc).__name__}: {exc}\n".encode())
+        os._exit(3)
+    os._exit(0)
+
+
+def kill_cycles(path: Path, cycles: int, seed: int = 0) -> list[int]:
+    """Fork a writer that resumes the cache and appends rows without pause; SIGKILL it at a
+    random moment (often inside a flush); repeat. Returns the committed rows after each kill."""
+    rng = np.random.default_rng(seed)
+    counts = []
+    for _ in range(cycles):
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            _writer_child(path, wfd)
+        os.close(wfd)
+        ready = os.read(r, 1)
+        os.close(r)
+        time.sleep(float(rng.uniform(0.0, 0.15)))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert ready == b"r" and os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9, (
+            f"the resumed writer failed (status {status}) instead of being killed")
+        c = read_cache(path)
+        _check_rows(c)
+        counts.append(len(c))
+    return counts
+
+
+def test_kill_9_inside_flushes_never_breaks_the_cache(tmp_path: Path) -> None:
+    path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
+    with CacheWriter(path, _cache_attrs()) as w:
+        w.append(*_rows(0, 3))
+    counts = kill_cycles(path, int(os.environ.get("FEATSVM_TEST_KILL_CYCLES", "12")))
+    assert counts == sorted(counts) and counts[-1] > 3
+    with CacheWriter(path, _cache_attrs()) as w:  # a final clean resume appends after them
+        n = w.n_rows
+        w.append(*_rows(n, 2))
+    _check_rows(read_cache(path))
+
+
+def _write_layout_1(path: Path, n: int, nan_rows: tuple[int, ...] = ()) -> None:
+    """A cache file as featsvm wrote it before layout 2 (variable-length strings)."""
+    attrs = _cache_attrs()
+    feats, sha, rel, lab = _rows(0, n)
+    feats[list(nan_rows)] = np.nan
+    with h5py.File(path, "w") as f:
+        str_dt = h5py.string_dtype("utf-8")
+        f.create_dataset("features", data=feats, maxshape=(None, 256), chunks=(64, 256))
+        f.create_dataset("sha256", data=np.array([s.encode() for s in sha], dtype="S64"),
+                         maxshape=(None,), chunks=(1024,))
+        f.create_dataset("relpath", data=rel, dtype=str_dt, maxshape=(None,), chunks=(1024,))
+        f.create_dataset("label", data=lab, dtype=str_dt, maxshape=(None,), chunks=(1024,))
+        for k, v in attrs.items():
+            f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
+        f.attrs["n_rows"] = n
+        f.attrs["format_version"] = 1
+
+
+def test_layout_1_caches_stay_readable_and_are_migrated_by_a_writer(tmp_path: Path) -> None:
+    path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
+    _write_layout_1(path, 10)
+    _check_rows(read_cache(path))  # readers need no migration
+    with CacheWriter(path, _cache_attrs()) as w:
+        assert w.n_rows == 10 and not w.dropped
+        w.append(*_rows(10, 2))
+    assert path.name == cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap").name
+    c = read_cache(path)
+    _check_rows(c)
+    assert len(c) == 12 and c.attrs["layout"] == 2 and c.attrs["backbone"] == "alexnet"
+    with h5py.File(path) as f:
+        assert f["relpath"].dtype.kind == "S" and f["label"].dtype.kind == "S"
+
+
+def test_non_finite_rows_are_refused_and_old_ones_dropped_for_recomputation(
+        tmp_path: Path) -> None:
+    path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
+    _write_layout_1(path, 6, nan_rows=(1, 4))
+    with CacheWriter(path, _cache_attrs()) as w:
+        assert [d[1] for d in w.dropped] == ["Original/Benign/ä-1.jpg", "Original/Benign/ä-4.jpg"]
+        assert w.n_rows == 4 and not w.has(f"{1:064x}") and w.has(f"{2:064x}")
+        feats, sha, rel, lab = _rows(100, 2)
+        feats[1, 3] = np.inf
+        with pytest.raises(CacheError, match=r"non-finite .*ä-101\.jpg"):
+            w.append(feats, sha, rel, lab)
+        assert w.n_rows == 4
+    c = read_cache(path)
+    assert len(c) == 4 and np.isfinite(c.features).all()
+
+
+def test_extract_skips_non_finite_embeddings_and_a_rerun_recomputes_them(
+        tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    import featsvm.features.extract as ex
+
+    data = make_dataset(tmp_path / "data", per_class=2, size=32)
+    real = ex.load_backbone
+
+    def poisoned(*a, **k):
+        loaded = real(*a, **k)
+        inner = loaded.embedder
+
+        class NaNFirst(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                out = self.inner(x).clone()
+                out[0, 0] = float("nan")
+                return out
+
+        loaded.embedder = NaNFirst()
+        return loaded
+
+    monkeypatch.setattr(ex, "load_backbone", poisoned)
+    s = ex.extract(data, "alexnet", weights="none", cache_dir=tmp_path / "c", batch_size=4,
+                   workers=0, layer="gap", progress=False)
+    assert s.n_new == 6 and len(s.skipped) == 2
+    assert all("non-finite" in why for _, why in s.skipped)
+    monkeypatch.setattr(ex, "load_backbone", real)
+    s2 = ex.extract(data, "alexnet", weights="none", cache_dir=tmp_path / "c", batch_size=4,
+                    workers=0, layer="gap", progress=False)
+    assert (s2.n_new, s2.n_cached, s2.skipped) == (2, 6, [])
+    assert np.isfinite(read_cache(s2.cache_path).features).all()
+
+
+def test_extract_on_a_full_disk_is_one_line_naming_path_and_space(
+        small_tmpfs: Path, tmp_path: Path) -> None:
+    from test_errors import _one_line_failure
+
+    data = make_dataset(tmp_path / "data", per_class=2, size=32)
+    filler = small_tmpfs / "filler"  # leave ~200 KB: the file fits, the rows do not
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_tmpfs).free - 200_000))
+    msg = _one_line_failure(["extract", str(data), "--backbone", "alexnet", "--weights", "none",
+                             "--layer", "gap", "--workers", "0", "--cache", str(small_tmpfs),
+                             "--quiet"])
+    assert "disk full" in msg and str(small_tmpfs) in msg and "free at least" in msg
+    for h5 in small_tmpfs.glob("*.h5"):  # nothing committed
+        assert len(read_cache(h5)) == 0

@@ -9,25 +9,36 @@ Layout (``<cache>/<backbone>-<layer>-<weights8>-<precision>-<fingerprint12>.h5``
 
     features  [N, D] float32   chunked, resizable
     sha256    [N]    S64       content hash of the image file (the lookup key)
-    relpath   [N]    str       path of the first file seen with that content
-    label     [N]    str       label of that file (information only; use the split manifest)
+    relpath   [N]    S1024     UTF-8 path of the first file seen with that content (information
+                               only; a longer path is cut at a character boundary)
+    label     [N]    S32       label of that file (information only; use the split manifest)
     attrs: backbone, layer, dim, weights_label, weights_sha256, weights_source, preprocessing
-           (JSON), precision, fingerprint, n_rows, featsvm_version, torch_version, created,
-           extract_command
+           (JSON), precision, fingerprint, n_rows, layout, featsvm_version, torch_version,
+           created, extract_command
 
-Crash safety: every batch is appended, then ``n_rows`` is updated and the file flushed, so a
-SIGKILL loses at most the batch in flight; readers and the next writer trust only ``n_rows``
-rows. One writer per file: an exclusive ``flock`` on ``<file>.lock`` (released by the kernel
-when the process dies, so a killed run never leaves a stale lock).
+Crash safety: every batch is appended, flushed, read back and compared, then ``n_rows`` is
+updated, the file flushed and fsynced, so a SIGKILL loses at most the batch in flight; readers
+and the next writer trust only ``n_rows`` rows. Only fixed-size types are stored (layout 2):
+files of layout 1 kept ``relpath`` and ``label`` as variable-length strings in an HDF5 heap
+that a kill inside a flush could corrupt ("bad heap index"); a writer rewrites such a file
+into layout 2 once, under its lock (same name, fingerprint and rows). The writer opens the
+file without HDF5's chunk cache, so a full disk fails the write that hit it (CacheFullError,
+naming the space needed) instead of a later flush silently leaving zeros; the read-back
+check refuses to commit any row that differs from what was computed. Non-finite embeddings
+are never stored; a writer drops such rows left by older versions, and the next extract
+recomputes them. One writer per file: an exclusive ``flock`` on ``<file>.lock`` (released by
+the kernel when the process dies, so a killed run never leaves a stale lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shlex
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +47,24 @@ from typing import Any
 import h5py
 import numpy as np
 
-from featsvm.errors import CacheError, CacheLockedError, CacheMissingError, StaleCacheError
+from featsvm.errors import (
+    CacheError,
+    CacheFullError,
+    CacheLockedError,
+    CacheMissingError,
+    StaleCacheError,
+)
 from featsvm.features.weights import RANDOM_LABEL, RANDOM_SEED, WeightsInfo
-from featsvm.fileio import FileLock
+from featsvm.fileio import FileLock, fsync_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # part of the fingerprint: never change it for a storage-only change
+LAYOUT = 2  # storage layout (see the module doc); layout-1 files are rewritten by a writer
 CHUNK_ROWS = 64
+RELPATH_BYTES = 1024
+LABEL_BYTES = 32
+_DATASETS = ("features", "sha256", "relpath", "label")
+# errno values of a write that found no room: full disk, over quota, over the file size limit
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 # ------------------------------------------------------------------------------ naming
@@ -233,26 +256,86 @@ def _open(path: Path, mode: str) -> h5py.File:
 # ------------------------------------------------------------------------------ writer
 
 
+def _fixed(values: Sequence[str], width: int) -> np.ndarray:
+    """UTF-8 bytes of each string in a fixed-width array, cut at a character boundary."""
+    out = []
+    for v in values:
+        b = v.encode("utf-8")
+        if len(b) > width:
+            b = b[:width].decode("utf-8", "ignore").encode("utf-8")
+        out.append(b)
+    return np.array(out, dtype=f"S{width}")
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e6:,.1f} MB"
+
+
+def _no_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return True
+    text = str(exc)
+    return any(f"errno = {e}," in text for e in _NO_SPACE) or "No space left" in text
+
+
+def _create(path: Path, attrs: dict[str, Any], dim: int) -> h5py.File:
+    """A new, empty layout-2 file at `path` (overwritten if it exists)."""
+    f = h5py.File(path, "w")
+    f.create_dataset("features", (0, dim), np.float32, maxshape=(None, dim),
+                     chunks=(CHUNK_ROWS, dim))
+    f.create_dataset("sha256", (0,), "S64", maxshape=(None,), chunks=(CHUNK_ROWS * 16,))
+    f.create_dataset("relpath", (0,), f"S{RELPATH_BYTES}", maxshape=(None,),
+                     chunks=(CHUNK_ROWS,))
+    f.create_dataset("label", (0,), f"S{LABEL_BYTES}", maxshape=(None,),
+                     chunks=(CHUNK_ROWS * 16,))
+    for key, value in attrs.items():
+        f.attrs[key] = _attr_value(value)
+    f.attrs["n_rows"] = 0
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["layout"] = LAYOUT
+    return f
+
+
 class CacheWriter:
-    """Append embeddings to one cache file, holding its exclusive lock until `close()`."""
+    """Append embeddings to one cache file, holding its exclusive lock until `close()`.
+
+    `dropped` lists the (sha256, relpath, reason) of committed rows that opening the file
+    removed (non-finite embeddings written by older versions); they count as not cached.
+    """
 
     def __init__(self, path: str | os.PathLike[str], attrs: dict[str, Any]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dropped: list[tuple[str, str, str]] = []
+        self._rows_to_go = 0
+        self._failed: str | None = None
         self._lock = _cache_lock(self.path, exclusive=True)
         self._lock.acquire()
         try:
             self._file = self._open_or_create(attrs)
+            self.n_rows = int(self._file.attrs["n_rows"])
+            self._sha = set(_decode(self._file["sha256"][: self.n_rows]))
         except BaseException:
-            self._lock.release()
+            self.close()
             raise
-        self.n_rows = int(self._file.attrs["n_rows"])
-        self._sha = set(_decode(self._file["sha256"][: self.n_rows]))
+        self._row_bytes = (int(self._file["features"].shape[1]) * 4 + 64 + RELPATH_BYTES
+                           + LABEL_BYTES)
+
+    def _open_writable(self) -> h5py.File:
+        try:
+            # no chunk cache: every write reaches the file at once, so a full disk fails
+            # the write that hit it (with HDF5's cache a later flush could lose rows silently)
+            return h5py.File(self.path, "r+", rdcc_nbytes=0)
+        except OSError as exc:
+            raise CacheError(
+                f"cannot open feature cache {self.path} for writing ({exc}); if it is damaged, "
+                "delete it and re-run featsvm extract"
+            ) from exc
 
     def _open_or_create(self, attrs: dict[str, Any]) -> h5py.File:
         dim = int(attrs["preprocessing"]["dim"])
         if self.path.exists():
-            f = _open(self.path, "r+")
+            f = self._open_writable()
             try:
                 existing = _attrs(f)
                 check_consistent(self.path, existing)
@@ -263,30 +346,92 @@ class CacheWriter:
                             f"{attrs.get(key)!r} for this run; refusing to mix embeddings"
                         )
                 n = int(f.attrs["n_rows"])
-                for name in ("features", "sha256", "relpath", "label"):
+                bad = self._nonfinite_rows(f, n)
+                if bad.size or int(f.attrs.get("layout", 1)) != LAYOUT:
+                    f.close()
+                    self._rewrite(n, bad)
+                    f = self._open_writable()
+                    n = int(f.attrs["n_rows"])
+                for name in _DATASETS:
                     if f[name].shape[0] != n:  # rows of a batch killed before its commit
                         f[name].resize(n, axis=0)
                 f.attrs["extract_command"] = attrs.get("extract_command", "")
                 f.flush()
             except BaseException:
-                f.close()
+                with contextlib.suppress(Exception):
+                    f.close()
                 raise
             return f
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        f = h5py.File(tmp, "w")
-        str_dt = h5py.string_dtype("utf-8")
-        f.create_dataset("features", (0, dim), np.float32, maxshape=(None, dim),
-                         chunks=(CHUNK_ROWS, dim))
-        f.create_dataset("sha256", (0,), "S64", maxshape=(None,), chunks=(1024,))
-        f.create_dataset("relpath", (0,), str_dt, maxshape=(None,), chunks=(1024,))
-        f.create_dataset("label", (0,), str_dt, maxshape=(None,), chunks=(1024,))
-        for key, value in attrs.items():
-            f.attrs[key] = _attr_value(value)
-        f.attrs["n_rows"] = 0
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.close()
+        self._check_room(tmp.parent, 1 << 20, "create")
+        _create(tmp, attrs, dim).close()
+        fsync_path(tmp)
         os.replace(tmp, self.path)  # the file appears complete (empty) or not at all
-        return _open(self.path, "r+")
+        fsync_path(self.path.parent)
+        return self._open_writable()
+
+    @staticmethod
+    def _nonfinite_rows(f: h5py.File, n: int) -> np.ndarray:
+        bad: list[np.ndarray] = []
+        for i in range(0, n, 4096):
+            block = f["features"][i : min(n, i + 4096)]
+            bad.append(i + np.flatnonzero(~np.isfinite(block).all(axis=1)))
+        return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+    def _rewrite(self, n: int, drop: np.ndarray) -> None:
+        """Copy the n committed rows minus `drop` into a layout-2 file, then replace."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with h5py.File(self.path, "r") as old:
+            keep = np.setdiff1d(np.arange(n), drop)
+            sha, rel = _decode(old["sha256"][:n]), _decode(old["relpath"][:n])
+            lab = _decode(old["label"][:n])
+            self.dropped = [(sha[i], rel[i], "non-finite embedding (NaN or inf)") for i in drop]
+            dim = int(old["features"].shape[1])
+            self._check_room(tmp.parent, len(keep) * (dim * 4 + 64 + RELPATH_BYTES
+                                                      + LABEL_BYTES) + (1 << 20), "rewrite")
+            attrs = {k: v for k, v in old.attrs.items()
+                     if k not in ("n_rows", "layout", "format_version")}
+            with _create(tmp, {}, dim) as new:
+                for k, v in attrs.items():
+                    new.attrs[k] = v
+                m = len(keep)
+                for name in _DATASETS:
+                    new[name].resize(m, axis=0)
+                for i in range(0, m, 4096):
+                    idx = keep[i : i + 4096]
+                    new["features"][i : i + len(idx)] = old["features"][idx[0] : idx[-1] + 1][
+                        idx - idx[0]]
+                new["sha256"][:m] = np.array([sha[i].encode() for i in keep], dtype="S64")
+                new["relpath"][:m] = _fixed([rel[i] for i in keep], RELPATH_BYTES)
+                new["label"][:m] = _fixed([lab[i] for i in keep], LABEL_BYTES)
+                new.attrs["n_rows"] = m
+        fsync_path(tmp)
+        os.replace(tmp, self.path)
+        fsync_path(self.path.parent)
+
+    def _check_room(self, folder: Path, needed: int, what: str) -> None:
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise self._full(needed, free, what)
+
+    def _full(self, needed: int, free: int | None, what: str) -> CacheFullError:
+        if free is None:
+            with contextlib.suppress(OSError):
+                free = shutil.disk_usage(self.path.parent).free
+        return CacheFullError(
+            f"disk full: cannot {what} the feature cache {self.path}: free at least "
+            f"{_mb(needed)} on {self.path.parent} (now {_mb(free or 0)} free) and re-run the "
+            f"same command; the {getattr(self, 'n_rows', 0)} rows committed so far are kept"
+        )
+
+    def expect_rows(self, n: int) -> None:
+        """Tell the writer how many rows this run still means to append (for the space check
+        and the "free at least ..." figure of a full-disk error)."""
+        self._rows_to_go = int(n)
+
+    def check_room_for_rows(self, n: int) -> None:
+        """Refuse at once (CacheFullError) when the disk cannot hold `n` more rows."""
+        self._check_room(self.path.parent, (n + 2 * CHUNK_ROWS) * self._row_bytes, "extend")
 
     def has(self, sha256: str) -> bool:
         return sha256 in self._sha
@@ -302,31 +447,73 @@ class CacheWriter:
         relpath: Sequence[str],
         label: Sequence[str],
     ) -> None:
-        """Append rows and commit them (``n_rows`` + flush): durable once this returns."""
+        """Append rows and commit them (read back, ``n_rows``, flush, fsync): durable once
+        this returns. Raises CacheFullError (disk full) or CacheError; then nothing of this
+        batch is committed and the writer refuses further appends."""
         features = np.asarray(features, dtype=np.float32)
         k = len(sha256)
         if features.shape[0] != k or len(relpath) != k or len(label) != k:
             raise ValueError("append: features, sha256, relpath and label lengths differ")
         if k == 0:
             return
+        bad = [relpath[i] for i in np.flatnonzero(~np.isfinite(features).all(axis=1))]
+        if bad:
+            raise CacheError(
+                f"refusing to store non-finite embeddings (NaN or inf) of {len(bad)} image(s) "
+                f"in {self.path}: {', '.join(map(repr, bad[:5]))}"
+            )
+        if self._failed:
+            raise CacheError(f"{self.path}: an earlier write failed ({self._failed}); re-run")
+        needed = (max(self._rows_to_go, k) + 2 * CHUNK_ROWS) * self._row_bytes
+        free = shutil.disk_usage(self.path.parent).free
+        if free < k * self._row_bytes + 4 * CHUNK_ROWS * self._row_bytes:
+            self._failed = "disk full"
+            raise self._full(needed, free, "append to")
         n0, n1 = self.n_rows, self.n_rows + k
+        sha_b = np.array([s.encode() for s in sha256], dtype="S64")
+        rel_b, lab_b = _fixed(relpath, RELPATH_BYTES), _fixed(label, LABEL_BYTES)
         f = self._file
-        for name in ("features", "sha256", "relpath", "label"):
-            f[name].resize(n1, axis=0)
-        f["features"][n0:n1] = features
-        f["sha256"][n0:n1] = np.array([s.encode() for s in sha256], dtype="S64")
-        f["relpath"][n0:n1] = list(relpath)
-        f["label"][n0:n1] = list(label)
-        f.flush()  # data first, then the commit marker
-        f.attrs["n_rows"] = n1
-        f.flush()
+        try:
+            for name in _DATASETS:
+                f[name].resize(n1, axis=0)
+            f["features"][n0:n1] = features
+            f["sha256"][n0:n1] = sha_b
+            f["relpath"][n0:n1] = rel_b
+            f["label"][n0:n1] = lab_b
+            f.flush()  # data first, then the commit marker
+            if not (np.array_equal(f["features"][n0:n1], features)
+                    and np.array_equal(f["sha256"][n0:n1], sha_b)
+                    and np.array_equal(f["relpath"][n0:n1], rel_b)):
+                raise CacheError(
+                    f"{self.path}: rows {n0}-{n1 - 1} read back differently from what was "
+                    "written (a failing disk or file system?); nothing of this batch was "
+                    "committed"
+                )
+            f.attrs["n_rows"] = n1
+            f.flush()
+            os.fsync(f.id.get_vfd_handle())
+        except CacheError as exc:
+            self._failed = str(exc)
+            raise
+        except (OSError, RuntimeError) as exc:
+            self._failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if _no_space(exc):
+                raise self._full(needed, None, "append to") from None
+            raise CacheError(
+                f"writing the feature cache {self.path} failed ({self._failed}); rows up to "
+                f"{n0} stay committed; re-run the same command"
+            ) from None
         self.n_rows = n1
         self._sha.update(sha256)
+        self._rows_to_go = max(0, self._rows_to_go - k)
 
     def note(self, key: str, value: Any) -> None:
         """Record an informational attribute (e.g. the extraction speed) and flush it."""
-        self._file.attrs[key] = _attr_value(value)
-        self._file.flush()
+        try:
+            self._file.attrs[key] = _attr_value(value)
+            self._file.flush()
+        except (OSError, RuntimeError) as exc:
+            raise CacheError(f"cannot write attribute {key} to {self.path}: {exc}") from None
 
     def close(self) -> None:
         if getattr(self, "_file", None) is not None:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 # Test hook: seconds to sleep after each committed batch (lets a test SIGKILL a real run
 # between batches). Never set it in normal use.
 SLEEP_ENV = "FEATSVM_TEST_SLEEP_AFTER_BATCH"
+NON_FINITE = ("non-finite embedding (NaN or inf): not stored; check the weights and the "
+              "precision (fp16 can overflow), then re-run extract")
 
 
 class ImageRef(Protocol):
@@ -190,7 +193,8 @@ def extract(
 
 def _partition(records: Sequence[ImageRef], writer: CacheWriter
                ) -> tuple[list[ImageRef], int, int]:
-    """(records to compute, number already cached, number of duplicate files)."""
+    """(records to compute, number already cached, number of duplicate files); refuses at
+    once (CacheFullError) when the disk cannot hold the rows to compute."""
     seen: set[str] = set()
     todo: list[ImageRef] = []
     n_cached = n_dup = 0
@@ -203,6 +207,11 @@ def _partition(records: Sequence[ImageRef], writer: CacheWriter
             n_cached += 1
         else:
             todo.append(rec)
+    for _sha, rel, why in writer.dropped:  # bad rows of an older version: recomputed
+        print(f"dropped the cached row of {rel}: {why}; recomputing it", file=sys.stderr)
+    writer.expect_rows(len(todo))
+    if todo:
+        writer.check_room_for_rows(len(todo))
     return todo, n_cached, n_dup
 
 
@@ -256,9 +265,14 @@ def _run(
                     with autocast_context(dev, precision):
                         emb = embedder(xs)
                     feats = pool(emb.float().cpu().numpy(), counts)  # cells -> one row
-                    items = [todo[i] for i in idx]
-                    writer.append(feats, [r.sha256 for r in items], [r.relpath for r in items],
-                                  [r.label for r in items])
+                    finite = np.isfinite(feats).all(axis=1)
+                    for j in np.flatnonzero(~finite):
+                        rel = todo[idx[j]].relpath
+                        skipped.append((rel, NON_FINITE))
+                        bar.write(f"skipped {rel}: {NON_FINITE}")
+                    items = [todo[i] for i, ok in zip(idx, finite, strict=True) if ok]
+                    writer.append(feats[finite], [r.sha256 for r in items],
+                                  [r.relpath for r in items], [r.label for r in items])
                     n_new += len(items)
                 bar.update(len(idx) + len(bad))
                 if sleep_after:

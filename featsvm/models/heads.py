@@ -416,7 +416,8 @@ def fit_head(
     if len(np.unique(y)) < 2:
         raise FitError("the train split holds fewer than two classes; nothing to learn")
     if not np.all(np.isfinite(X)):
-        raise FitError("training features contain NaN or infinite values; re-extract them")
+        raise FitError("training features contain NaN or infinite values; run featsvm extract "
+                       "again: it drops non-finite rows from the cache and recomputes them")
     calibration = cfg.calibration_for(head)
     search = GridSearchCV(
         build_pipeline(head, cfg),
