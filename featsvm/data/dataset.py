@@ -9,13 +9,18 @@ Layouts understood (paths relative to the folder the user names):
 * any folder with one sub-folder per class, named like the above or mapped by ``class_map``.
 
 A file that is not a decodable image is reported (name + reason) and left out; one bad file
-never stops the scan.
+never stops the scan. That includes special files (a FIFO or a link to a device named like an
+image: refused from ``fstat`` before any read, so nothing blocks or reads without end),
+files over MAX_FILE_BYTES, images over MAX_PIXELS (refused from the header, before the file is
+read), animated GIF/WebP/PNG files, and names that are not valid UTF-8 (shown with
+backslash escapes, e.g. ``caf\\xe9.jpg``: they could not be written to a manifest).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +34,15 @@ from featsvm.errors import ImageError, MissingInputError, UsageError
 from featsvm.fileio import sha256_bytes
 from featsvm.labels import LABELS, label_for_folder
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+)
 # Refuse anything larger than this many pixels before decoding it (a decompression bomb
 # guard; the largest real frames are 1024x768 = 0.8 MP, camera originals a few MP).
 MAX_PIXELS = 50_000_000
+# Refuse files larger than this before reading them (50 MP of 16-bit RGB is 300 MB).
+MAX_FILE_BYTES = 512 * 1024 * 1024
+_ANIMATED_FORMATS = ("GIF", "WEBP", "PNG")
 
 RELEASE_WRAPPERS = ("Original", "Blood cell Cancer [ALL]")
 
@@ -59,6 +69,13 @@ class ScanResult:
         return {lab: sum(r.label == lab for r in self.records) for lab in LABELS}
 
 
+def _too_many_pixels(w: int, h: int) -> ImageError:
+    return ImageError(
+        f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP "
+        "limit (possible decompression bomb); downscale it first"
+    )
+
+
 def _decode(data: bytes, name: str) -> Image.Image:
     """Open and fully decode image bytes, refusing bombs, returning a PIL image."""
     if not data:
@@ -69,9 +86,11 @@ def _decode(data: bytes, name: str) -> Image.Image:
             im = Image.open(io.BytesIO(data))
             w, h = im.size
             if w * h > MAX_PIXELS:
+                raise _too_many_pixels(w, h)
+            if im.format in _ANIMATED_FORMATS and getattr(im, "is_animated", False):
                 raise ImageError(
-                    f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP "
-                    "limit (possible decompression bomb); downscale it first"
+                    f"animated {im.format} ({getattr(im, 'n_frames', '?')} frames): featsvm "
+                    "needs one still image per file; save the frame you want as PNG"
                 )
             im.load()
     except ImageError:
@@ -80,9 +99,66 @@ def _decode(data: bytes, name: str) -> Image.Image:
         raise ImageError(f"refused as a possible decompression bomb: {exc}") from exc
     except Image.UnidentifiedImageError:
         raise ImageError("not a recognised image format (corrupt, or not an image)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"cannot decode: {exc}") from exc
     return im
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISDIR, "a folder"))
+
+
+def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of one image file, read with bounds: special files (FIFO, device, socket)
+    are refused from ``fstat`` without a read (opened non-blocking, so a FIFO never hangs),
+    files over MAX_FILE_BYTES by their size, images over MAX_PIXELS from their header,
+    all before the file is read. Raises ImageError naming the problem."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in _FILE_KINDS if test(mode)), "not a regular file")
+            raise ImageError(f"{kind}, not an image file; skipped without reading it")
+        size = os.fstat(fd).st_size
+        if size > MAX_FILE_BYTES:
+            raise ImageError(f"file is {size / 1e6:,.0f} MB, larger than the "
+                             f"{MAX_FILE_BYTES / 1e6:,.0f} MB limit for one image")
+        try:  # the pixel guard reads the header only
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                w, h = Image.open(f).size
+        except (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError,
+                SyntaxError, ValueError, EOFError):
+            w = h = 0  # let _decode name the problem from the bytes
+        if w * h > MAX_PIXELS:
+            raise _too_many_pixels(w, h)
+        try:
+            f.seek(0)
+            data = f.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"file grew past the {MAX_FILE_BYTES / 1e6:,.0f} MB limit while read")
+    return data
+
+
+def printable_name(name: str) -> str:
+    """`name` as text that can be printed and written: bytes that are not UTF-8 (kept by
+    Python as surrogate escapes) appear as backslash escapes, e.g. ``caf\\xe9.jpg``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def check_utf8_name(name: str) -> None:
+    """Raise ImageError when a path is not valid UTF-8 (it could not go into a manifest)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ImageError("file name is not valid UTF-8; rename the file (e.g. with "
+                         "`convmv -f latin1 -t utf8`) to use it") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -121,19 +197,12 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
 
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
     """Load one image file as 8-bit RGB; raises ImageError naming the problem."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
-    return to_rgb(_decode(data, os.fspath(path)))
+    return decode_rgb(read_image_bytes(path), os.fspath(path))
 
 
 def inspect_file(path: Path) -> tuple[str, int, int]:
     """(sha256, width, height) of a decodable image file; raises ImageError otherwise."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+    data = read_image_bytes(path)
     im = _decode(data, str(path))
     return sha256_bytes(data), im.size[0], im.size[1]
 
@@ -198,7 +267,7 @@ def scan(
     for sub in sorted(d for d in class_dir.iterdir() if d.is_dir()):
         label = label_for_folder(sub.name, class_map)
         if label is None:
-            result.ignored_folders.append(sub.relative_to(root).as_posix())
+            result.ignored_folders.append(printable_name(sub.relative_to(root).as_posix()))
             continue
         jobs.extend((p, label) for p in iter_image_files(sub))
 
@@ -206,9 +275,10 @@ def scan(
         path, label = job
         rel = path.relative_to(root).as_posix()
         try:
+            check_utf8_name(rel)
             digest, w, h = inspect_file(path)
         except ImageError as exc:
-            return (rel, str(exc))
+            return (printable_name(rel), str(exc))
         return ImageRecord(rel, digest, label, w, h)
 
     n_workers = workers or min(8, (os.cpu_count() or 1) * 2)

@@ -84,4 +84,29 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
                 )
             except (ValueError, KeyError) as exc:
                 raise ManifestError(f"{path}, line {i}: {exc}") from exc
+    _check_partitions(path, rows)
     return Manifest(path=path, sha256=sha256_file(path), rows=tuple(rows))
+
+
+def _check_partitions(path: Path, rows: list[ManifestRow]) -> None:
+    """Refuse a manifest (e.g. edited by hand) that puts one image (same sha256) or one
+    duplicate group in two partitions: its test scores would be leaked. Names the lines."""
+    for what, key in (("image sha256", lambda r: r.sha256), ("duplicate group", lambda r: r.group)):
+        where: dict[object, dict[str, list[int]]] = {}
+        for line, r in enumerate(rows, start=2):
+            where.setdefault(key(r), {}).setdefault(r.split, []).append(line)
+        bad = [(k, parts) for k, parts in where.items() if len(parts) > 1]
+        if bad:
+            def lines(parts: dict[str, list[int]]) -> str:
+                return " and ".join(
+                    f"line{'s' if len(ls) > 1 else ''} {', '.join(map(str, ls[:5]))}"
+                    f"{' ...' if len(ls) > 5 else ''} ({split})" for split, ls in parts.items())
+
+            shown = "; ".join(
+                f"{what} {str(k)[:16]} on {lines(parts)}" for k, parts in bad[:3])
+            raise ManifestError(
+                f"{path}: {len(bad)} {what}(s) in more than one partition (train/val/test), "
+                f"which leaks test images into training: {shown}"
+                f"{'; ...' if len(bad) > 3 else ''}. Fix the file or re-create it with "
+                "`featsvm split`"
+            )

@@ -23,13 +23,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featsvm import __version__
-from featsvm.data.dataset import load_rgb, scan
+from featsvm.data.dataset import decode_rgb, read_image_bytes, scan
 from featsvm.device import autocast_context, check_precision, resolve_device
 from featsvm.errors import UsageError
 from featsvm.features.backbones import BackboneSpec, describe, load_backbone
 from featsvm.features.cache import CacheWriter, extract_command, file_name, fingerprint
 from featsvm.features.preprocess import ImageOptions, image_transform, pool
-from featsvm.fileio import sha256_file
+from featsvm.fileio import sha256_bytes
 from featsvm.runs import now_iso, versions
 
 logger = logging.getLogger(__name__)
@@ -89,9 +89,10 @@ class _ImageFiles(Dataset):
         item = self.items[i]
         path = self.root / item.relpath
         try:
-            if sha256_file(path) != item.sha256:
+            data = read_image_bytes(path)
+            if sha256_bytes(data) != item.sha256:
                 return i, None, "file content changed since it was scanned (sha256 differs)"
-            return i, self.transform(load_rgb(path)), None
+            return i, self.transform(decode_rgb(data, str(path))), None
         except Exception as exc:  # noqa: BLE001 - any bad file is reported, never fatal
             return i, None, f"{type(exc).__name__}: {exc}"
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from featsvm.data.dataset import ImageError, _decode, to_rgb
+from featsvm.data.dataset import ImageError, _decode, read_image_bytes, to_rgb
 from featsvm.data.manifest import ManifestRow
 from featsvm.fileio import sha256_bytes
 from featsvm.labels import LABELS
@@ -91,9 +91,9 @@ def preload(
     def load(row: ManifestRow) -> torch.Tensor | str:
         path = Path(data_dir) / row.relpath
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            return f"cannot read {path}: {exc.strerror or exc}"
+            data = read_image_bytes(path)
+        except ImageError as exc:
+            return str(exc)
         if sha256_bytes(data) != row.sha256:
             return "sha256 differs from the split manifest (file changed since `featsvm split`)"
         try:
