@@ -29,11 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from featsvm.data.dataset import IMAGE_EXTENSIONS, ImageError, iter_image_files, load_rgb
+from featsvm.data.dataset import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    check_utf8_name,
+    decode_rgb,
+    iter_image_files,
+    printable_name,
+    read_image_bytes,
+)
 from featsvm.errors import PredictError
-from featsvm.fileio import sha256_file, write_text_atomic
+from featsvm.fileio import sha256_bytes, sha256_file, write_text_atomic
 from featsvm.labels import LABELS, MALIGNANT
-from featsvm.runs import PROB_COLUMNS, RunRecord, load_joblib, read_run
+from featsvm.runs import PROB_COLUMNS, RunRecord, read_run
 
 CSV_COLUMNS = ("file", "sha256", "pred_label", "prob_malignant", *PROB_COLUMNS, "ood")
 
@@ -134,11 +142,14 @@ class Predictor:
         weights: str | os.PathLike[str] | None = None,
         weights_dir: str | os.PathLike[str] | None = None,
         device: str = "auto",
+        trust_pickle: bool = False,
     ) -> Predictor:
+        """`trust_pickle`: also load a head saved as a pickle by older featsvm versions (runs
+        code from the file: only for run folders you made)."""
         record = read_run(run_dir)
         kind = record.config.get("kind")
         if kind == "head":
-            return cls._head(record, weights, weights_dir, device)
+            return cls._head(record, weights, weights_dir, device, trust_pickle)
         if kind == "end_to_end":
             return cls._end_to_end(record, device)
         if kind == "cv":
@@ -152,14 +163,17 @@ class Predictor:
 
     @classmethod
     def _head(cls, record: RunRecord, weights: str | os.PathLike[str] | None,
-              weights_dir: str | os.PathLike[str] | None, device: str) -> Predictor:
+              weights_dir: str | os.PathLike[str] | None, device: str,
+              trust_pickle: bool = False) -> Predictor:
         import torch
 
         from featsvm.device import autocast_context, check_precision, resolve_device
         from featsvm.features.preprocess import backbone_part, image_transform, pool
 
         cfg = record.config
-        head = load_joblib(record.model_path)  # checks the sidecar first
+        from featsvm.models.modelfile import load_head, load_model
+
+        head = load_head(record, trust_pickle)  # sidecar + config.json sha256, no pickle
         pre = cfg.get("preprocessing") or {}
         if "layer" not in pre:
             raise PredictError(f"{record.path}/config.json: preprocessing has no 'layer'; "
@@ -179,7 +193,8 @@ class Predictor:
         embedder = loaded.embedder.to(dev).eval()
 
         ood_cfg = cfg.get("ood") or {}
-        ood_flag = (load_joblib(record.path / ood_cfg["file"])
+        ood_flag = (load_model(record.path / ood_cfg["file"], ood_cfg.get("sha256"),
+                               trust_pickle=trust_pickle)
                     if ood_cfg.get("file") else None)
 
         def embed(images: list[Any]) -> np.ndarray:
@@ -285,14 +300,15 @@ def predict(
     batch_size: int = 16,
     data_root: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    trust_pickle: bool = False,
 ) -> PredictResult:
     """Predict every image in `inputs` (files and folders) with the run at `run_dir`.
 
     `data_root`: report files relative to this folder (e.g. to compare with a run's
-    predictions.csv relpaths)."""
+    predictions.csv relpaths). `trust_pickle`: see `Predictor.from_run`."""
     from tqdm import tqdm
 
-    predictor = Predictor.from_run(run_dir, weights, weights_dir, device)
+    predictor = Predictor.from_run(run_dir, weights, weights_dir, device, trust_pickle)
     files, skipped = collect_inputs(inputs)
     result = PredictResult(run_id=predictor.record.run_id,
                            model=str(predictor.record.config.get("model")), skipped=skipped)
@@ -316,10 +332,12 @@ def predict(
 
     for path in tqdm(files, desc="predict", unit="img", disable=not progress):
         try:
-            digest = sha256_file(path)
-            im = load_rgb(path)
+            check_utf8_name(name(path))
+            data = read_image_bytes(path)
+            digest = sha256_bytes(data)
+            im = decode_rgb(data, str(path))
         except (ImageError, OSError) as exc:
-            result.skipped.append((name(path), str(exc)))
+            result.skipped.append((printable_name(name(path)), str(exc)))
             continue
         batch.append((name(path), digest, im))
         if len(batch) >= batch_size:

@@ -8,10 +8,16 @@ A run folder holds
 * ``metrics.json``  ``{"val": {...}, "test": {...}}`` blocks from `featsvm.evaluation.metrics`
   (a cross-validation run: ``{"pooled": {...}, "folds": [...], "fold_spread": {...}}``, the
   ``pooled`` block in the layout of a ``test`` block);
-* a model file (``model.joblib`` for heads, ``model.pt`` for end-to-end CNNs, ``folds.json``
-  for a cross-validation run, which keeps no deployable model) with a
-  sidecar ``<file>.sha256`` that is checked before every load;
+* a model file (``model.skops`` for heads, see `featsvm.models.modelfile`; ``model.pt`` for
+  end-to-end CNNs, loaded with ``torch.load(weights_only=True)``; ``folds.json`` for a
+  cross-validation run, which keeps no deployable model) with a sidecar ``<file>.sha256``;
+  head runs made before skops hold ``model.joblib`` (a pickle, loaded only on request);
 * optionally ``history.csv`` (per-epoch training log).
+
+config.json, written last, records the sha256 of every other artefact (``artefacts``: model
+file, predictions, metrics, history). `read_run` checks the small ones and refuses a record
+whose files changed; the model file is checked against both its sidecar and config.json
+before it is loaded (`verify_model`), so a swapped model needs an edited config.json too.
 
 `report` and `predict` read only this format, so they never ask which kind of model made it.
 """
@@ -64,6 +70,8 @@ REQUIRED_CONFIG_KEYS = (
 
 KINDS = ("head", "end_to_end", "cv")
 FOLD_COLUMN = "fold"  # cross-validation runs only
+# Artefacts whose sha256 `read_run` checks against config.json every time (small files).
+CHECKED_ON_READ = (PREDICTIONS_FILE, METRICS_FILE, HISTORY_FILE)
 
 
 def versions() -> dict[str, str]:
@@ -143,6 +151,28 @@ def verify_sidecar(model_path: str | os.PathLike[str]) -> str:
     return actual
 
 
+def recorded_sha256(config: dict[str, Any], name: str) -> str | None:
+    """The sha256 config.json records for the artefact `name` (None for older records)."""
+    found = (config.get("artefacts") or {}).get(name)
+    if found is None and name == config.get("model_file"):
+        found = config.get("model_sha256")
+    return str(found) if found else None
+
+
+def verify_model(record: RunRecord) -> str:
+    """Check a run's model file against its sidecar and against config.json; return the
+    sha256 or raise RunRecordError."""
+    actual = verify_sidecar(record.model_path)
+    expected = recorded_sha256(record.config, str(record.config["model_file"]))
+    if expected is not None and actual != expected:
+        raise RunRecordError(
+            f"{record.model_path} has sha256 {actual[:12]}…, but {record.path / CONFIG_FILE} "
+            f"records {expected[:12]}…: the model was replaced after the run (its sidecar "
+            "too); refusing to load"
+        )
+    return actual
+
+
 def save_joblib(run_dir: Path, obj: Any, name: str = "model.joblib") -> str:
     import joblib
 
@@ -153,8 +183,9 @@ def save_joblib(run_dir: Path, obj: Any, name: str = "model.joblib") -> str:
 
 
 def load_joblib(path: str | os.PathLike[str]) -> Any:
-    """Load a joblib model after checking its sidecar. joblib runs code on load: only load
-    run folders you trust."""
+    """Load a joblib model after checking its sidecar. joblib runs code on load: only for
+    files this process wrote or run folders you made (heads are saved with skops, see
+    `featsvm.models.modelfile`)."""
     import joblib
 
     verify_sidecar(path)
@@ -288,6 +319,13 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunRecord:
             f"{PREDICTIONS_FILE} and the model file with its .sha256 sidecar)"
         )
     config = _read_json_object(run_dir / CONFIG_FILE)
+    for name in CHECKED_ON_READ:
+        expected = recorded_sha256(config, name)
+        if expected is not None and sha256_file(run_dir / name) != expected:
+            raise RunRecordError(
+                f"{run_dir / name} changed after the run was recorded (its sha256 differs "
+                f"from the one in {CONFIG_FILE}); re-run the command that made the run"
+            )
     metrics = _read_json_object(run_dir / METRICS_FILE)
     return RunRecord(path=run_dir, config=config, metrics=metrics)
 
@@ -338,8 +376,12 @@ def finish_run(
     """
     run_dir = Path(run_dir)
     model = run_dir / str(config.get("model_file", ""))
-    verify_sidecar(model)
+    model_sha = verify_sidecar(model)
     write_predictions(run_dir, relpaths, sha256s, splits, true_labels, proba, folds)
     write_metrics(run_dir, metrics)
-    write_config(run_dir, config)
+    artefacts = {model.name: model_sha}
+    for name in (PREDICTIONS_FILE, METRICS_FILE, HISTORY_FILE):
+        if (run_dir / name).is_file():
+            artefacts[name] = sha256_file(run_dir / name)
+    write_config(run_dir, {**config, "artefacts": artefacts})
     return read_run(run_dir)

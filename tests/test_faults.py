@@ -5,12 +5,15 @@ Each test reproduces one fault first; the fault-injection figures are in benchma
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import pytest
 from conftest import make_dataset
 
 from featsvm import fileio
-from featsvm.errors import CacheError, CacheFullError, RunRecordError
+from featsvm.errors import CacheError, CacheFullError, ImageError, RunRecordError
 from featsvm.features.backbones import get_spec, preprocessing_for
 from featsvm.features.cache import CacheWriter, cache_path, read_cache
 from featsvm.features.weights import WeightsInfo
@@ -290,3 +293,269 @@ def test_extract_on_a_full_disk_is_one_line_naming_path_and_space(
     assert "disk full" in msg and str(small_tmpfs) in msg and "free at least" in msg
     for h5 in small_tmpfs.glob("*.h5"):  # nothing committed
         assert len(read_cache(h5)) == 0
+
+
+# ---------------------------------------------------------------- bad input files
+
+
+def _scan_with_timeout(root: Path, fifo: Path | None = None, seconds: float = 60.0):
+    """scan() in a thread; a FIFO reader that blocks is released by opening its writer end."""
+    from featsvm.data.dataset import scan
+
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", scan(root, workers=2)),
+                         daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive() and fifo is not None:
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+    assert "r" in out, "scan hung"
+    return out["r"]
+
+
+def test_special_files_are_skipped_with_a_reason(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", per_class=2, size=32)
+    benign = data / "Original" / "Benign"
+    os.mkfifo(benign / "x.jpg")
+    (benign / "zero.jpg").symlink_to("/dev/zero")
+    (benign / "link.jpg").symlink_to(benign / "img-Benign-000.jpg")  # a link to an image: fine
+    res = _scan_with_timeout(data, fifo=benign / "x.jpg", seconds=30)
+    reasons = dict(res.skipped)
+    assert "FIFO" in reasons["Original/Benign/x.jpg"]
+    assert "character device" in reasons["Original/Benign/zero.jpg"]
+    assert len(res.records) == 9
+
+
+def test_reads_are_bounded_and_the_pixel_guard_comes_first(tmp_path: Path, monkeypatch) -> None:
+    import tracemalloc
+
+    from PIL import Image
+
+    import featsvm.data.dataset as ds
+
+    big = tmp_path / "big.bmp"
+    Image.new("RGB", (3000, 2000)).save(big)  # 6 MP, an 18 MB file
+    monkeypatch.setattr(ds, "MAX_PIXELS", 5_000_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="6 MP"):
+            ds.load_rgb(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000  # refused from the header: the 18 MB were never read
+    monkeypatch.setattr(ds, "MAX_FILE_BYTES", 1000)
+    with pytest.raises(ImageError, match="larger than"):
+        ds.load_rgb(big)
+
+
+def test_non_utf8_file_names_are_named_skipped_and_the_rest_goes_on(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from featsvm.cli import main
+    from featsvm.data.manifest import read_manifest
+
+    data = make_dataset(tmp_path / "data", per_class=4, size=32)
+    src = data / "Original" / "Pre" / "img-Pre-000.jpg"
+    bad = os.path.join(os.fsencode(src.parent), b"caf\xe9-\xff.jpg")
+    os.rename(src, bad)
+    res = CliRunner().invoke(main, ["split", str(data), "--out", str(tmp_path / "split.csv")])
+    assert res.exit_code == 0, res.output
+    assert "caf\\xe9-\\xff.jpg" in res.output and "UTF-8" in res.output
+    man = read_manifest(tmp_path / "split.csv")
+    assert len(man.rows) == 15
+    from featsvm.features.extract import extract
+
+    s = extract(data, "alexnet", weights="none", cache_dir=tmp_path / "c", workers=0,
+                layer="gap", progress=False)
+    assert s.n_new == 15 and any("UTF-8" in why for _, why in s.skipped)
+
+
+def test_animated_gif_and_webp_are_listed_not_dropped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = make_dataset(tmp_path / "data", per_class=2, size=32)
+    early = data / "Original" / "Early"
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    frames[0].save(early / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(early / "anim.webp", save_all=True, append_images=frames[1:])
+    frames[0].save(early / "still.gif")
+    res = _scan_with_timeout(data)
+    reasons = dict(res.skipped)
+    assert "animated" in reasons["Original/Early/anim.gif"]
+    assert "animated" in reasons["Original/Early/anim.webp"]
+    assert any(r.relpath == "Original/Early/still.gif" for r in res.records)
+
+
+# ---------------------------------------------------------------- manifest checks
+
+
+def _manifest_lines(tmp_path: Path) -> tuple[Path, list[str]]:
+    from featsvm.data.manifest import ManifestRow, write_manifest
+
+    rows = [ManifestRow(f"Original/Benign/{i}.jpg", f"{i:064x}", "benign", i,
+                        ("train", "train", "val", "test")[i % 4]) for i in range(8)]
+    path = tmp_path / "split.csv"
+    write_manifest(path, rows)
+    return path, path.read_text().splitlines()
+
+
+def test_hand_edited_split_with_an_image_in_two_partitions_is_refused(tmp_path: Path) -> None:
+    from featsvm.data.manifest import read_manifest
+    from featsvm.errors import ManifestError
+
+    path, lines = _manifest_lines(tmp_path)
+    read_manifest(path)  # as written: fine
+    # line 3 (train) gets the sha256 of line 4 (val): the same image in train and val
+    cols = lines[2].split(",")
+    cols[1] = lines[3].split(",")[1]
+    lines[2] = ",".join(cols)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError, match=r"sha256 .* lines? 3 .*train.* 4 .*val"):
+        read_manifest(path)
+
+
+def test_hand_edited_split_with_a_group_in_two_partitions_is_refused(tmp_path: Path) -> None:
+    from featsvm.data.manifest import read_manifest
+    from featsvm.errors import ManifestError
+
+    path, lines = _manifest_lines(tmp_path)
+    cols = lines[4].split(",")  # line 5 (test) joins the group of line 2 (train)
+    cols[3] = lines[1].split(",")[3]
+    lines[4] = ",".join(cols)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError, match=r"group .* lines? 2 .*train.* 5 .*test"):
+        read_manifest(path)
+
+
+# ---------------------------------------------------------------- no code execution on load
+
+
+def _tiny_head(head: str = "svm", calibration: str = "temperature"):
+    from featsvm.labels import LABELS
+    from featsvm.models.heads import HeadConfig, calibrate, fit_head
+
+    rng = np.random.default_rng(0)
+    y = np.array(list(LABELS) * 10)
+    X = rng.normal(size=(40, 8)) + np.repeat(np.eye(4, 8)[None], 10, axis=0).reshape(40, 8) * 3
+    cfg = HeadConfig(cv_folds=2, n_jobs=1, pca=(0, 4), calibration=calibration,
+                     svm_C=(1.0,), svm_gamma_scale=(1.0,), svm_linear_C=(0.1,), logreg_C=(1.0,))
+    fitted = fit_head(X, y, np.arange(40), head, cfg)
+    if calibration in ("temperature", "sigmoid", "isotonic"):
+        fitted = calibrate(fitted, X, y)
+    return fitted, X
+
+
+def _head_run(tmp_path: Path, fitted, legacy: bool = False) -> Path:
+    """A complete head run record around `fitted` (legacy: a joblib pickle, as before)."""
+    from test_report import make_split
+
+    from featsvm.data.manifest import read_manifest
+    from featsvm.models.modelfile import save_model
+    from featsvm.runs import finish_run, new_run_dir, save_joblib, versions
+
+    data = make_dataset(tmp_path / "data", per_class=6, size=32)
+    man = read_manifest(make_split(data, tmp_path / "split.csv"))
+    scored = [r for r in man.rows if r.split in ("val", "test")]
+    run_dir = new_run_dir(tmp_path / "runs", "x-svm")
+    name = "model.joblib" if legacy else "model.skops"
+    sha = save_joblib(run_dir, fitted, name) if legacy else save_model(run_dir, fitted, name)
+    proba = np.full((len(scored), 4), 0.25)
+    config = {"run_id": run_dir.name, "kind": "head", "model": "x + svm", "backbone": "alexnet",
+              "head": "svm", "weights": {"label": "random", "sha256": None},
+              "preprocessing": {"layer": "gap"}, "split": {"path": str(man.path),
+                                                           "sha256": man.sha256},
+              "seed": 0, "model_file": name, "model_sha256": sha, "timing": {},
+              "versions": versions(), "created": "2026-01-01T00:00:00Z"}
+    finish_run(run_dir, config, {"val": {}, "test": {}}, [r.relpath for r in scored],
+               [r.sha256 for r in scored], [r.split for r in scored],
+               [r.label for r in scored], proba)
+    return run_dir
+
+
+@pytest.mark.parametrize(("head", "calibration"), [("svm", "temperature"), ("svm", "sigmoid"),
+                                                    ("svm", "isotonic"), ("logreg", "none")])
+def test_heads_are_saved_as_skops_and_load_without_pickle(tmp_path: Path, head: str,
+                                                          calibration: str) -> None:
+    import pickle
+    import zipfile
+
+    from featsvm.models.modelfile import load_model, save_model
+
+    fitted, X = _tiny_head(head, calibration)
+    sha = save_model(tmp_path, fitted)
+    path = tmp_path / "model.skops"
+    assert zipfile.is_zipfile(path)
+    with pytest.raises(pickle.UnpicklingError):  # not a pickle at all
+        pickle.loads(path.read_bytes())
+    back = load_model(path, expected_sha256=sha)
+    np.testing.assert_allclose(back.predict_proba(X), fitted.predict_proba(X))
+
+
+class Evil:
+    def __reduce__(self):  # what a malicious pickle would run on load
+        return (os.system, ("touch /tmp/featsvm-pwned",))
+
+
+def test_a_model_file_with_an_untrusted_type_is_refused(tmp_path: Path) -> None:
+    import skops.io as sio
+
+    from featsvm.models.modelfile import load_model
+
+    fitted, _ = _tiny_head("logreg", "none")
+    fitted.timing = {"x": Evil()}  # type: ignore[dict-item]
+    path = tmp_path / "model.skops"
+    sio.dump(fitted, path)
+    sha = write_sidecar(path)  # a consistent record: only the content is hostile
+    with pytest.raises(RunRecordError, match=r"untrusted type.*Evil"):
+        load_model(path, expected_sha256=sha)
+    assert not Path("/tmp/featsvm-pwned").exists()
+
+
+def test_old_pickle_runs_need_trust_pickle(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from featsvm.cli import main
+    from featsvm.models.modelfile import load_head
+    from featsvm.runs import read_run
+
+    fitted, X = _tiny_head("logreg", "none")
+    run_dir = _head_run(tmp_path, fitted, legacy=True)
+    record = read_run(run_dir)
+    with pytest.raises(RunRecordError, match="--trust-pickle"):
+        load_head(record)
+    back = load_head(record, trust_pickle=True)
+    np.testing.assert_allclose(back.predict_proba(X), fitted.predict_proba(X))
+    img = next((tmp_path / "data" / "Original" / "Pro").iterdir())
+    res = CliRunner().invoke(main, ["predict", "--run", str(run_dir), str(img), "--quiet"])
+    assert res.exit_code == 1 and "--trust-pickle" in res.output, res.output
+
+
+def test_swapped_model_with_a_matching_sidecar_is_refused(tmp_path: Path) -> None:
+    from featsvm.models.modelfile import load_head, save_model
+    from featsvm.runs import read_run
+
+    fitted, _ = _tiny_head("logreg", "none")
+    run_dir = _head_run(tmp_path, fitted)
+    other, _ = _tiny_head("svm", "temperature")
+    save_model(run_dir, other)  # swaps model.skops AND rewrites its sidecar
+    with pytest.raises(RunRecordError, match="config.json"):
+        load_head(read_run(run_dir))
+
+
+def test_every_artefact_sha256_is_recorded_and_checked(tmp_path: Path) -> None:
+    from featsvm.runs import list_runs, read_run
+
+    fitted, _ = _tiny_head("logreg", "none")
+    run_dir = _head_run(tmp_path, fitted)
+    rec = read_run(run_dir)
+    assert set(rec.config["artefacts"]) == {"model.skops", "predictions.csv", "metrics.json"}
+    assert rec.config["artefacts"]["model.skops"] == fileio.sha256_file(run_dir / "model.skops")
+    with open(run_dir / "predictions.csv", "a") as f:
+        f.write("\n")
+    with pytest.raises(RunRecordError, match="predictions.csv"):
+        read_run(run_dir)
+    found, skipped = list_runs(tmp_path / "runs")
+    assert not found and skipped[0].startswith(run_dir.name)

@@ -16,7 +16,8 @@ from featsvm.data.manifest import ManifestRow, read_manifest, write_manifest
 from featsvm.features.cache import CacheMissingError, read_cache
 from featsvm.models.fit import CoverageError, fit
 from featsvm.models.heads import HeadConfig
-from featsvm.runs import REQUIRED_CONFIG_KEYS, is_complete, load_joblib
+from featsvm.models.modelfile import load_head
+from featsvm.runs import REQUIRED_CONFIG_KEYS, is_complete
 
 TINY = HeadConfig(cv_folds=2, n_jobs=1, svm_C=(1.0, 10.0), svm_gamma_scale=(1.0,),
                   svm_linear_C=(1.0,),
@@ -85,7 +86,8 @@ def test_fit_writes_a_complete_run_record(env: dict[str, Path], head: str) -> No
     # predictions: val + test only, and the saved model reproduces them
     preds = rec.predictions()
     assert sorted(set(preds.split)) == ["test", "val"] and len(preds.split) == 16
-    model = load_joblib(rec.model_path)
+    assert rec.model_path.name == "model.skops"
+    model = load_head(rec)  # no pickle
     test_rows = preds.select("test")
     again = model.predict_proba(cached.lookup(test_rows.sha256))
     np.testing.assert_allclose(again, test_rows.proba, atol=1e-6)

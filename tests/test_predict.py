@@ -93,7 +93,7 @@ def test_bad_files_are_reported_and_skipped(head_run: Path, tiny: dict[str, Path
 def test_tampered_model_is_refused(head_run: Path, tiny: dict[str, Path]) -> None:
     copy = tiny["root"] / "tampered"
     shutil.copytree(head_run, copy)
-    with open(copy / "model.joblib", "ab") as f:
+    with open(copy / "model.skops", "ab") as f:
         f.write(b"\0")
     with pytest.raises(RunRecordError, match="sidecar"):
         Predictor.from_run(copy)

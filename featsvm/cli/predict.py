@@ -11,7 +11,8 @@ from featsvm.cli import options
 
 @click.command("predict")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
-              help="Run folder (runs/<run-id>) whose model to use. Load only runs you trust.")
+              help="Run folder (runs/<run-id>) whose model to use (checked against its "
+              "config.json; loading runs no code).")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_csv", type=click.Path(path_type=Path), default=None,
               help="Also write the table as CSV here.")
@@ -22,17 +23,20 @@ from featsvm.cli import options
 @options.weights_dir()
 @options.device()
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--trust-pickle", is_flag=True,
+              help="Also load a head saved as a pickle (model.joblib) by older featsvm versions: "
+              "loading it runs code from the file, so only for run folders you made.")
 @options.quiet()
 def command(run_dir: Path, inputs: tuple[Path, ...], out_csv: Path | None,
             data_root: Path | None, weights: str | None, weights_dir: str | None,
-            device: str, batch_size: int) -> None:
+            device: str, batch_size: int, trust_pickle: bool) -> None:
     """Predict the class of every image in INPUTS (files or folders) with the run RUN_DIR."""
     from featsvm.labels import LABELS
     from featsvm.predict import predict, write_predictions_csv
 
     res = predict(run_dir, inputs, weights=weights, weights_dir=weights_dir, device=device,
                   batch_size=batch_size, data_root=data_root,
-                  progress=options.progress())
+                  progress=options.progress(), trust_pickle=trust_pickle)
     click.echo(f"run {res.run_id} ({res.model}): {len(res.predictions)} image(s)")
     if res.predictions:
         width = max(len("file"), *(len(p.file) for p in res.predictions))

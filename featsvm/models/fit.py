@@ -8,7 +8,7 @@
 2. grid-searches the head on the train split (grouped CV, `models.heads.fit_head`), refits it
    on all of train, and, for an SVM, calibrates its probabilities on the val split;
 3. predicts val and test once, scores them (`evaluation.metrics.score_predictions`) and writes
-   ``runs/<backbone>-<head>-<date>-<time>/`` through `featsvm.runs` (model.joblib + sidecar,
+   ``runs/<backbone>-<head>-<date>-<time>/`` through `featsvm.runs` (model.skops + sidecar,
    predictions.csv, metrics.json, then config.json last).
 
 The test split is used for nothing but the final scoring.
@@ -29,11 +29,11 @@ from featsvm.data.manifest import Manifest, read_manifest
 from featsvm.errors import CoverageError, FitError, ManifestError, UsageError
 from featsvm.evaluation.metrics import score_predictions
 from featsvm.models.heads import FittedHead, HeadConfig, calibrate, fit_head, needs_calibration
+from featsvm.models.modelfile import MODEL_FILE, save_model
 from featsvm.names import HEADS
-from featsvm.runs import RunRecord, finish_run, new_run_dir, now_iso, save_joblib, versions
+from featsvm.runs import RunRecord, finish_run, new_run_dir, now_iso, versions
 
-MODEL_FILE = "model.joblib"
-OOD_FILE = "ood.joblib"
+OOD_FILE = "ood.skops"
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +130,9 @@ def fit(
 
     ood_flag, ood_info = fit_ood_flag(feats, rows)
     run_dir = new_run_dir(runs_dir, backbone, head)
-    model_sha = save_joblib(run_dir, fitted, MODEL_FILE)
+    model_sha = save_model(run_dir, fitted, MODEL_FILE)
     if ood_flag is not None and ood_info is not None:
-        ood_info |= {"file": OOD_FILE, "sha256": save_joblib(run_dir, ood_flag, OOD_FILE)}
+        ood_info |= {"file": OOD_FILE, "sha256": save_model(run_dir, ood_flag, OOD_FILE)}
     timing: dict[str, Any] = {
         "fit_seconds": fit_seconds,
         **fitted.timing,

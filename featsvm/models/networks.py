@@ -201,7 +201,7 @@ def load_finetuned(run_dir: str | os.PathLike[str]
                    ) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
     """(model in eval mode, PIL->tensor transform, config) of an end-to-end run record.
 
-    The checkpoint's sha256 sidecar is checked first; the file is loaded with
+    The checkpoint is checked against its sidecar and config.json first; the file is loaded with
     ``weights_only=True`` (no code runs). The backbone architecture is rebuilt from its spec
     with random weights and then filled from the checkpoint, so no weights file is needed.
     """
@@ -210,8 +210,12 @@ def load_finetuned(run_dir: str | os.PathLike[str]
     record = runs.read_run(run_dir)
     if record.config.get("kind") != "end_to_end":
         raise FinetuneError(f"{run_dir} is a {record.config.get('kind')!r} run, not end_to_end")
-    runs.verify_sidecar(record.model_path)
-    ck = torch.load(record.model_path, map_location="cpu", weights_only=True)
+    runs.verify_model(record)  # its sidecar and the sha256 config.json records
+    try:
+        ck = torch.load(record.model_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is a broken record
+        raise runs.RunRecordError(f"{record.model_path}: cannot load the checkpoint "
+                                  f"({type(exc).__name__}: {exc})") from None
     arch = ck["architecture"]
     if arch["kind"] == BASIC_CNN:
         spec = arch["spec"]
