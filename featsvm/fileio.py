@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +20,36 @@ except ImportError:  # pragma: no cover - Windows
 
 _CHUNK = 1 << 20
 TEMP_SUFFIX = ".tmp"
+
+
+# errno values of a write that found no room: full disk, over quota, over the file size limit
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """True for a write that failed for lack of space (also when a library such as HDF5 or
+    torch wrapped the OSError into its own message)."""
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+        return True
+    text = str(exc)
+    return (any(f"errno = {e}," in text for e in NO_SPACE_ERRNOS)
+            or "No space left" in text or "Disk quota exceeded" in text)
+
+
+def no_space_message(path: str | os.PathLike[str] | None, needed: int | None = None,
+                     what: str = "write") -> str:
+    """One line for a full disk: the path, the space needed (when known) and what is free."""
+    where = Path(path) if path else Path.cwd()
+    folder = where if where.is_dir() else where.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    need = f"free at least {needed / 1e6:,.1f} MB" if needed else "free some space"
+    return (f"disk full: cannot {what} {where}: {need} on {folder} (now {free}) and re-run "
+            "the same command; what was written before is kept")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -6,7 +6,6 @@ Each test reproduces one fault first; the fault-injection figures are in benchma
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -559,3 +558,31 @@ def test_every_artefact_sha256_is_recorded_and_checked(tmp_path: Path) -> None:
         read_run(run_dir)
     found, skipped = list_runs(tmp_path / "runs")
     assert not found and skipped[0].startswith(run_dir.name)
+
+
+def test_flipped_bytes_in_cached_rows_are_left_out_and_recomputed(tmp_path: Path) -> None:
+    path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
+    with CacheWriter(path, _cache_attrs()) as w:
+        w.append(*_rows(0, 6))
+    with h5py.File(path, "r+") as f:  # a row changed on disk, behind featsvm's back
+        row = f["features"][2]
+        row[7] += 1.0
+        f["features"][2] = row
+    c = read_cache(path)
+    assert len(c) == 5 and f"{2:064x}" not in c.sha256 and c.attrs["damaged_rows"] == 1
+    with CacheWriter(path, _cache_attrs()) as w:
+        assert [d[1] for d in w.dropped] == ["Original/Benign/ä-2.jpg"]
+        assert "CRC" in w.dropped[0][2] and not w.has(f"{2:064x}")
+
+
+def test_a_damaged_cache_file_is_a_one_line_cache_error(tmp_path: Path) -> None:
+    path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
+    with CacheWriter(path, _cache_attrs()) as w:
+        w.append(*_rows(0, 6))
+    data = bytearray(path.read_bytes())
+    data[:512] = b"\xff" * 512
+    path.write_bytes(bytes(data))
+    for action in (lambda: read_cache(path), lambda: CacheWriter(path, _cache_attrs())):
+        with pytest.raises(CacheError, match="delete it") as err:
+            action()
+        assert "\n" not in str(err.value)

@@ -32,11 +32,16 @@ class _LazyGroup(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         """The one place where a user-facing error becomes a one-line message and exit 1."""
         from featsvm.errors import FeatsvmError
+        from featsvm.fileio import is_no_space, no_space_message
 
         try:
             return super().invoke(ctx)
         except FeatsvmError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a full disk anywhere is the user's to fix, not a bug
+            if not is_no_space(exc):
+                raise
+            raise click.ClickException(no_space_message(exc.filename)) from None
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

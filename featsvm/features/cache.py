@@ -12,6 +12,7 @@ Layout (``<cache>/<backbone>-<layer>-<weights8>-<precision>-<fingerprint12>.h5``
     relpath   [N]    S1024     UTF-8 path of the first file seen with that content (information
                                only; a longer path is cut at a character boundary)
     label     [N]    S32       label of that file (information only; use the split manifest)
+    rowcrc    [N]    uint32    CRC-32 of the row's float32 features and sha256 (layout 2)
     attrs: backbone, layer, dim, weights_label, weights_sha256, weights_source, preprocessing
            (JSON), precision, fingerprint, n_rows, layout, featsvm_version, torch_version,
            created, extract_command
@@ -26,19 +27,23 @@ file without HDF5's chunk cache, so a full disk fails the write that hit it (Cac
 naming the space needed) instead of a later flush silently leaving zeros; the read-back
 check refuses to commit any row that differs from what was computed. Non-finite embeddings
 are never stored; a writer drops such rows left by older versions, and the next extract
-recomputes them. One writer per file: an exclusive ``flock`` on ``<file>.lock`` (released by
-the kernel when the process dies, so a killed run never leaves a stale lock).
+recomputes them. Each row carries a CRC-32 of its features and sha256: a reader leaves out
+rows whose bytes changed on disk (they count as not cached, with a warning) and a writer drops
+them, so the next extract recomputes them instead of anything training on flipped bits.
+One writer per file: an exclusive ``flock`` on ``<file>.lock`` (released by the kernel when
+the process dies, so a killed run never leaves a stale lock).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import shlex
 import shutil
+import sys
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,16 +60,14 @@ from featsvm.errors import (
     StaleCacheError,
 )
 from featsvm.features.weights import RANDOM_LABEL, RANDOM_SEED, WeightsInfo
-from featsvm.fileio import FileLock, fsync_path
+from featsvm.fileio import FileLock, fsync_path, is_no_space
 
 FORMAT_VERSION = 1  # part of the fingerprint: never change it for a storage-only change
 LAYOUT = 2  # storage layout (see the module doc); layout-1 files are rewritten by a writer
 CHUNK_ROWS = 64
 RELPATH_BYTES = 1024
 LABEL_BYTES = 32
-_DATASETS = ("features", "sha256", "relpath", "label")
-# errno values of a write that found no room: full disk, over quota, over the file size limit
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DATASETS = ("features", "sha256", "relpath", "label", "rowcrc")
 
 
 # ------------------------------------------------------------------------------ naming
@@ -267,15 +270,30 @@ def _fixed(values: Sequence[str], width: int) -> np.ndarray:
     return np.array(out, dtype=f"S{width}")
 
 
+def row_crc(features: np.ndarray, sha256: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row's little-endian float32 features followed by its sha256 bytes."""
+    feats = np.ascontiguousarray(features, dtype="<f4")
+    return np.array([zlib.crc32(bytes(sha256[i]), zlib.crc32(feats[i].tobytes()))
+                     for i in range(len(feats))], dtype=np.uint32)
+
+
+def _damaged_rows(f: h5py.File, n: int) -> np.ndarray:
+    """Indices of committed rows whose features or sha256 no longer match their CRC, or whose
+    features are not finite (older versions stored NaN/inf)."""
+    bad: list[np.ndarray] = []
+    has_crc = "rowcrc" in f
+    for i in range(0, n, 4096):
+        j = min(n, i + 4096)
+        block = f["features"][i:j]
+        wrong = ~np.isfinite(block).all(axis=1)
+        if has_crc:
+            wrong |= row_crc(block, f["sha256"][i:j]) != f["rowcrc"][i:j]
+        bad.append(i + np.flatnonzero(wrong))
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
 def _mb(n_bytes: float) -> str:
     return f"{n_bytes / 1e6:,.1f} MB"
-
-
-def _no_space(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
-        return True
-    text = str(exc)
-    return any(f"errno = {e}," in text for e in _NO_SPACE) or "No space left" in text
 
 
 def _create(path: Path, attrs: dict[str, Any], dim: int) -> h5py.File:
@@ -288,6 +306,7 @@ def _create(path: Path, attrs: dict[str, Any], dim: int) -> h5py.File:
                      chunks=(CHUNK_ROWS,))
     f.create_dataset("label", (0,), f"S{LABEL_BYTES}", maxshape=(None,),
                      chunks=(CHUNK_ROWS * 16,))
+    f.create_dataset("rowcrc", (0,), np.uint32, maxshape=(None,), chunks=(CHUNK_ROWS * 16,))
     for key, value in attrs.items():
         f.attrs[key] = _attr_value(value)
     f.attrs["n_rows"] = 0
@@ -319,7 +338,7 @@ class CacheWriter:
             self.close()
             raise
         self._row_bytes = (int(self._file["features"].shape[1]) * 4 + 64 + RELPATH_BYTES
-                           + LABEL_BYTES)
+                           + LABEL_BYTES + 4)
 
     def _open_writable(self) -> h5py.File:
         try:
@@ -346,7 +365,7 @@ class CacheWriter:
                             f"{attrs.get(key)!r} for this run; refusing to mix embeddings"
                         )
                 n = int(f.attrs["n_rows"])
-                bad = self._nonfinite_rows(f, n)
+                bad = _damaged_rows(f, n)
                 if bad.size or int(f.attrs.get("layout", 1)) != LAYOUT:
                     f.close()
                     self._rewrite(n, bad)
@@ -357,6 +376,19 @@ class CacheWriter:
                         f[name].resize(n, axis=0)
                 f.attrs["extract_command"] = attrs.get("extract_command", "")
                 f.flush()
+            except CacheError:
+                with contextlib.suppress(Exception):
+                    f.close()
+                raise
+            except (OSError, RuntimeError, KeyError, ValueError) as exc:
+                with contextlib.suppress(Exception):
+                    f.close()
+                if is_no_space(exc):
+                    raise self._full(1 << 20, None, "update") from None
+                raise CacheError(
+                    f"cannot use feature cache {self.path} ({str(exc).splitlines()[0][:200]}); "
+                    "it is damaged: delete it and re-run featsvm extract"
+                ) from None
             except BaseException:
                 with contextlib.suppress(Exception):
                     f.close()
@@ -370,14 +402,6 @@ class CacheWriter:
         fsync_path(self.path.parent)
         return self._open_writable()
 
-    @staticmethod
-    def _nonfinite_rows(f: h5py.File, n: int) -> np.ndarray:
-        bad: list[np.ndarray] = []
-        for i in range(0, n, 4096):
-            block = f["features"][i : min(n, i + 4096)]
-            bad.append(i + np.flatnonzero(~np.isfinite(block).all(axis=1)))
-        return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
-
     def _rewrite(self, n: int, drop: np.ndarray) -> None:
         """Copy the n committed rows minus `drop` into a layout-2 file, then replace."""
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -385,7 +409,11 @@ class CacheWriter:
             keep = np.setdiff1d(np.arange(n), drop)
             sha, rel = _decode(old["sha256"][:n]), _decode(old["relpath"][:n])
             lab = _decode(old["label"][:n])
-            self.dropped = [(sha[i], rel[i], "non-finite embedding (NaN or inf)") for i in drop]
+            feats_of = old["features"]
+            self.dropped = [
+                (sha[i], rel[i], "non-finite embedding (NaN or inf)"
+                 if not np.isfinite(feats_of[i]).all() else "row changed on disk (CRC mismatch)")
+                for i in drop]
             dim = int(old["features"].shape[1])
             self._check_room(tmp.parent, len(keep) * (dim * 4 + 64 + RELPATH_BYTES
                                                       + LABEL_BYTES) + (1 << 20), "rewrite")
@@ -404,6 +432,9 @@ class CacheWriter:
                 new["sha256"][:m] = np.array([sha[i].encode() for i in keep], dtype="S64")
                 new["relpath"][:m] = _fixed([rel[i] for i in keep], RELPATH_BYTES)
                 new["label"][:m] = _fixed([lab[i] for i in keep], LABEL_BYTES)
+                for i in range(0, m, 4096):
+                    new["rowcrc"][i : i + 4096] = row_crc(new["features"][i : i + 4096],
+                                                          new["sha256"][i : i + 4096])
                 new.attrs["n_rows"] = m
         fsync_path(tmp)
         os.replace(tmp, self.path)
@@ -472,6 +503,7 @@ class CacheWriter:
         n0, n1 = self.n_rows, self.n_rows + k
         sha_b = np.array([s.encode() for s in sha256], dtype="S64")
         rel_b, lab_b = _fixed(relpath, RELPATH_BYTES), _fixed(label, LABEL_BYTES)
+        crc = row_crc(features, sha_b)
         f = self._file
         try:
             for name in _DATASETS:
@@ -480,10 +512,12 @@ class CacheWriter:
             f["sha256"][n0:n1] = sha_b
             f["relpath"][n0:n1] = rel_b
             f["label"][n0:n1] = lab_b
+            f["rowcrc"][n0:n1] = crc
             f.flush()  # data first, then the commit marker
             if not (np.array_equal(f["features"][n0:n1], features)
                     and np.array_equal(f["sha256"][n0:n1], sha_b)
-                    and np.array_equal(f["relpath"][n0:n1], rel_b)):
+                    and np.array_equal(f["relpath"][n0:n1], rel_b)
+                    and np.array_equal(f["rowcrc"][n0:n1], crc)):
                 raise CacheError(
                     f"{self.path}: rows {n0}-{n1 - 1} read back differently from what was "
                     "written (a failing disk or file system?); nothing of this batch was "
@@ -497,7 +531,7 @@ class CacheWriter:
             raise
         except (OSError, RuntimeError) as exc:
             self._failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            if _no_space(exc):
+            if is_no_space(exc):
                 raise self._full(needed, None, "append to") from None
             raise CacheError(
                 f"writing the feature cache {self.path} failed ({self._failed}); rows up to "
@@ -582,9 +616,28 @@ def read_cache(path: str | os.PathLike[str]) -> CachedFeatures:
             check_consistent(path, attrs)
             n = int(attrs.get("n_rows", 0))
             features = np.asarray(f["features"][:n], dtype=np.float32)
-            sha = _decode(f["sha256"][:n])
+            sha_b = f["sha256"][:n]
+            sha = _decode(sha_b)
             rel = _decode(f["relpath"][:n])
             lab = _decode(f["label"][:n])
+            crc = f["rowcrc"][:n] if "rowcrc" in f else None
+    except CacheError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise CacheError(
+            f"cannot read feature cache {path} ({str(exc).splitlines()[0][:200]}); it is "
+            "damaged: delete it and re-run featsvm extract"
+        ) from None
     finally:
         lock.release()
+    if crc is not None:
+        bad = np.flatnonzero(row_crc(features, sha_b) != crc)
+        if bad.size:  # flipped bits on disk: these rows count as not cached
+            print(f"warning: {path}: {bad.size} row(s) changed on disk since they were "
+                  "written (CRC mismatch) are left out; featsvm extract recomputes them",
+                  file=sys.stderr)
+            keep = np.setdiff1d(np.arange(n), bad)
+            features = features[keep]
+            sha, rel, lab = ([v[i] for i in keep] for v in (sha, rel, lab))
+            attrs["damaged_rows"] = int(bad.size)
     return CachedFeatures(path, features, sha, rel, lab, attrs)
