@@ -39,11 +39,12 @@ from typing import Any
 
 from featsvm.config import ConfigError, load_toml, section
 from featsvm.errors import FeatsvmError, StudyError
-from featsvm.fileio import sha256_file, write_json_atomic
+from featsvm.fileio import FileLock, sha256_file, write_json_atomic
 from featsvm.runs import RunRecord, list_runs
 
 logger = logging.getLogger(__name__)
 
+STUDY_LOCK = ".featsvm-run.lock"  # in the runs folder, held for a whole `featsvm run`
 DATA_HELP = (
     "The dataset is the Kaggle 'Acute Lymphoblastic Leukemia (ALL) image dataset' "
     "(Taleqani hospital, 3,256 images, doi:10.34740/KAGGLE/DSV/2175623): open "
@@ -308,7 +309,19 @@ def run_study(
     """Run (or complete) the study described by `config_path`; see the module docstring."""
     study = load_study(config_path)
     data = check_data_dir(Path(data_dir) if data_dir is not None else Path(study.study.data))
-    return StudyRun(study, data, progress).run()
+    runs_dir = Path(study.study.runs)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    # one study per runs folder at a time: a second one would fit the same heads again
+    with FileLock(runs_dir / STUDY_LOCK, True, _study_busy):
+        return StudyRun(study, data, progress).run()
+
+
+def _study_busy(lock_path: Path, exclusive: bool) -> StudyError:
+    return StudyError(
+        f"another featsvm run is working on the runs folder {lock_path.parent} (lock held on "
+        f"{lock_path}); wait for it to finish and run this again (it will reuse what the "
+        "other one made). A killed run releases the lock automatically."
+    )
 
 
 def check_data_dir(data: Path) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import make_dataset
 
 from featsvm import fileio
@@ -586,3 +587,137 @@ def test_a_damaged_cache_file_is_a_one_line_cache_error(tmp_path: Path) -> None:
         with pytest.raises(CacheError, match="delete it") as err:
             action()
         assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- fine-tuning checkpoints
+
+
+@pytest.fixture(scope="module")
+def ft_split(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from featsvm.data.dataset import scan
+    from featsvm.data.manifest import ManifestRow, write_manifest
+
+    root = tmp_path_factory.mktemp("ft-faults")
+    data = make_dataset(root / "data", per_class=6, size=32, seed=5)
+    rows = []
+    for i, rec in enumerate(scan(data).records):
+        j = i % 6
+        split = "train" if j < 4 else ("val" if j < 5 else "test")
+        rows.append(ManifestRow(rec.relpath, rec.sha256, rec.label, i, split))
+    write_manifest(root / "split.csv", rows)
+    return data, root / "split.csv"
+
+
+def _ft(ft_split, runs_dir: Path, **kw):
+    from featsvm.models import finetune as ft
+
+    cfg = ft.FinetuneConfig(epochs=3, batch_size=8, basic_cnn_size=32, basic_cnn_channels=(4, 8),
+                            basic_cnn_dense=8, n_boot=10, channels_last=False, workers=1,
+                            device="cpu", patience=0)
+    data, split = ft_split
+    kw.setdefault("resume", True)
+    return ft.finetune(data, split, cfg, runs_dir=runs_dir, progress=False,
+                       log=kw.pop("log", lambda _m: None), **kw)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 torn zip"])
+def test_an_empty_or_broken_last_checkpoint_is_refused_not_resumed_forever(
+        ft_split, tmp_path: Path, content: bytes) -> None:
+    from featsvm.errors import FinetuneError
+    from featsvm.models import finetune as ft
+
+    part = _ft(ft_split, tmp_path / "runs", max_epochs_this_call=1)
+    (part.run_dir / ft.LAST_CHECKPOINT).write_bytes(content)
+    with pytest.raises(FinetuneError, match=r"checkpoint-last\.pt.*damaged") as err:
+        _ft(ft_split, tmp_path / "runs", resume=part.run_dir)
+    assert str(part.run_dir) in str(err.value) and "\n" not in str(err.value)
+    said: list[str] = []
+    fresh = _ft(ft_split, tmp_path / "runs", log=said.append)  # automatic resume skips it
+    assert fresh.finished and fresh.run_dir != part.run_dir
+    assert any("damaged" in m and part.run_dir.name in m for m in said)
+
+
+def test_a_kill_between_the_two_checkpoint_writes_keeps_best_weights_consistent(
+        ft_split, tmp_path: Path, monkeypatch) -> None:
+    """Scores go 0.5, 0.6 (killed between its two checkpoint writes), then the redone epoch 2
+    scores 0.4 (as on a GPU, where a redone epoch differs) and epoch 3 0.45. The final model
+    must be the weights of the recorded best epoch, whatever the kill left behind."""
+    from featsvm.models import finetune as ft
+
+    scores = iter([0.5, 0.6, 0.4, 0.45])
+    monkeypatch.setattr(ft, "_val_scores", lambda p, t: dict.fromkeys(
+        ("loss", "accuracy", "macro_f1", "balanced_accuracy"), next(scores)))
+    states: dict[int, dict] = {}  # weights after each epoch, as checkpointed
+    real_save = ft._save_torch
+    calls = {"n": 0}
+
+    class Killed(BaseException):
+        pass
+
+    def save(obj, path):
+        if path.name in (ft.LAST_CHECKPOINT, ft.BEST_CHECKPOINT):
+            calls["n"] += 1
+            if calls["n"] == 4:  # epoch 2's second checkpoint write: kill -9 here
+                raise Killed
+        if path.name == ft.LAST_CHECKPOINT:
+            states[obj["epoch"]] = {k: v.clone() for k, v in obj["model"].items()}
+        real_save(obj, path)
+
+    monkeypatch.setattr(ft, "_save_torch", save)
+    with pytest.raises(Killed):
+        _ft(ft_split, tmp_path / "runs")
+    done = _ft(ft_split, tmp_path / "runs")
+    assert done.finished and done.resumed_from_epoch >= 1
+    best = done.record.config["best_epoch"]
+    final = torch.load(done.run_dir / ft.MODEL_FILE, weights_only=True)["state_dict"]
+    assert all(torch.equal(final[k], states[best][k]) for k in final)
+
+
+def test_temp_files_of_killed_saves_are_cleaned_on_resume(ft_split, tmp_path: Path) -> None:
+    from featsvm.models import finetune as ft
+
+    part = _ft(ft_split, tmp_path / "runs", max_epochs_this_call=1)
+    stale = part.run_dir / f".{ft.LAST_CHECKPOINT}.k1ll3d.tmp"
+    stale.write_bytes(b"\0" * 4096)
+    said: list[str] = []
+    done = _ft(ft_split, tmp_path / "runs", log=said.append)
+    assert done.run_dir == part.run_dir and not stale.exists()
+    assert any(stale.name in m for m in said)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temp_file(
+        ft_split, small_tmpfs: Path) -> None:
+    from featsvm.errors import FinetuneError
+
+    runs_dir = small_tmpfs / "runs"
+    filler = small_tmpfs / "filler"  # leave room for the small files, not for a checkpoint
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_tmpfs).free - 24_000))
+    with pytest.raises(FinetuneError, match="disk full") as err:
+        _ft(ft_split, runs_dir)
+    msg = str(err.value)
+    assert "\n" not in msg and "free at least" in msg and str(runs_dir) in msg
+    assert not list(runs_dir.glob("*/.*.tmp"))
+    filler.unlink()
+    done = _ft(ft_split, runs_dir)  # space freed: the same call finishes
+    assert done.finished
+
+
+# ---------------------------------------------------------------- two `featsvm run` at once
+
+
+def test_a_second_featsvm_run_on_the_same_runs_folder_is_refused(tmp_path: Path) -> None:
+    from test_errors import _one_line_failure
+
+    from featsvm import study as st
+    from featsvm.fileio import FileLock
+
+    data = make_dataset(tmp_path / "data", per_class=2, size=32)
+    cfg = tmp_path / "study.toml"
+    cfg.write_text(f'[study]\ndata = "{data}"\nruns = "{tmp_path / "runs"}"\n'
+                   f'split = "{tmp_path / "split.csv"}"\n', encoding="utf-8")
+    (tmp_path / "runs").mkdir()
+    held = FileLock(tmp_path / "runs" / st.STUDY_LOCK, True, lambda p, e: RuntimeError(str(p)))
+    with held:  # another `featsvm run` is working on this runs folder
+        msg = _one_line_failure(["run", str(cfg)])
+    assert "another featsvm run" in msg and str(tmp_path / "runs") in msg
+    assert not (tmp_path / "split.csv").exists()  # refused before any step

@@ -209,7 +209,7 @@ def _partition(records: Sequence[ImageRef], writer: CacheWriter
         else:
             todo.append(rec)
     for _sha, rel, why in writer.dropped:  # bad rows of an older version: recomputed
-        print(f"dropped the cached row of {rel}: {why}; recomputing it", file=sys.stderr)
+        logger.warning("dropped the cached row of %s: %s; recomputing it", rel, why)
     writer.expect_rows(len(todo))
     if todo:
         writer.check_room_for_rows(len(todo))

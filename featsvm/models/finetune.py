@@ -46,7 +46,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +63,14 @@ from featsvm import runs
 from featsvm.config import ConfigError, build
 from featsvm.data.manifest import Manifest, ManifestRow, read_manifest
 from featsvm.evaluation import metrics as fm
-from featsvm.fileio import FileLock, atomic_path, write_text_atomic
+from featsvm.fileio import (
+    FileLock,
+    atomic_path,
+    is_no_space,
+    no_space_message,
+    remove_temp_files,
+    write_text_atomic,
+)
 from featsvm.labels import LABELS
 from featsvm.models.networks import FinetuneError, apply_freeze, build_model, split_trunk
 from featsvm.models.pixels import (
@@ -379,9 +388,60 @@ def _val_scores(proba: np.ndarray, targets: torch.Tensor) -> dict[str, float]:
 # ---------------------------------------------------------------- checkpoints and resume
 
 
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint object."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def _save_torch(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """Atomic torch.save (a kill leaves the old file, never a torn one). A full disk is a
+    one-line FinetuneError naming the file and the space needed (torch reports it as a bare
+    RuntimeError); the temp file is removed either way."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as exc:
+        needed = _nbytes(obj) + (1 << 20)
+        if is_no_space(exc) or shutil.disk_usage(path.parent).free < needed:
+            raise FinetuneError(no_space_message(path, needed, "write")) from None
+        raise
+
+
+def _load_checkpoint(path: Path, device: torch.device | str, keys: tuple[str, ...] = ()
+                     ) -> Any:
+    """torch.load (weights only) of a checkpoint, or FinetuneError saying it is damaged."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+        missing = [k for k in keys if k not in ck]
+        if missing:
+            raise KeyError(f"lacks {missing}")
+    except Exception as exc:  # noqa: BLE001 - empty, torn or foreign files alike
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise FinetuneError(
+            f"{path} is damaged ({why}); cannot resume {path.parent}: delete that folder "
+            "(or start a new run with --no-resume)"
+        ) from None
+    return ck
+
+
+def _checkpoint_looks_sound(path: Path) -> str | None:
+    """Cheap check before choosing a folder to resume: None, or why it is damaged."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        if not zipfile.is_zipfile(path):
+            return "not a torch zip archive"
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        return f"corrupt member {bad}" if bad else None
+    except (OSError, zipfile.BadZipFile) as exc:
+        return str(exc)
 
 
 def _run_busy(lock_path: Path, exclusive: bool) -> FinetuneError:
@@ -392,8 +452,11 @@ def _run_busy(lock_path: Path, exclusive: bool) -> FinetuneError:
     )
 
 
-def find_resumable(runs_dir: Path, fp: str) -> Path | None:
-    """The newest unfinished run folder under `runs_dir` with fingerprint `fp`."""
+def find_resumable(runs_dir: Path, fp: str,
+                   damaged: list[tuple[Path, str]] | None = None) -> Path | None:
+    """The newest unfinished run folder under `runs_dir` with fingerprint `fp` whose last
+    checkpoint looks sound; folders with a damaged one are appended to `damaged` (folder,
+    reason) and never chosen, so a broken checkpoint is not resumed again and again."""
     if not Path(runs_dir).is_dir():
         return None
     found = []
@@ -401,7 +464,11 @@ def find_resumable(runs_dir: Path, fp: str) -> Path | None:
         fpf, ck = d / FINGERPRINT_FILE, d / LAST_CHECKPOINT
         if (d.is_dir() and fpf.is_file() and ck.is_file() and not runs.is_complete(d)
                 and fpf.read_text(encoding="utf-8").strip() == fp):
-            found.append((ck.stat().st_mtime, d))
+            why = _checkpoint_looks_sound(ck)
+            if why is None:
+                found.append((ck.stat().st_mtime, d))
+            elif damaged is not None:
+                damaged.append((d, why))
     return max(found)[1] if found else None
 
 
@@ -476,6 +543,9 @@ def finetune(
 
     # one process per run folder (a second identical command is refused, not merged)
     with FileLock(run_dir / TRAIN_LOCK, True, _run_busy):
+        for tmp in remove_temp_files(run_dir):
+            logger.warning("removed %s, left in %s by a save that was killed", tmp.name,
+                           run_dir)
         images = load_images(data_dir, manifest, built.transform, cfg, progress, split)
         feeder, augmentation, cache_seconds = make_feeder(built, images, cfg, device, progress)
         opt = Optimisation.build(built.model, built.backbone, images.sets["train"].targets, cfg,
@@ -518,7 +588,11 @@ def run_folder(resume: str | os.PathLike[str] | bool, runs_dir: Path, fp: str,
                 "a new run without --resume"
             )
     elif resume:
-        run_dir = find_resumable(runs_dir, fp)
+        damaged: list[tuple[Path, str]] = []
+        run_dir = find_resumable(runs_dir, fp, damaged)
+        for d, why in damaged:
+            logger.warning("not resuming %s: its %s is damaged (%s); starting afresh (delete "
+                           "that folder)", d, LAST_CHECKPOINT, why)
     if run_dir is None:
         run_dir = runs.new_run_dir(runs_dir, model.replace("_", "-"), "ft")
         write_text_atomic(run_dir / FINGERPRINT_FILE, fp + "\n")
@@ -663,7 +737,8 @@ class Training:
         if not last.is_file():
             return
         opt, st = self.opt, self.state
-        ck = torch.load(last, map_location=self.device, weights_only=True)
+        ck = _load_checkpoint(last, self.device, ("model", "optimizer", "scheduler", "epoch",
+                                                  "best_score", "best_epoch", "history"))
         self.model.load_state_dict(ck["model"])
         opt.optimizer.load_state_dict(ck["optimizer"])
         opt.scheduler.load_state_dict(ck["scheduler"])
@@ -672,11 +747,29 @@ class Training:
         st.epoch, st.best_score = int(ck["epoch"]), float(ck["best_score"])
         st.best_epoch, st.train_seconds = int(ck["best_epoch"]), float(ck["train_seconds"])
         st.history = list(ck["history"])
-        st.best_state = torch.load(self.run_dir / BEST_CHECKPOINT, map_location="cpu",
-                                   weights_only=True)
+        st.best_state = self._best_state(ck)
         st.resumed_from = st.epoch
         logger.info(f"resuming {self.run_dir} after epoch {st.epoch} (best so far: epoch "
                     f"{st.best_epoch}, val {self.cfg.select_metric} {st.best_score:.4f})")
+
+    def _best_state(self, ck: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The weights of the checkpoint's best epoch. The last checkpoint is written before
+        the best one, so a kill between the two leaves a best file of an earlier epoch: the
+        best epoch is then the last checkpoint's own epoch, whose weights it holds."""
+        path = self.run_dir / BEST_CHECKPOINT
+        best = _load_checkpoint(path, "cpu") if path.is_file() else None
+        if isinstance(best, dict) and "state_dict" in best and "epoch" in best:
+            if int(best["epoch"]) == int(ck["best_epoch"]):
+                return best["state_dict"]
+        elif best is not None:  # written by an older featsvm: a bare state dict
+            return best
+        if int(ck["best_epoch"]) == int(ck["epoch"]):
+            return {k: v.detach().cpu().clone() for k, v in ck["model"].items()}
+        raise FinetuneError(
+            f"{path} does not hold the weights of best epoch {ck['best_epoch']} recorded in "
+            f"{LAST_CHECKPOINT}; cannot resume {self.run_dir}: delete that folder (or start a "
+            "new run with --no-resume)"
+        )
 
     def describe(self, frozen_until: str | None) -> None:
         sets = self.images.sets
@@ -734,7 +827,6 @@ class Training:
             st.best_score, st.best_epoch = score, st.epoch
             st.best_state = {k: v.detach().cpu().clone()
                              for k, v in self.model.state_dict().items()}
-            _save_torch(st.best_state, self.run_dir / BEST_CHECKPOINT)
         lrs = opt.lrs()
         st.history.append({
             "epoch": st.epoch, "train_loss": tr_loss, "train_accuracy": tr_acc,
@@ -743,7 +835,10 @@ class Training:
             "lr_head": lrs.get("head", ""), "lr_backbone": lrs.get("backbone", ""),
             "seconds": seconds, "best": int(improved),
         })
-        self._checkpoint()
+        self._checkpoint()  # the last checkpoint first: it names the best epoch ...
+        if improved:  # ... whose weights it holds until this file catches up (`_best_state`)
+            _save_torch({"epoch": st.epoch, "state_dict": st.best_state},
+                        self.run_dir / BEST_CHECKPOINT)
         summary = (
             f"epoch {st.epoch}/{cfg.epochs}  loss {tr_loss:.4f}  acc {tr_acc:.3f} | val loss "
             f"{val['loss']:.4f}  acc {val['accuracy']:.3f}  macro-F1 {val['macro_f1']:.3f}  "

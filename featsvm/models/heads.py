@@ -353,7 +353,7 @@ class FittedHead:
     """A fitted head: the estimator plus what was chosen and how well it did in CV.
 
     `predict_proba` always returns the 4 columns of LABELS (a class absent from train gets
-    probability 0). This object is what ``model.joblib`` holds.
+    probability 0). This object is what ``model.skops`` holds (`featsvm.models.modelfile`).
     """
 
     head: str
