@@ -5,15 +5,17 @@ needs no data and no weights files. The kill cycles run the library call behind 
 (`featsvm.features.extract.extract`, `featsvm.models.finetune.finetune`, exactly what the
 CLI calls) in a process forked from this one after the imports, so that each of the many
 restarts does not pay the import of torch again (tens of seconds on a loaded 2-core machine);
-the other scenarios run the real command line (`python -m featsvm ...`) in subprocesses.
+the other scenarios run the command line itself (click's `featsvm` main) in forked processes
+with their own stdout/stderr.
 Scenarios:
 
 * **extract kill cycles**: `featsvm extract` (AlexNet, random weights, GAP, batch 1) is started
-  again and again and SIGKILLed at a random moment: most kills while rows are being written
-  (a random delay after the cache file starts growing), the rest at a uniformly random time
-  since start-up. After every kill the cache must open, hold no duplicate and only rows equal
-  to an uninterrupted reference extraction; the next start must not crash. Finally the cache
-  is completed and compared row by row with the reference;
+  again and again and SIGKILLed at a random moment: most kills while a batch is appended
+  (within 30 ms after the cache file grows, i.e. inside the write / flush / read-back /
+  commit sequence), the rest at a uniformly random time since start-up. After every kill the
+  cache must open, hold no duplicate and only rows equal to an uninterrupted reference
+  extraction; the next start must not crash. Finally the cache is completed and compared row
+  by row with the reference;
 * **finetune kill cycles**: `featsvm finetune` (basic-cnn, tiny) SIGKILLed at random moments
   of training and resumed by running the same command; the finished run must give the same
   metrics and weights as an uninterrupted run;
@@ -79,8 +81,9 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def featsvm(*args: str) -> list[str]:
-    return [sys.executable, "-m", "featsvm", *map(str, args)]
+def featsvm(*args: Any) -> list[str]:
+    """The arguments of one `featsvm ...` command line (run by `run` / `start`)."""
+    return [str(a) for a in args]
 
 
 def env() -> dict[str, str]:
@@ -90,8 +93,72 @@ def env() -> dict[str, str]:
     return e
 
 
-def run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+def _cli(args: list[str], out_fd: int, err_fd: int) -> None:
+    """In a forked child: the featsvm command line (click's main, as `python -m featsvm`
+    runs it) with stdout/stderr sent to the given files; exits with the command's status."""
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    code = 0
+    try:
+        from featsvm.cli import main as cli_main
+
+        cli_main(args=args, prog_name="featsvm")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - an uncaught error: traceback and status 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class CliChild:
+    """`featsvm ARGS` in a process forked from this one (imports already done)."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        fo, self.out_path = tempfile.mkstemp(suffix=".out")
+        fe, self.err_path = tempfile.mkstemp(suffix=".err")
+        self.pid = os.fork()
+        if self.pid == 0:
+            _cli(args, fo, fe)
+        os.close(fo)
+        os.close(fe)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        t0 = time.monotonic()
+        while self.poll() is None:
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            time.sleep(0.01)
+        out = Path(self.out_path).read_text(errors="replace")
+        err = Path(self.err_path).read_text(errors="replace")
+        os.unlink(self.out_path)
+        os.unlink(self.err_path)
+        return out, err
+
+
+def start(cmd: list[str]) -> CliChild:
+    return CliChild(cmd)
+
+
+def run(cmd: list[str], timeout: float = 1800) -> subprocess.CompletedProcess:
+    child = CliChild(cmd)
+    out, err = child.communicate(timeout)
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
 
 
 def error_line(res: subprocess.CompletedProcess) -> str:
@@ -251,10 +318,11 @@ def extract_kills(work: Path, data: Path, ref: dict[str, np.ndarray], n_kills: i
     while kills < n_kills:
         starts += 1
         proc = Child(job)
-        if rng.random() < 0.8:  # while rows are being written
-            if wait_for_growth(lambda: cache_file(cache), proc, 300):
+        if rng.random() < 0.8:  # while a batch is being appended: within 30 ms of a write
+            if wait_for_growth(lambda: cache_file(cache), proc, 600) and \
+                    wait_for_growth(lambda: cache_file(cache), proc, 600):
                 during_writes += 1
-            killed = kill_after(proc, rng.uniform(0.0, 0.25))
+            killed = kill_after(proc, rng.uniform(0.0, 0.03))
         else:  # anywhere, start-up included
             killed = kill_after(proc, rng.uniform(0.0, startup + 0.25))
         err = proc.error()
@@ -398,9 +466,8 @@ def full_disk_extract(work: Path, data: Path, ref: dict[str, np.ndarray]) -> dic
             return {"skipped": f"cannot mount a tmpfs: {fs.why}"}
         cache = fs.path / "cache"
         cmd = featsvm("extract", data, *EXTRACT_ARGS, "--cache", cache)
-        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        growing = wait_for_growth(lambda: cache_file(cache), proc, 120)
+        proc = start(cmd)
+        growing = wait_for_growth(lambda: cache_file(cache), proc, 600)
         filler = fill(fs.path)
         out, err = proc.communicate(timeout=600)
         res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -430,8 +497,7 @@ def full_disk_checkpoint(work: Path, data: Path, split: Path, cfg: Path,
             return {"skipped": f"cannot mount a tmpfs: {fs.why}"}
         runs = fs.path / "runs"
         cmd = _finetune_cmd(data, split, cfg, runs)
-        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        proc = start(cmd)
 
         def last_ck() -> Path | None:
             found = sorted(runs.glob("*/checkpoint-last.pt"))
@@ -472,9 +538,7 @@ def two_runs_at_once(work: Path, data: Path) -> dict[str, Any]:
         "[fit]\ncv_folds = 3\nlogreg_C = [1.0]\nn_boot = 20\nn_jobs = 1\n",
         encoding="utf-8")
     cmd = featsvm("run", cfg, "--quiet")
-    procs = [subprocess.Popen(cmd, env=env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [start(cmd) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     results = [subprocess.CompletedProcess(cmd, p.returncode, o, e)
                for p, (o, e) in zip(procs, outs, strict=True)]
@@ -587,6 +651,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated scenarios to run")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: frugal, and fork-safe
     sys.path.insert(0, str(REPO))
     rng = random.Random(args.seed)
     only = set(filter(None, args.only.split(",")))

@@ -8,7 +8,8 @@ before it is loaded, and
 * a **head** run (``kind = "head"``) embeds the images on the fly with the run's backbone,
   embedding layer and precision, loading backbone weights whose sha256 must equal the one the
   run recorded (found at the recorded path, in ``--weights-dir`` / ``FEATSVM_WEIGHTS_DIR``, or
-  given with ``--weights``), then applies the fitted head (``model.skops``, loaded without running code);
+  given with ``--weights``), then applies the fitted head (``model.skops``, loaded without
+  running code);
 * an **end-to-end** run (``kind = "end_to_end"``) rebuilds the CNN from its checkpoint
   (`featsvm.models.finetune.load_finetuned`) and evaluates exactly as training evaluated (pixels
   rounded to uint8 after the transform, then normalised).
