@@ -2,11 +2,11 @@
 
 A head (`featsvm.models.heads.FittedHead` around a scikit-learn pipeline, possibly calibrated)
 is saved with skops (``model.skops``, a zip of JSON and numpy arrays, maintained by the
-scikit-learn developers); so is the OOD flag of a head run (``ood.skops``). Loading rebuilds only the types skops trusts by default (public
-scikit-learn estimators, numpy, builtins) and the ones in TRUSTED_TYPES below; a file that
-names any other type is refused (RunRecordError naming it), so a run folder someone sent you
-cannot execute code when you load it. Add a new head or calibrator class to TRUSTED_TYPES, in
-this one place.
+scikit-learn developers); so is the OOD flag of a head run (``ood.skops``). Loading rebuilds
+only the types skops trusts by default (public scikit-learn estimators, numpy, builtins) and
+the ones in TRUSTED_TYPES below; a file that names any other type is refused (RunRecordError
+naming it), so a run folder someone sent you cannot execute code when you load it. Add a new
+head or calibrator class to TRUSTED_TYPES, in this one place.
 
 Before loading, the file is checked against its sha256 sidecar *and* against the sha256 that
 config.json records (`featsvm.runs.recorded_sha256`): whoever swaps the model must also edit
