@@ -281,18 +281,19 @@ class Child:
 
 
 def wait_for_growth(path_of: Any, proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait until the file `path_of()` exists and grows (writes under way)."""
+    """Wait until the file `path_of()` exists and is written to (size or mtime change)."""
     t0 = time.monotonic()
     start = None
     while time.monotonic() - t0 < timeout and proc.poll() is None:
         p = path_of()
         if p is not None and p.exists():
-            size = p.stat().st_size
+            st = p.stat()
+            now = (st.st_size, st.st_mtime_ns)  # every append writes: mtime moves
             if start is None:
-                start = size
-            elif size > start:
+                start = now
+            elif now != start:
                 return True
-        time.sleep(0.005)
+        time.sleep(0.002)
     return False
 
 
