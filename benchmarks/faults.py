@@ -424,7 +424,7 @@ def finetune_kills(work: Path, data: Path, split: Path, cfg: Path, ref_run: Path
 
     def job() -> None:
         finetune(data, split, ft_cfg, runs_dir=runs, resume=True, progress=False,
-                 log=lambda _m: None)
+                )
 
     messages: list[str] = []
     t0 = time.perf_counter()
@@ -752,7 +752,7 @@ def main() -> None:
         ft_cfg = finetune_config(load_toml(cfg), str(cfg)).for_model(None)
         t = time.perf_counter()
         ref_child = Child(lambda: finetune(data, split, ft_cfg, runs_dir=work / "runs-ref",
-                                           resume=False, progress=False, log=lambda _m: None))
+                                           resume=False, progress=False))
         assert ref_child.wait() == 0, ref_child.error()
         ref_child.error()
         ft_seconds = time.perf_counter() - t

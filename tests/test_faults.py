@@ -616,13 +616,12 @@ def _ft(ft_split, runs_dir: Path, **kw):
                             device="cpu", patience=0)
     data, split = ft_split
     kw.setdefault("resume", True)
-    return ft.finetune(data, split, cfg, runs_dir=runs_dir, progress=False,
-                       log=kw.pop("log", lambda _m: None), **kw)
+    return ft.finetune(data, split, cfg, runs_dir=runs_dir, progress=False, **kw)
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 torn zip"])
 def test_an_empty_or_broken_last_checkpoint_is_refused_not_resumed_forever(
-        ft_split, tmp_path: Path, content: bytes) -> None:
+        ft_split, tmp_path: Path, content: bytes, caplog) -> None:
     from featsvm.errors import FinetuneError
     from featsvm.models import finetune as ft
 
@@ -631,10 +630,10 @@ def test_an_empty_or_broken_last_checkpoint_is_refused_not_resumed_forever(
     with pytest.raises(FinetuneError, match=r"checkpoint-last\.pt.*damaged") as err:
         _ft(ft_split, tmp_path / "runs", resume=part.run_dir)
     assert str(part.run_dir) in str(err.value) and "\n" not in str(err.value)
-    said: list[str] = []
-    fresh = _ft(ft_split, tmp_path / "runs", log=said.append)  # automatic resume skips it
+    caplog.clear()
+    fresh = _ft(ft_split, tmp_path / "runs")  # automatic resume skips it, and says so
     assert fresh.finished and fresh.run_dir != part.run_dir
-    assert any("damaged" in m and part.run_dir.name in m for m in said)
+    assert any("damaged" in m and part.run_dir.name in m for m in caplog.messages)
 
 
 def test_a_kill_between_the_two_checkpoint_writes_keeps_best_weights_consistent(
@@ -673,16 +672,17 @@ def test_a_kill_between_the_two_checkpoint_writes_keeps_best_weights_consistent(
     assert all(torch.equal(final[k], states[best][k]) for k in final)
 
 
-def test_temp_files_of_killed_saves_are_cleaned_on_resume(ft_split, tmp_path: Path) -> None:
+def test_temp_files_of_killed_saves_are_cleaned_on_resume(ft_split, tmp_path: Path,
+                                                         caplog) -> None:
     from featsvm.models import finetune as ft
 
     part = _ft(ft_split, tmp_path / "runs", max_epochs_this_call=1)
     stale = part.run_dir / f".{ft.LAST_CHECKPOINT}.k1ll3d.tmp"
     stale.write_bytes(b"\0" * 4096)
-    said: list[str] = []
-    done = _ft(ft_split, tmp_path / "runs", log=said.append)
+    caplog.clear()
+    done = _ft(ft_split, tmp_path / "runs")
     assert done.run_dir == part.run_dir and not stale.exists()
-    assert any(stale.name in m for m in said)
+    assert any(stale.name in m for m in caplog.messages)
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temp_file(

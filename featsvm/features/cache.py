@@ -39,10 +39,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shlex
 import shutil
-import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +61,8 @@ from featsvm.errors import (
 )
 from featsvm.features.weights import RANDOM_LABEL, RANDOM_SEED, WeightsInfo
 from featsvm.fileio import FileLock, fsync_path, is_no_space
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # part of the fingerprint: never change it for a storage-only change
 LAYOUT = 2  # storage layout (see the module doc); layout-1 files are rewritten by a writer
@@ -633,9 +635,9 @@ def read_cache(path: str | os.PathLike[str]) -> CachedFeatures:
     if crc is not None:
         bad = np.flatnonzero(row_crc(features, sha_b) != crc)
         if bad.size:  # flipped bits on disk: these rows count as not cached
-            print(f"warning: {path}: {bad.size} row(s) changed on disk since they were "
-                  "written (CRC mismatch) are left out; featsvm extract recomputes them",
-                  file=sys.stderr)
+            logger.warning("%s: %d row(s) changed on disk since they were written (CRC "
+                           "mismatch) are left out; featsvm extract recomputes them", path,
+                           bad.size)
             keep = np.setdiff1d(np.arange(n), bad)
             features = features[keep]
             sha, rel, lab = ([v[i] for i in keep] for v in (sha, rel, lab))
