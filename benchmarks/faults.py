@@ -423,8 +423,7 @@ def finetune_kills(work: Path, data: Path, split: Path, cfg: Path, ref_run: Path
     ft_cfg = finetune_config(load_toml(cfg), str(cfg)).for_model(None)
 
     def job() -> None:
-        finetune(data, split, ft_cfg, runs_dir=runs, resume=True, progress=False,
-                )
+        finetune(data, split, ft_cfg, runs_dir=runs, resume=True, progress=False)
 
     messages: list[str] = []
     t0 = time.perf_counter()
