@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from featsvm.cli import options
-from featsvm.names import COLOURS, HEADS, STAINS, VIEWS
+from featsvm.names import HEADS
 
 _COLS = (
     ("accuracy", ("accuracy",)),
@@ -62,15 +62,7 @@ def summary(metrics: dict[str, Any]) -> str:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="TOML file: its [fit] section with [cv] overrides (e.g. a smaller grid).")
 @options.precision(help="Precision the cache was extracted with.")
-@click.option("--view", default="field", show_default=True, type=click.Choice(VIEWS),
-              help="Input view the cache was extracted with (field | cells).")
-@click.option("--stain", default="none", show_default=True, type=click.Choice(STAINS),
-              help="Stain handling the cache was extracted with.")
-@click.option("--colour", default="rgb", show_default=True, type=click.Choice(COLOURS),
-              help="Colour handling the cache was extracted with.")
-@click.option("--mask-annotation", is_flag=True,
-              help="Fill the burnt-in scale-annotation box (bottom-right 25 % x 20 %) with the "
-              "image's median colour first (part of the cache fingerprint).")
+@options.image_options(made=" the cache was extracted with")
 @options.quiet()
 def command(
     backbone: str, head: str, folds: int, split_path: Path, layer: str | None,

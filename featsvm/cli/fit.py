@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from featsvm.cli import options
-from featsvm.names import COLOURS, HEADS, STAINS, VIEWS
+from featsvm.names import HEADS
 
 
 def _fmt(value: float | None, ci: list[float] | None = None) -> str:
@@ -56,15 +56,7 @@ def results_table(metrics: dict[str, Any]) -> str:
               help="TOML file with a [fit] section (grids; defaults: configs/heads.toml).")
 @options.precision(help="Precision the cache was extracted with.")
 @click.option("--layer", default=None, help="Embedding layer the cache was extracted at.")
-@click.option("--view", default="field", show_default=True, type=click.Choice(VIEWS),
-              help="Input view the cache was extracted with (field | cells).")
-@click.option("--stain", default="none", show_default=True, type=click.Choice(STAINS),
-              help="Stain handling the cache was extracted with.")
-@click.option("--colour", default="rgb", show_default=True, type=click.Choice(COLOURS),
-              help="Colour handling the cache was extracted with.")
-@click.option("--mask-annotation", is_flag=True,
-              help="Fill the burnt-in scale-annotation box (bottom-right 25 % x 20 %) with the "
-              "image's median colour first (part of the cache fingerprint).")
+@options.image_options(made=" the cache was extracted with")
 @options.quiet()
 def command(
     backbone: str, head: str, weights: str | None, weights_dir: str | None, cache_dir: str,

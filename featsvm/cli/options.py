@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from featsvm.names import DEVICES, FEATURES, PRECISIONS
+from featsvm.names import COLOURS, DEVICES, FEATURES, PRECISIONS, STAINS, VIEWS
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 QUIET_KEY = "featsvm.quiet"  # click's ctx.meta: quiet was asked for (group or command)
@@ -81,3 +81,32 @@ def quiet() -> Decorator:
 def progress() -> bool:
     """Whether the running command shows progress bars (not with -q / --quiet)."""
     return not click.get_current_context().meta.get(QUIET_KEY, False)
+
+
+def image_options(made: str = "", help_by_option: dict[str, str] | None = None) -> Decorator:
+    """``--view``, ``--stain``, ``--colour`` and ``--mask-annotation``: how images become
+    features (part of every cache fingerprint). `made` = "the cache was extracted with" for
+    commands that read a cache; `help_by_option` replaces a help text."""
+    texts = {
+        "view": f"Input view{made} (field | cells).",
+        "stain": f"Stain handling{made}.",
+        "colour": f"Colour handling{made}.",
+        "mask": "Fill the burnt-in scale-annotation box (bottom-right 25 % x 20 %) with the "
+                "image's median colour first (part of the cache fingerprint).",
+        **(help_by_option or {}),
+    }
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        for deco in reversed((
+            click.option("--view", default="field", show_default=True,
+                         type=click.Choice(VIEWS), help=texts["view"]),
+            click.option("--stain", default="none", show_default=True,
+                         type=click.Choice(STAINS), help=texts["stain"]),
+            click.option("--colour", default="rgb", show_default=True,
+                         type=click.Choice(COLOURS), help=texts["colour"]),
+            click.option("--mask-annotation", is_flag=True, help=texts["mask"]),
+        )):
+            f = deco(f)
+        return f
+
+    return decorate

@@ -580,6 +580,19 @@ class CachedFeatures:
     def __len__(self) -> int:
         return len(self.sha256)
 
+    def record(self) -> dict[str, Any]:
+        """How a run record names the cache it was trained on (config.json's ``cache``)."""
+        return {
+            "path": str(self.path),
+            "fingerprint": self.attrs.get("fingerprint"),
+            "layer": self.attrs.get("layer"),
+            "dim": int(self.features.shape[1]),
+            "precision": self.attrs.get("precision"),
+            "n_rows": len(self),
+            "created": self.attrs.get("created"),
+            "extract_command": self.attrs.get("extract_command"),
+        }
+
     @property
     def index(self) -> dict[str, int]:
         idx = getattr(self, "_index", None)

@@ -315,7 +315,7 @@ def cross_validate(
     })
     folds_sha = write_sidecar(run_dir / FOLDS_FILE)
     config_json = _run_config(run_dir, backbone, head, layer, cfg, folds, manifest, cached,
-                              cache_file, int(X.shape[1]), res, folds_sha, t_start, options)
+                              res, folds_sha, t_start, options)
     record = finish_run(
         run_dir, config_json, metrics, [r.relpath for r in rows], [r.sha256 for r in rows],
         [POOLED] * len(rows), y, res.proba, folds=[int(f) for f in res.fold],
@@ -326,7 +326,7 @@ def cross_validate(
 
 def _run_config(
     run_dir: Path, backbone: str, head: str, layer: str | None, cfg: HeadConfig, folds: int,
-    manifest: Manifest, cached: Any, cache_file: Path, dim: int, res: CVResult,
+    manifest: Manifest, cached: Any, res: CVResult,
     folds_sha: str, t_start: float, options: Any = None,
 ) -> dict[str, Any]:
     """config.json of a CV run (the keys of a head run's, kind ``cv``)."""
@@ -365,16 +365,7 @@ def _run_config(
         },
         "versions": versions(),
         "created": now_iso(),
-        "cache": {
-            "path": str(cache_file),
-            "fingerprint": attrs.get("fingerprint"),
-            "layer": attrs.get("layer"),
-            "dim": dim,
-            "precision": attrs.get("precision"),
-            "n_rows": len(cached),
-            "created": attrs.get("created"),
-            "extract_command": attrs.get("extract_command"),
-        },
+        "cache": cached.record(),
         "head_config": {k: _json_value(v) for k, v in dataclasses.asdict(cfg).items()},
         "cv": {
             "folds": folds,

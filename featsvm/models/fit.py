@@ -143,9 +143,8 @@ def fit(
     for key in ("images_per_s", "extract_images_per_s"):
         if key in cached.attrs:
             timing["extract_images_per_s"] = cached.attrs[key]
-    config_json = _run_config(run_dir.name, backbone, head, layer, cfg, manifest, rows,
-                              cache_file, cached, int(feats["train"].shape[1]), fitted,
-                              model_sha, timing, options=options, ood=ood_info)
+    config_json = _run_config(run_dir.name, backbone, head, layer, cfg, manifest, rows, cached,
+                              fitted, model_sha, timing, options=options, ood=ood_info)
     record = finish_run(
         run_dir, config_json, metrics, relpaths, [r.sha256 for r in scored],
         [r.split for r in scored], [r.label for r in scored], proba,
@@ -189,8 +188,8 @@ def fit_and_calibrate(feats: dict[str, np.ndarray], rows: dict[str, list[Any]], 
 
 
 def _run_config(run_id: str, backbone: str, head: str, layer: str | None, cfg: HeadConfig,
-                manifest: Manifest, rows: dict[str, list[Any]], cache_file: Path, cached: Any,
-                dim: int, fitted: FittedHead, model_sha: str, timing: dict[str, Any],
+                manifest: Manifest, rows: dict[str, list[Any]], cached: Any,
+                fitted: FittedHead, model_sha: str, timing: dict[str, Any],
                 options: Any = None, ood: dict[str, Any] | None = None) -> dict[str, Any]:
     """config.json of a head run."""
     attrs = cached.attrs
@@ -225,16 +224,7 @@ def _run_config(run_id: str, backbone: str, head: str, layer: str | None, cfg: H
         "timing": timing,
         "versions": versions(),
         "created": now_iso(),
-        "cache": {
-            "path": str(cache_file),
-            "fingerprint": attrs.get("fingerprint"),
-            "layer": attrs.get("layer"),
-            "dim": dim,
-            "precision": attrs.get("precision"),
-            "n_rows": len(cached),
-            "created": attrs.get("created"),
-            "extract_command": attrs.get("extract_command"),
-        },
+        "cache": cached.record(),
         "head_config": {k: _json_value(v) for k, v in dataclasses.asdict(cfg).items()},
         "hyperparameters": fitted.best_params,
         "cv": _cv_block(cfg, fitted),
