@@ -73,3 +73,37 @@ def run_blocks(
     abstention = {k: choice[k] for k in ("threshold", "target_error", "feasible", "chosen_on",
                                          "confidence", "rule")}
     return json_safe(calib), json_safe(selective), json_safe(abstention)
+
+
+def summary_lines(metrics: dict[str, Any], split: str = "test") -> list[str]:
+    """Two plain-text lines for the command line: calibration before -> after, and the
+    val-chosen abstention threshold with its coverage and error on `split`."""
+    out: list[str] = []
+    c = metrics.get("calibration") or {}
+    after = (c.get("after") or {}).get(split)
+    if after:
+        before = (c.get("before") or {}).get(split)
+        t = c.get("temperature")
+        was = (f"{before['ece']:.3f} -> " if before and before.get("ece") is not None else "")
+        wasb = (f"{before['brier']:.3f} -> " if before and before.get("brier") is not None
+                else "")
+        out.append(f"calibration ({c.get('method')}"
+                   + ("" if t is None else f", T = {t:.3f}") + f", fitted on val): {split} ECE "
+                   f"{was}{after['ece']:.3f}, Brier {wasb}{after['brier']:.3f}")
+    s = metrics.get("selective") or {}
+    at = s.get(split)
+    if at and s.get("threshold") is not None:
+        ci = at.get("ci95") or {}
+
+        def pct(v: Any, lo_hi: Any) -> str:
+            if v is None:
+                return "n/a"
+            return f"{100 * v:.1f} %" + (f" [{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]"
+                                         if lo_hi else "")
+
+        out.append(f"abstention: confidence < {s['threshold']:.4f} (chosen on val for "
+                   f"{100 * s['target_error']:g} % error"
+                   + ("" if s.get("feasible") else "; not reachable on val, abstains on all")
+                   + f"): {split} coverage {pct(at['coverage'], ci.get('coverage'))}, "
+                   f"error when not abstaining {pct(at['risk'], ci.get('risk'))}")
+    return out

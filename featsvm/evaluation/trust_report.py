@@ -22,6 +22,7 @@ from featsvm.runs import RunRecord
 RELIABILITY_FIG = "reliability.png"
 COVERAGE_FIG = "coverage-risk.png"
 EXTERNAL_ROC_PREFIX = "external-roc-"
+TRUST_MD = "trust.md"
 
 
 def _label(run: RunRecord) -> str:
@@ -284,3 +285,19 @@ def external_roc_figure(runs: Sequence[RunRecord], name: str, path: str | os.Pat
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     return save_png(fig, path)
+
+
+def trust_markdown(runs: Sequence[RunRecord], split: str = "test") -> str:
+    """The calibration, abstention and another-lab tables as one Markdown file."""
+    from featsvm.evaluation.calibration import DEFINITION
+
+    parts = [f"# Calibration ({split} split)\n", DEFINITION + "\n",
+             calibration_markdown(calibration_rows(runs, split), split),
+             f"\n# Abstention ({split} split; threshold chosen on val)\n",
+             selective_markdown(selective_rows(runs, split), split)]
+    ext = external_rows(runs)
+    if ext:
+        parts.append("\n# Another lab (evaluation only; not in-lab numbers)\n")
+        for name in sorted(ext):
+            parts += [f"\n## {name}\n", external_markdown(ext[name])]
+    return "\n".join(parts)
