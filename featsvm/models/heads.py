@@ -469,10 +469,7 @@ def decision_proba(fitted: FittedHead, X: Any) -> np.ndarray:
     """Probabilities before any calibration map, LABELS columns: the softmax of the head's
     decision values (what temperature scaling starts from, T = 1). For logistic regression
     these are its own probabilities; a class absent from train gets 0."""
-    est = fitted.estimator
-    if isinstance(est, CalibratedClassifierCV):  # already calibrated: the frozen head inside
-        est = est.estimator.estimator if isinstance(est.estimator, FrozenEstimator) else (
-            est.estimator)
+    est = decision_estimator(fitted)
     z = np.asarray(est.decision_function(np.asarray(X, dtype=np.float64)), dtype=np.float64)
     if z.ndim == 1:  # two classes: the decision value of the second
         z = np.stack([-z, z], axis=1)
@@ -483,6 +480,16 @@ def decision_proba(fitted: FittedHead, X: Any) -> np.ndarray:
     for j, cls in enumerate(est.classes_):
         out[:, LABELS.index(str(cls))] = p[:, j]
     return out
+
+
+def decision_estimator(fitted: FittedHead) -> Any:
+    """The head without its calibration map (the frozen pipeline inside a calibrated head):
+    its decision values are the logits the map starts from (T = 1)."""
+    est = fitted.estimator
+    if isinstance(est, CalibratedClassifierCV):
+        est = est.estimator.estimator if isinstance(est.estimator, FrozenEstimator) else (
+            est.estimator)
+    return est
 
 
 def temperature_of(fitted: FittedHead) -> float | None:
