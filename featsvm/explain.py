@@ -114,7 +114,13 @@ class Explainer:
             dim = int(self.pre.get("dim") or 0)
             if dim <= 0:
                 raise UsageError("the run's preprocessing records no embedding size (dim)")
-            self._affine = ex.affine_head(head.estimator, dim)
+            from featsvm.models.heads import decision_estimator, temperature_of
+
+            # a temperature-scaled head is still affine: logits / T of the frozen pipeline
+            # (sigmoid / isotonic maps are not, and affine_head refuses them)
+            t = temperature_of(head)
+            aff = ex.affine_head(decision_estimator(head) if t else head.estimator, dim)
+            self._affine = aff if not t else ex.AffineHead(aff.W / t, aff.b / t, aff.classes)
         return self._affine
 
     def _net_cut(self) -> tuple[Any, Any]:
@@ -266,8 +272,10 @@ class Explainer:
 
 def _randomised_head(head: Any, seed: int) -> Any:
     """A copy of a FittedHead whose final linear layer (if any) has random coefficients."""
+    from featsvm.models.heads import decision_estimator
+
     out = copy.deepcopy(head)
-    est = out.estimator
+    est = decision_estimator(out)  # inside a calibration map, the frozen pipeline
     clf = est.steps[-1][1] if hasattr(est, "steps") else est
     if hasattr(clf, "coef_"):
         rng = np.random.default_rng(seed)

@@ -16,6 +16,10 @@ before it is loaded, and
 
 A file that cannot be read or decoded is reported by name and skipped; the others are
 predicted.
+
+Abstention: a run whose ``config.json`` holds ``abstention.threshold`` (chosen on its val
+split, `featsvm.evaluation.selective`) marks ``abstain = 1`` for every image whose confidence
+(max class probability) is below it; older runs without one leave ``abstain`` empty.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from featsvm.fileio import sha256_bytes, sha256_file, write_text_atomic
 from featsvm.labels import LABELS, MALIGNANT
 from featsvm.runs import PROB_COLUMNS, RunRecord, read_run
 
-CSV_COLUMNS = ("file", "sha256", "pred_label", "prob_malignant", *PROB_COLUMNS, "ood")
+CSV_COLUMNS = ("file", "sha256", "pred_label", "prob_malignant", *PROB_COLUMNS, "ood",
+               "confidence", "abstain")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,11 @@ class Prediction:
     sha256: str
     proba: np.ndarray  # (len(LABELS),)
     ood: bool | None = None  # unlike the run's training images (None: the run has no flag)
+    abstain: bool | None = None  # below the run's val-chosen threshold (None: none)
+
+    @property
+    def confidence(self) -> float:
+        return float(np.max(self.proba))
 
     @property
     def pred_label(self) -> str:
@@ -68,6 +78,7 @@ class PredictResult:
     run_id: str
     model: str
     predictions: list[Prediction] = field(default_factory=list)
+    threshold: float | None = None  # the run's val-chosen confidence threshold
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
 
 
@@ -223,6 +234,7 @@ class Predictor:
         import torch
 
         from featsvm.device import check_precision, resolve_device
+        from featsvm.evaluation.calibration import apply_temperature
         from featsvm.models.networks import load_finetuned, predict_proba
         from featsvm.models.pixels import Normaliser
 
@@ -232,12 +244,15 @@ class Predictor:
         check_precision(dev, precision)
         net = net.to(dev)
         normaliser = Normaliser.probe(transform)
+        temperature = (cfg.get("calibration") or {}).get("temperature")
 
         def proba(images: list[Any]) -> np.ndarray:
             # as in training: transform, keep as uint8, normalise per batch
             pixels = torch.stack([normaliser.to_uint8(transform(im)) for im in images])
-            return predict_proba(net, pixels, normaliser, dev, precision,
-                                 batch_size=max(1, len(images)))
+            p = predict_proba(net, pixels, normaliser, dev, precision,
+                              batch_size=max(1, len(images)))
+            # the run's temperature (fitted on its val split), as its predictions.csv has it
+            return p if temperature is None else apply_temperature(p, float(temperature))
 
         return cls(record, proba, transform, net=net, normaliser=normaliser, device=dev)
 
@@ -289,6 +304,12 @@ def _load_recorded_backbone(
     )
 
 
+def abstention_threshold(record: RunRecord) -> float | None:
+    """The run's val-chosen confidence threshold, or None (a run made before abstention)."""
+    value = (record.config.get("abstention") or {}).get("threshold")
+    return None if value is None else float(value)
+
+
 # ---------------------------------------------------------------- the whole job
 
 
@@ -312,7 +333,8 @@ def predict(
     predictor = Predictor.from_run(run_dir, weights, weights_dir, device, trust_pickle)
     files, skipped = collect_inputs(inputs)
     result = PredictResult(run_id=predictor.record.run_id,
-                           model=str(predictor.record.config.get("model")), skipped=skipped)
+                           model=str(predictor.record.config.get("model")), skipped=skipped,
+                           threshold=abstention_threshold(predictor.record))
     root = Path(data_root).resolve() if data_root is not None else None
 
     def name(p: Path) -> str:
@@ -355,7 +377,9 @@ def predict_images(predictor: Predictor, batch: Sequence[tuple[str, str, Any]]
     if not batch:
         return []
     proba, ood = predictor.predict_with_ood([im for _, _, im in batch])
-    return [Prediction(fname, digest, np.asarray(row, dtype=float), flag)
+    threshold = abstention_threshold(predictor.record)
+    return [Prediction(fname, digest, np.asarray(row, dtype=float), flag,
+                       None if threshold is None else bool(np.max(row) < threshold))
             for (fname, digest, _), row, flag in zip(batch, proba, ood, strict=True)]
 
 
@@ -365,7 +389,8 @@ def predictions_csv(result: PredictResult) -> str:
     w.writerow(CSV_COLUMNS)
     for p in result.predictions:
         w.writerow([p.file, p.sha256, p.pred_label, f"{p.prob_malignant:.6f}",
-                    *(f"{v:.6f}" for v in p.proba), "" if p.ood is None else int(p.ood)])
+                    *(f"{v:.6f}" for v in p.proba), "" if p.ood is None else int(p.ood),
+                    f"{p.confidence:.6f}", "" if p.abstain is None else int(p.abstain)])
     return buf.getvalue()
 
 

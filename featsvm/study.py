@@ -13,7 +13,11 @@ Steps, each reusing what is already on disk with the same fingerprint (and sayin
    skipped when a complete CV run exists for the same split, cache, head settings and folds;
 4. **fine-tune** every model in ``[finetune] models`` (`featsvm.models.finetune`); skipped when a
    complete run with the same training fingerprint exists (an unfinished one is resumed);
-5. **report** on exactly the runs of this study (`featsvm.evaluation.report`).
+5. **external**: every run of the study on each ``[[external]]`` set (another lab's labelled
+   folders; `featsvm.evaluate`, evaluation only), skipped for runs already evaluated on it with
+   the same folder, class map, subject regex and threshold;
+6. **report** on exactly the runs of this study (`featsvm.evaluation.report`), with the
+   calibration, abstention and "Another lab" sections.
 
 A failing step (e.g. weights that cannot be found for one backbone) is reported by name and
 the study goes on with the rest; the summary lists it and the command exits non-zero.
@@ -22,7 +26,8 @@ Config sections: ``[study]`` (this module: paths, seed, ratios, what to run), ``
 (this module: device, precision, batch size), ``[fit]`` (`featsvm.models.heads.HeadConfig`),
 ``[finetune]`` (`featsvm.models.finetune.FinetuneConfig`), ``[report]``
 (`featsvm.evaluation.report.ReportConfig`), ``[split]`` (the split module's own options, if any),
-``[cv]`` (``[fit]`` keys overriding it inside `featsvm.models.cv`, e.g. a smaller grid).
+``[cv]`` (``[fit]`` keys overriding it inside `featsvm.models.cv`, e.g. a smaller grid),
+``[[external]]`` (`featsvm.evaluate.ExternalSet`: name, path, class_map, subject_regex).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from typing import Any
 from featsvm.config import ConfigError, load_toml, section
 from featsvm.errors import FeatsvmError, StudyError
 from featsvm.fileio import FileLock, sha256_file, write_json_atomic
-from featsvm.runs import RunRecord, list_runs
+from featsvm.runs import RunRecord, list_runs, read_run
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +139,11 @@ class Study:
     finetune: Any  # featsvm.models.finetune.FinetuneConfig
     report: Any  # featsvm.evaluation.report.ReportConfig
     split_options: dict[str, Any]
+    external: tuple[Any, ...] = ()  # featsvm.evaluate.ExternalSet, from [[external]]
 
 
 def load_study(path: str | os.PathLike[str]) -> Study:
+    from featsvm.evaluate import external_sets
     from featsvm.evaluation.report import ReportConfig
     from featsvm.models.cv import cv_head_config
     from featsvm.models.finetune import finetune_config
@@ -157,6 +164,7 @@ def load_study(path: str | os.PathLike[str]) -> Study:
         finetune=finetune_config(doc, src),
         report=section(ReportConfig, doc, "report", src),
         split_options=dict(split_options),
+        external=external_sets(doc, src),
     )
 
 
@@ -380,6 +388,8 @@ class StudyRun:
             if cfg.finetune:
                 for model in self.study.finetune.models:
                     self.step(f"finetune {model}", self.finetune, model)
+            for ext in self.study.external:
+                self.step(f"external {ext.name}", self.external, ext)
             self.step("report", self.report)
         self.result.seconds = time.perf_counter() - t_start
         return self.result
@@ -519,6 +529,32 @@ class StudyRun:
             raise StudyError(f"training stopped before the end; resumable in {out.run_dir}")
         self.result.run_ids.append(out.record.run_id)
         return "done", _headline(out.record)
+
+    def external(self, ext: Any) -> StepOutcome:
+        """Evaluate every model of the study on one ``[[external]]`` set (evaluation only:
+        nothing is fitted or chosen on it); runs already evaluated on it are skipped."""
+        from featsvm.evaluate import evaluate_set, is_current
+
+        if not Path(ext.path).is_dir():
+            raise StudyError(f"[[external]] {ext.name}: folder {ext.path} not found")
+        done, kept, aucs = 0, 0, []
+        for run_id in self.result.run_ids:
+            run_dir = self.runs_dir / run_id
+            kind = read_run(run_dir).config.get("kind")
+            if kind not in ("head", "end_to_end"):
+                continue  # e.g. pooled-CV records: no single model to apply
+            if is_current(run_dir, ext):
+                kept += 1
+                continue
+            res = evaluate_set(run_dir, ext, weights_dir=self._weights_dir(),
+                               device=self.study.extract.device, progress=self.progress)
+            done += 1
+            auc = res.metrics.get("roc_auc")
+            aucs.append(f"{res.model} {'n/a' if auc is None else f'{auc:.3f}'}")
+        if not done:
+            return "skipped", f"{kept} run(s) already evaluated on {ext.name}"
+        return "done", (f"{done} run(s) evaluated on {ext.name} ({kept} already were); "
+                        f"ROC-AUC: {', '.join(aucs)}")
 
     def report(self) -> StepOutcome:
         from featsvm.evaluation.report import write_report

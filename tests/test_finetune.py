@@ -17,6 +17,7 @@ from featsvm.config import ConfigError, load_toml
 from featsvm.data.dataset import load_rgb, scan
 from featsvm.data.manifest import ManifestRow, read_manifest, write_manifest
 from featsvm.evaluation import metrics as fm
+from featsvm.evaluation.calibration import apply_temperature
 from featsvm.features.backbones import make_transform
 from featsvm.models import finetune as ft
 from featsvm.models import networks as nw
@@ -91,7 +92,13 @@ def test_run_record_is_complete_and_predict_agrees(tiny_split, tmp_path):
     assert set(preds.relpath) == expected and len(preds.relpath) == len(expected)
     # metrics.json has the keys `fit` writes (same scoring function, same shape)
     reference = fm.score_predictions(manifest, preds.relpath, preds.proba, n_boot=5)
-    assert set(rec.metrics) == {"val", "test"}
+    assert set(rec.metrics) == {"val", "test", "calibration", "selective"}
+    # temperature fitted on val; calibration before/after and the val-chosen threshold
+    temperature = cfg["calibration"]["temperature"]
+    assert temperature > 0 and cfg["calibration"]["fitted_on"] == "val"
+    assert rec.metrics["calibration"]["temperature"] == temperature
+    assert set(rec.metrics["calibration"]["before"]) == {"val", "test"}
+    assert cfg["abstention"]["threshold"] == rec.metrics["selective"]["threshold"]
     for split_name in ("val", "test"):
         assert set(rec.metrics[split_name]) == set(reference[split_name])
         assert rec.metrics[split_name]["accuracy"] == reference[split_name]["accuracy"]
@@ -105,7 +112,7 @@ def test_run_record_is_complete_and_predict_agrees(tiny_split, tmp_path):
     x = torch.stack([transform(load_rgb(data / p)) for p in test.relpath])
     with torch.no_grad():
         proba = torch.softmax(model(x), 1).numpy()
-    np.testing.assert_allclose(proba, test.proba, atol=2e-5)
+    np.testing.assert_allclose(apply_temperature(proba, temperature), test.proba, atol=2e-5)
 
 
 def test_same_seed_same_metrics_and_resume_continues_exactly(tiny_split, tmp_path):
@@ -225,7 +232,8 @@ def test_finetuning_a_backbone_end_to_end_with_the_frozen_trunk_cache(tiny_split
     x = torch.stack([transform(load_rgb(data / p)) for p in test.relpath])
     with torch.no_grad():
         proba = torch.softmax(model(x), 1).numpy()
-    np.testing.assert_allclose(proba, test.proba, atol=1e-4)
+    np.testing.assert_allclose(apply_temperature(proba, c["calibration"]["temperature"]),
+                               test.proba, atol=1e-4)
 
 
 def test_trunk_split_composes_to_the_model():

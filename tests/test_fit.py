@@ -74,10 +74,24 @@ def test_fit_writes_a_complete_run_record(env: dict[str, Path], head: str) -> No
     assert cfg["split"]["n"] == {"train": 16, "val": 8, "test": 8}
     assert cfg["hyperparameters"] and cfg["cv"]["best_score"] is not None
     assert len(cfg["cv"]["candidates"]) == (3 if head == "svm" else 1)  # rbf + linear
-    assert cfg["calibration"]["fitted_on"] == ("val" if head == "svm" else None)
+    # temperature scaling on val by default, for both heads
+    assert cfg["calibration"]["fitted_on"] == "val"
+    assert cfg["calibration"]["method"] == "temperature"
+    assert cfg["calibration"]["temperature"] > 0
     assert cfg["timing"]["fit_seconds"] > 0
-    # metrics: one block per scored split, the documented shape
-    assert set(rec.metrics) == {"val", "test"}
+    # metrics: one block per scored split, the documented shape, plus calibration/abstention
+    assert set(rec.metrics) == {"val", "test", "calibration", "selective"}
+    calib = rec.metrics["calibration"]
+    assert calib["temperature"] == cfg["calibration"]["temperature"]
+    for when in ("before", "after"):
+        for split in ("val", "test"):
+            block = calib[when][split]
+            assert 0 <= block["ece"] <= 1 and 0 <= block["brier"] <= 2
+            assert len(block["bins"]) == 15
+    sel = rec.metrics["selective"]
+    assert sel["chosen_on"] == "val" and sel["target_error"] == 0.01
+    assert cfg["abstention"]["threshold"] == sel["threshold"]
+    assert 0 <= sel["test"]["coverage"] <= 1 and "coverage" in sel["test"]["ci95"]
     test = rec.metrics["test"]
     assert test["n"] == 8
     for key in ("accuracy", "binary.sensitivity", "binary.specificity", "binary.precision",

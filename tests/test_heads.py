@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,10 @@ def test_config_defaults_match_configs_file_and_validate(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="no probabilities"):
         H.HeadConfig(calibration="none").calibration_for("svm")
     assert H.HeadConfig().calibration_for("svm") == "temperature"
-    assert H.HeadConfig().calibration_for("logreg") == "none"
+    assert H.HeadConfig().calibration_for("logreg") == "temperature"
+    assert H.HeadConfig(calibration="none").calibration_for("logreg") == "none"
+    with pytest.raises(ConfigError, match="target_error"):
+        H.HeadConfig(target_error=1.5)
 
 
 def test_pipeline_and_grids() -> None:
@@ -112,10 +116,11 @@ def test_pipeline_and_grids() -> None:
 def test_fit_head_learns_and_gives_four_probabilities(head: str) -> None:
     X, y, g = blobs(240, 16)
     fitted = H.fit_head(X[:160], y[:160], g[:160], head, SMALL)
-    if H.needs_calibration(fitted):
+    if head == "svm":
         with pytest.raises(AttributeError):
             fitted.predict_proba(X[:5])  # an uncalibrated SVM has no probabilities
-        fitted = H.calibrate(fitted, X[160:200], y[160:200])
+    assert H.needs_calibration(fitted)  # temperature on val by default, both heads
+    fitted = H.calibrate(fitted, X[160:200], y[160:200])
     proba = fitted.predict_proba(X[200:])
     assert proba.shape == (40, 4)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-9)
@@ -165,8 +170,28 @@ def test_temperature_calibration_keeps_labels_and_needs_every_class_in_val() -> 
     only_two = [i for i in range(160, 240) if y[i] in ("benign", "pre_b")]
     with pytest.raises(ValueError, match="never occur in the val split"):
         H.calibrate(fitted, X[only_two], [y[i] for i in only_two])
+    own = dataclasses.replace(SMALL, calibration="none")
     with pytest.raises(ValueError, match="nothing to fit"):
-        H.calibrate(H.fit_head(X[:160], y[:160], g[:160], "logreg", SMALL), X[:10], y[:10])
+        H.calibrate(H.fit_head(X[:160], y[:160], g[:160], "logreg", own), X[:10], y[:10])
+
+
+@pytest.mark.parametrize("head", ["svm", "logreg"])
+def test_temperature_is_read_back_and_reproduces_the_calibrated_probabilities(head: str) -> None:
+    """calibrated = softmax(log(uncalibrated) / T): the stored T is the one in use, and the
+    uncalibrated probabilities are the head's own (logreg) / softmax of decision values."""
+    from featsvm.evaluation.calibration import apply_temperature
+
+    X, y, g = blobs(240, 16, sep=1.0)
+    fitted = H.fit_head(X[:160], y[:160], g[:160], head, SMALL)
+    raw = H.decision_proba(fitted, X[200:])
+    if head == "logreg":
+        np.testing.assert_allclose(raw, fitted.predict_proba(X[200:]), atol=1e-9)
+    cal = H.calibrate(fitted, X[160:200], y[160:200])
+    t = H.temperature_of(cal)
+    assert t is not None and t > 0
+    np.testing.assert_allclose(H.decision_proba(cal, X[200:]), raw, atol=1e-12)
+    np.testing.assert_allclose(cal.predict_proba(X[200:]), apply_temperature(raw, t),
+                               atol=1e-6)
 
 
 def test_sigmoid_calibration_and_pca_option() -> None:

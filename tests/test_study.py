@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_dataset
+from conftest import make_dataset, random_cell_image
 
 from featsvm.cli import main
 from featsvm.study import StudyError, load_study, run_study
@@ -64,6 +64,22 @@ def tiny_study(tmp_path: Path) -> Path:
     return cfg
 
 
+def _external_set(root: Path) -> str:
+    """A tiny 'other lab' (2 patients, 2 healthy subjects) and its [[external]] table."""
+    import numpy as np
+
+    rng = np.random.default_rng(9)
+    for folder, subjects, idx in (("all", ("2", "16"), 2), ("hem", ("H10", "H14"), 0)):
+        (root / "lab" / folder).mkdir(parents=True)
+        for s in subjects:
+            for j in range(2):
+                random_cell_image(rng, 48, idx).save(root / "lab" / folder /
+                                                     f"UID_{s}_{j}_1_{folder}.png")
+    return (f'\n[[external]]\nname = "lab"\npath = "{root / "lab"}"\n'
+            'class_map = { all = "malignant", hem = "benign" }\n'
+            "subject_regex = 'UID_(H?\\d+)_'\n")
+
+
 def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name.startswith("featsvm")]
 
@@ -71,12 +87,13 @@ def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_run_end_to_end_then_everything_is_skipped(tiny_study: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     root = tiny_study.parent
+    tiny_study.write_text(tiny_study.read_text() + _external_set(root))
     caplog.set_level(logging.INFO, logger="featsvm")
     res = run_study(tiny_study, progress=False)
     assert not res.failed, [(s.name, s.detail) for s in res.failed]
     assert [s.name for s in res.steps] == [
         "split", "extract efficientnet_lite0", "fit efficientnet_lite0 + logreg",
-        "finetune basic-cnn", "report"]
+        "finetune basic-cnn", "external lab", "report"]
     assert all(s.status == "done" for s in res.steps)
     assert (root / "split.csv").is_file()
     assert len(res.run_ids) == 2
@@ -88,6 +105,16 @@ def test_run_end_to_end_then_everything_is_skipped(tiny_study: Path,
     assert sorted(r["run_id"] for r in rows if r["source"] == "measured") == sorted(res.run_ids)
     kinds = {r["kind"] for r in rows}
     assert {"head", "end_to_end", "published"} <= kinds
+    # every model evaluated on the other lab; calibration, abstention and "Another lab" shown
+    for run_id in res.run_ids:
+        ext = json.loads((root / "runs" / run_id / "external" / "lab" / "metrics.json")
+                         .read_text())
+        assert ext["n_images"] == 8 and ext["bootstrap"]["unit"] == "subject"
+    for name in ("trust.md", "reliability.png", "coverage-risk.png", "external-roc-lab.png"):
+        assert (report / name).is_file(), name
+    page = (report / "index.html").read_text()
+    for title in ("Calibration", "Abstention", "Another lab"):
+        assert f"<h2>{title}" in page, title
 
     # second run: split, cache, head and CNN are all reused and said to be
     caplog.clear()
@@ -95,9 +122,9 @@ def test_run_end_to_end_then_everything_is_skipped(tiny_study: Path,
     status = {s.name: s.status for s in res2.steps}
     assert status == {"split": "skipped", "extract efficientnet_lite0": "skipped",
                       "fit efficientnet_lite0 + logreg": "skipped", "finetune basic-cnn": "skipped",
-                      "report": "done"}
+                      "external lab": "skipped", "report": "done"}
     assert sorted(res2.run_ids) == sorted(res.run_ids)
-    assert sum(line.startswith("skipped ") for line in _messages(caplog)) == 4
+    assert sum(line.startswith("skipped ") for line in _messages(caplog)) == 5
     assert len([p for p in (root / "runs").iterdir() if p.is_dir()]) == 2
 
     # a changed head grid refits only the head; split and cache are still reused
@@ -106,7 +133,8 @@ def test_run_end_to_end_then_everything_is_skipped(tiny_study: Path,
     res3 = run_study(tiny_study, progress=False)
     status = {s.name: s.status for s in res3.steps}
     assert status == {"split": "skipped", "extract efficientnet_lite0": "skipped",
-                      "fit efficientnet_lite0 + logreg": "done", "report": "done"}
+                      "fit efficientnet_lite0 + logreg": "done", "external lab": "done",
+                      "report": "done"}
     assert res3.run_ids[0] not in res.run_ids
 
 

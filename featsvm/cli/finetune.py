@@ -97,5 +97,9 @@ def command(
             f"{fmt('binary.specificity', b['specificity'])}, precision "
             f"{fmt('binary.precision', b['precision'])}"
         )
+    from featsvm.evaluation.trust import summary_lines
+
+    for line in summary_lines(rec.metrics):
+        click.echo(line)
     if result.skipped:
         click.echo(f"{len(result.skipped)} image(s) skipped (listed in config.json 'skipped')")

@@ -86,4 +86,8 @@ def command(
     if ood:
         click.echo(f"OOD flag: threshold {ood['threshold']:.3f} (95 % of val); "
                    f"{100 * ood['rate_test']:.1f} % of test images flagged")
+    from featsvm.evaluation.trust import summary_lines
+
+    for line in summary_lines(rec.metrics):
+        click.echo(line)
     click.echo(f"fit {cfg_json['timing']['fit_seconds']:.1f} s; run record: {rec.path}")

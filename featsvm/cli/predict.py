@@ -38,16 +38,24 @@ def command(run_dir: Path, inputs: tuple[Path, ...], out_csv: Path | None,
                   batch_size=batch_size, data_root=data_root,
                   progress=options.progress(), trust_pickle=trust_pickle)
     click.echo(f"run {res.run_id} ({res.model}): {len(res.predictions)} image(s)")
+    if res.threshold is None:
+        click.echo("this run has no abstention threshold (made before featsvm chose one on "
+                   "val): nothing is marked abstain")
+    else:
+        n_abst = sum(bool(p.abstain) for p in res.predictions)
+        click.echo(f"abstain = confidence (max probability) below {res.threshold:.4f}, chosen "
+                   f"on the run's val split: {n_abst} of {len(res.predictions)} image(s)")
     if res.predictions:
         width = max(len("file"), *(len(p.file) for p in res.predictions))
         head = f"{'file':<{width}}  {'predicted':<12} {'P(malig.)':>9}  " + "  ".join(
-            f"{lab:>11}" for lab in LABELS) + "  ood"
+            f"{lab:>11}" for lab in LABELS) + "  ood  abstain"
         click.echo(head)
         for p in res.predictions:
             ood = "-" if p.ood is None else ("yes" if p.ood else "no")
+            mark = "-" if p.abstain is None else ("yes" if p.abstain else "no")
             click.echo(f"{p.file:<{width}}  {p.pred_label:<12} "
                        f"{p.prob_malignant:>9.4f}  " + "  ".join(f"{v:>11.4f}" for v in p.proba)
-                       + f"  {ood}")
+                       + f"  {ood:>3}  {mark:>7}")
         flagged = [p for p in res.predictions if p.ood]
         if any(p.ood is not None for p in res.predictions):
             click.echo(f"ood: {len(flagged)} of {len(res.predictions)} image(s) unlike the "

@@ -59,6 +59,7 @@ from featsvm.evaluation.table import (
     table_json,
     table_markdown,
 )
+from featsvm.evaluation.trust_report import EXTERNAL_ROC_PREFIX, TRUST_MD, trust_markdown
 from featsvm.fileio import write_json_atomic, write_text_atomic
 from featsvm.runs import RunRecord, list_runs
 
@@ -118,6 +119,8 @@ def write_report(
                        best_run_ids=[r.run_id for r in ctx.best])
     res.files += write_tables(ctx.rows, out_dir, cfg.split)
     res.files += write_cv_tables(ctx, out_dir)
+    write_text_atomic(out_dir / TRUST_MD, trust_markdown(ctx.runs, cfg.split))
+    res.files.append(out_dir / TRUST_MD)
     sections = build_sections(ctx)  # draws the figures
     res.files += [f.path for s in sections for f in s.figures]
     _remove_stale(out_dir, {p.name for p in res.files})
@@ -201,6 +204,7 @@ def _remove_stale(out_dir: Path, keep: set[str]) -> None:
     """Delete per-run figures of runs no longer present, so the folder matches the table."""
     for p in out_dir.iterdir():
         if p.suffix == ".png" and p.name not in keep and (
-            p.name.startswith((CONFUSION_PREFIX, ROC_PREFIX)) or p.name in (FIG4, FIG5)
+            p.name.startswith((CONFUSION_PREFIX, ROC_PREFIX, EXTERNAL_ROC_PREFIX))
+            or p.name in (FIG4, FIG5)
         ):
             p.unlink()

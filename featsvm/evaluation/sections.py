@@ -18,6 +18,7 @@ import numpy as np
 from featsvm.evaluation import figures
 from featsvm.evaluation import provenance as prov
 from featsvm.evaluation import table as tbl
+from featsvm.evaluation import trust_report as trust
 from featsvm.evaluation.html import Figure, Section
 from featsvm.fileio import sha256_file
 from featsvm.labels import LABELS
@@ -303,6 +304,84 @@ def where_it_looks(ctx: ReportContext) -> Section | None:
                    {"rows": rows, "missing": missing, "split": ctx.split, "box": box}, figs)
 
 
+def calibration(ctx: ReportContext) -> Section | None:
+    """ECE / Brier before and after temperature scaling, and one reliability diagram per run."""
+    from featsvm.evaluation.calibration import DEFINITION
+
+    rows = trust.calibration_rows(ctx.runs, ctx.split)
+    have = [r for r in rows if r["ece_after"] is not None]
+    if not have:
+        return None
+    out = [{"model": ctx.labels.get(r["run_id"], r["model"]), "method": r["method"] or "n/a",
+            "temperature": "n/a" if r["temperature"] is None else f"{r['temperature']:.3f}",
+            "ece_val": f"{trust._num(r['ece_val_before'])} → {trust._num(r['ece_val_after'])}",
+            "ece": f"{trust._num(r['ece_before'])} → "
+                   f"{trust._num(r['ece_after'], r['ece_after_ci'])}",
+            "brier": f"{trust._num(r['brier_before'])} → "
+                     f"{trust._num(r['brier_after'], r['brier_after_ci'])}"} for r in have]
+    missing = [ctx.labels.get(r["run_id"], r["model"]) for r in rows if r["ece_after"] is None]
+    path = trust.reliability_figure(ctx.runs, ctx.out_dir / trust.RELIABILITY_FIG, ctx.split)
+    figs = [Figure(path, "reliability diagrams")] if path is not None else []
+    return Section("Calibration", "calibration.html.j2",
+                   {"rows": out, "missing": missing, "split": ctx.split,
+                    "definition": DEFINITION}, figures=figs)
+
+
+def abstention(ctx: ReportContext) -> Section | None:
+    """The val-chosen confidence threshold per run: coverage and error on the reported split."""
+    rows = [r for r in trust.selective_rows(ctx.runs, ctx.split) if r["target_error"] is not None]
+    if not rows:
+        return None
+    targets = sorted({f"{100 * r['target_error']:g} %" for r in rows})
+    out = []
+    for r in rows:
+        thr = "n/a" if r["threshold"] is None else f"{r['threshold']:.4f}"
+        if r["feasible"] is False:
+            thr += " (target not met on val: abstains on everything)"
+        out.append({"model": ctx.labels.get(r["run_id"], r["model"]),
+                    "target": trust._pct(r["target_error"]), "threshold": thr,
+                    "val_coverage": trust._pct(r["val_coverage"]),
+                    "coverage": trust._pct(r["coverage"], r["coverage_ci"]),
+                    "risk": trust._pct(r["risk"], r["risk_ci"]),
+                    "aurc": trust._num(r["aurc"])})
+    path = trust.coverage_risk_figure(ctx.runs, ctx.out_dir / trust.COVERAGE_FIG, ctx.split)
+    figs = [Figure(path, "coverage-risk curves")] if path is not None else []
+    return Section("Abstention (selective prediction)", "abstention.html.j2",
+                   {"rows": out, "split": ctx.split, "target": " / ".join(targets)},
+                   figures=figs)
+
+
+def another_lab(ctx: ReportContext) -> Section | None:
+    """Every run on the external sets it was evaluated on (`featsvm evaluate`), with ROC
+    curves of P(malignant)."""
+    sets, figs = [], []
+    for name, rows in sorted(trust.external_rows(ctx.runs).items()):
+        r0 = rows[0]
+        unit = r0["unit"] or "image"
+        summary = (f"{r0['n_images']} images from {r0['n_subjects']} "
+                   f"{'subjects' if unit == 'subject' else 'images (no subject regex)'}; 95 % "
+                   f"CIs by bootstrap over {unit}s"
+                   + ("." if unit == "subject" else
+                      " - too narrow when several cells come from one person."))
+        out = [{"model": ctx.labels.get(r["run_id"], r["model"]),
+                "roc_auc": trust._num(r["roc_auc"], r["roc_auc_ci"]),
+                "sensitivity": trust._pct(r["sensitivity"], r["sensitivity_ci"]),
+                "specificity": trust._pct(r["specificity"], r["specificity_ci"]),
+                "precision": trust._pct(r["precision"]),
+                "called_malignant": trust._pct(r["predicted_malignant_share"]),
+                "abstention": trust._pct(r["abstention"], r["abstention_ci"]),
+                "thr": f"{trust._pct(r['thr_sensitivity'])} / {trust._pct(r['thr_specificity'])}",
+                "ece": trust._num(r["ece"])} for r in rows]
+        sets.append({"name": name, "summary": summary, "rows": out})
+        path = trust.external_roc_figure(
+            ctx.runs, name, ctx.out_dir / f"{trust.EXTERNAL_ROC_PREFIX}{name}.png")
+        if path is not None:
+            figs.append(Figure(path, f"ROC curves on {name}", heading=f"{name}: ROC curves"))
+    if not sets:
+        return None
+    return Section("Another lab", "another_lab.html.j2", {"sets": sets}, figures=figs)
+
+
 def split_protocol(ctx: ReportContext) -> Section:
     lines, _ = prov.split_protocol(ctx.runs, ctx.runs_dir)
     return Section("Split protocol", "split_protocol.html.j2", {"lines": lines})
@@ -346,6 +425,9 @@ SECTIONS: tuple[Callable[[ReportContext], Section | None], ...] = (
     example_images,
     roc_curves,
     where_it_looks,
+    calibration,
+    abstention,
+    another_lab,
     split_protocol,
     dataset,
     weight_provenance,

@@ -162,6 +162,10 @@ def cross_validate_features(
         raise ValueError(f"X has {len(X)} rows, y {len(y)}, groups {len(groups)}")
     if head not in HEADS:
         raise UsageError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if head == "logreg" and cfg.calibration == "auto":
+        # pooled CV keeps logistic regression's own probabilities, so the whole training part
+        # of a fold trains it (runs with a val split temperature-scale it there, `fit`)
+        cfg = dataclasses.replace(cfg, calibration="none")
     calibration = cfg.calibration_for(head)
     proba = np.full((len(y), 4), np.nan)
     fold_of = np.full(len(y), -1, dtype=np.int64)

@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 from featsvm import runs
 from featsvm.config import ConfigError, build
 from featsvm.data.manifest import Manifest, ManifestRow, read_manifest
+from featsvm.evaluation import calibration, trust
 from featsvm.evaluation import metrics as fm
 from featsvm.fileio import (
     FileLock,
@@ -151,6 +152,7 @@ class FinetuneConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     workers: int = 2  # threads decoding images while preloading
     n_boot: int = 1000  # bootstrap resamples for the metric CIs
+    target_error: float = 0.01  # abstention: the val-chosen confidence threshold aims at this
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> FinetuneConfig:
@@ -204,7 +206,7 @@ def fingerprint(cfg: FinetuneConfig, split_sha256: str, weights: dict[str, Any],
     """What makes two training runs the same run (device, threads and CIs left out)."""
     settings = _plain(cfg)
     for key in ("models", "overrides", "device", "threads", "workers", "n_boot",
-                "cache_max_gb"):
+                "cache_max_gb", "target_error"):
         settings.pop(key)
     if not settings.get("stain_jitter"):  # off: fingerprints of earlier runs stay valid
         settings.pop("stain_jitter", None)
@@ -864,8 +866,9 @@ class Training:
 
 def write_record(training: Training, manifest: Manifest, built: Any, images: TrainImages,
                  data_dir: str, frozen_until: str | None, augmentation: str) -> runs.RunRecord:
-    """Reload the best weights, predict val and test, score them, and write the run record:
-    ``model.pt`` + sha256 sidecar, predictions, metrics, config last."""
+    """Reload the best weights, predict val and test, fit the temperature on val, score them
+    (with calibration and abstention blocks), and write the run record: ``model.pt`` + sha256
+    sidecar, predictions, metrics, config last."""
     cfg, st, run_dir = training.cfg, training.state, training.run_dir
     assert st.best_state is not None
     training.model.load_state_dict({k: v.to(training.device) for k, v in st.best_state.items()})
@@ -875,10 +878,13 @@ def write_record(training: Training, manifest: Manifest, built: Any, images: Tra
     for name in ("val", "test"):
         probas.append(_predict(training.feeder, name, len(images.sets[name])))
         eval_rows.extend(images.sets[name].rows)
-    proba = np.concatenate(probas) if probas else np.zeros((0, len(LABELS)))
+    raw = np.concatenate(probas) if probas else np.zeros((0, len(LABELS)))
     predict_seconds = time.perf_counter() - tp
+    temperature, proba, calib, selective, abstention = calibrate_and_abstain(raw, eval_rows,
+                                                                             cfg)
     relpaths = [r.relpath for r in eval_rows]
     metrics = fm.score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
+    metrics["calibration"], metrics["selective"] = calib, selective
 
     model_path = run_dir / MODEL_FILE
     _save_torch({
@@ -889,11 +895,43 @@ def write_record(training: Training, manifest: Manifest, built: Any, images: Tra
     runs.write_sidecar(model_path)
     config = _record_config(training, manifest, built, images, predict_seconds)
     config.update({"data_dir": data_dir, "freeze_until": frozen_until,
-                   "augmentation": augmentation})
+                   "augmentation": augmentation, "abstention": abstention,
+                   "calibration": {
+                       "method": "temperature" if temperature is not None else "none",
+                       "temperature": temperature,
+                       "fitted_on": "val" if temperature is not None else None,
+                       "note": "softmax(logits / T), T fitted by NLL on the val split (predict "
+                               "applies it); val metrics are in-sample for T, test is untouched",
+                   }})
     return runs.finish_run(
         run_dir, config, metrics, relpaths, [r.sha256 for r in eval_rows],
         [r.split for r in eval_rows], [r.label for r in eval_rows], proba,
     )
+
+
+def calibrate_and_abstain(raw: np.ndarray, eval_rows: list[ManifestRow], cfg: FinetuneConfig
+                          ) -> tuple[float | None, np.ndarray, dict[str, Any], dict[str, Any],
+                                     dict[str, Any]]:
+    """Temperature scaling fitted on the val rows only (`raw`: softmax of the val rows, then the
+    test rows), applied to all; returns (T, calibrated probabilities, metrics calibration
+    block, metrics selective block, config abstention block)."""
+    n_val = sum(r.split == "val" for r in eval_rows)
+    val_idx = fm.label_indices([r.label for r in eval_rows[:n_val]])
+    temperature = (calibration.fit_temperature(calibration.log_proba(raw[:n_val]), val_idx)
+                   if n_val else None)
+    proba = raw if temperature is None else calibration.apply_temperature(raw, temperature)
+
+    def part(sl: slice) -> tuple[list[str], np.ndarray | None, np.ndarray, list[Any]]:
+        rs = eval_rows[sl]
+        return ([r.label for r in rs], None if temperature is None else raw[sl], proba[sl],
+                [r.group for r in rs])
+
+    calib, selective, abstention = trust.run_blocks(
+        part(slice(0, n_val)), part(slice(n_val, None)), temperature,
+        "temperature" if temperature is not None else "none",
+        target_error=cfg.target_error, n_boot=cfg.n_boot, seed=cfg.seed,
+    )
+    return temperature, proba, calib, selective, abstention
 
 
 def _record_config(training: Training, manifest: Manifest, built: Any, images: TrainImages,

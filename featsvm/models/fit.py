@@ -6,8 +6,11 @@
    precision and layer (`features.cache.locate_cache`); a missing cache, or one that lacks any
    image of the split, is an error that names the ``featsvm extract`` command to run;
 2. grid-searches the head on the train split (grouped CV, `models.heads.fit_head`), refits it
-   on all of train, and, for an SVM, calibrates its probabilities on the val split;
-3. predicts val and test once, scores them (`evaluation.metrics.score_predictions`) and writes
+   on all of train, and calibrates its probabilities on the val split (temperature scaling by
+   default, SVM and logreg);
+3. predicts val and test once, scores them (`evaluation.metrics.score_predictions`), adds the
+   calibration (ECE / Brier before and after) and abstention blocks (`evaluation.trust`; the
+   confidence threshold is chosen on val), and writes
    ``runs/<backbone>-<head>-<date>-<time>/`` through `featsvm.runs` (model.skops + sidecar,
    predictions.csv, metrics.json, then config.json last).
 
@@ -28,7 +31,16 @@ import numpy as np
 from featsvm.data.manifest import Manifest, read_manifest
 from featsvm.errors import CoverageError, FitError, ManifestError, UsageError
 from featsvm.evaluation.metrics import score_predictions
-from featsvm.models.heads import FittedHead, HeadConfig, calibrate, fit_head, needs_calibration
+from featsvm.evaluation.trust import run_blocks
+from featsvm.models.heads import (
+    FittedHead,
+    HeadConfig,
+    calibrate,
+    decision_proba,
+    fit_head,
+    needs_calibration,
+    temperature_of,
+)
 from featsvm.models.modelfile import MODEL_FILE, save_model
 from featsvm.names import HEADS
 from featsvm.runs import RunRecord, finish_run, new_run_dir, now_iso, versions
@@ -127,6 +139,8 @@ def fit(
     predict_seconds = time.perf_counter() - t_pred
     relpaths = [r.relpath for r in scored]
     metrics = score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
+    metrics["calibration"], metrics["selective"], abstention = trust_blocks(
+        fitted, feats, rows, proba, cfg)
 
     ood_flag, ood_info = fit_ood_flag(feats, rows)
     run_dir = new_run_dir(runs_dir, backbone, head)
@@ -134,17 +148,14 @@ def fit(
     if ood_flag is not None and ood_info is not None:
         ood_info |= {"file": OOD_FILE, "sha256": save_model(run_dir, ood_flag, OOD_FILE)}
     timing: dict[str, Any] = {
-        "fit_seconds": fit_seconds,
-        **fitted.timing,
-        "predict_seconds": predict_seconds,
-        "load_seconds": t_loaded - t_start,
-        "total_seconds": time.perf_counter() - t_start,
-    }
+        "fit_seconds": fit_seconds, **fitted.timing, "predict_seconds": predict_seconds,
+        "load_seconds": t_loaded - t_start, "total_seconds": time.perf_counter() - t_start}
     for key in ("images_per_s", "extract_images_per_s"):
         if key in cached.attrs:
             timing["extract_images_per_s"] = cached.attrs[key]
     config_json = _run_config(run_dir.name, backbone, head, layer, cfg, manifest, rows, cached,
                               fitted, model_sha, timing, options=options, ood=ood_info)
+    config_json["abstention"] = abstention
     record = finish_run(
         run_dir, config_json, metrics, relpaths, [r.sha256 for r in scored],
         [r.split for r in scored], [r.label for r in scored], proba,
@@ -185,6 +196,28 @@ def fit_and_calibrate(feats: dict[str, np.ndarray], rows: dict[str, list[Any]], 
             )
         fitted = calibrate(fitted, feats["val"], [r.label for r in rows["val"]])
     return fitted
+
+
+def trust_blocks(fitted: FittedHead, feats: dict[str, np.ndarray], rows: dict[str, list[Any]],
+                 proba: np.ndarray, cfg: HeadConfig
+                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Calibration (before / after the val-fitted map) and abstention blocks
+    (`featsvm.evaluation.trust`); `proba` = the head's val rows then its test rows."""
+    calibrated = needs_calibration(fitted)
+    n_val = len(rows["val"])
+    # before = the frozen head's own softmax of decision values (T = 1)
+    before = (np.concatenate([decision_proba(fitted, feats[s]) for s in ("val", "test")
+                              if rows[s]], axis=0) if calibrated else None)
+    scored = rows["val"] + rows["test"]
+
+    def part(sl: slice) -> tuple[list[str], np.ndarray | None, np.ndarray, list[Any]]:
+        rs = scored[sl]
+        return ([r.label for r in rs], None if before is None else before[sl], proba[sl],
+                [r.group for r in rs])
+
+    return run_blocks(part(slice(0, n_val)), part(slice(n_val, None)), temperature_of(fitted),
+                      fitted.calibration if calibrated else "none",
+                      target_error=cfg.target_error, n_boot=cfg.n_boot, seed=cfg.seed)
 
 
 def _run_config(run_id: str, backbone: str, head: str, layer: str | None, cfg: HeadConfig,
@@ -247,6 +280,7 @@ def _cv_block(cfg: HeadConfig, fitted: FittedHead) -> dict[str, Any]:
 def _calibration_block(fitted: FittedHead) -> dict[str, Any]:
     return {
         "method": fitted.calibration,
+        "temperature": temperature_of(fitted),
         "fitted_on": "val" if needs_calibration(fitted) else None,
         "note": (
             "probability map fitted on the val split: val metrics are in-sample for it; "

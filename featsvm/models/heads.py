@@ -7,15 +7,21 @@ split only (groups = duplicate groups from the split manifest, so near-copies of
 sit on both sides of a CV fold), scored by balanced accuracy or macro-F1, then refitted on the
 whole train split.
 
-Probabilities. Logistic regression has its own. An SVM's are obtained by calibration:
+Probabilities. An SVM has none of its own; logistic regression has, but they are often
+over- or under-confident. Both are calibrated on val by default:
 
-* ``temperature`` (default for SVM), ``sigmoid`` or ``isotonic``: the refitted pipeline is
+* ``temperature`` (default for both), ``sigmoid`` or ``isotonic``: the refitted pipeline is
   frozen and a calibration map from its decision values to probabilities is fitted on the
   **val** split (`calibrate`, scikit-learn's ``CalibratedClassifierCV`` on a
   ``FrozenEstimator``). That is what the val split is for; the val metrics of such a run are
   therefore in-sample for the map (the run record says so), the test split stays untouched.
   Temperature scaling (one parameter, softmax of decision values / T) keeps every predicted
   label; per-class sigmoid or isotonic maps can change some arg-max decisions.
+* ``none`` (logistic regression only): its own softmax probabilities.
+
+`decision_proba` gives the probabilities *before* calibration (softmax of the decision
+values, i.e. T = 1; logistic regression's own probabilities), so a run can report
+calibration before and after; `temperature_of` reads the fitted T.
 
 (libsvm's own Platt scaling, ``SVC(probability=True)``, is deprecated in scikit-learn 1.9 and
 its internal 5-fold CV ignores duplicate groups, so it is not offered.)
@@ -87,6 +93,8 @@ class HeadConfig:
     logreg_max_iter: int = 3000
     calibration: str = "auto"
     n_boot: int = 1000
+    # selective prediction: the val-chosen confidence threshold aims at this error rate
+    target_error: float = 0.01
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -95,6 +103,8 @@ class HeadConfig:
             raise ConfigError(
                 f"[fit] calibration must be one of {CALIBRATIONS}, got {self.calibration!r}"
             )
+        if not 0.0 <= self.target_error < 1.0:
+            raise ConfigError(f"[fit] target_error must be in [0, 1), got {self.target_error}")
         if self.cv_folds < 2:
             raise ConfigError(f"[fit] cv_folds must be >= 2, got {self.cv_folds}")
         bad_cw = [c for c in self.class_weight if c not in ("none", "balanced")]
@@ -110,9 +120,9 @@ class HeadConfig:
                 raise ConfigError(f"[fit] {name} must list at least one value")
 
     def calibration_for(self, head: str) -> str:
-        """The calibration actually used: "auto" = temperature on val for SVM, none for logreg."""
+        """The calibration actually used: "auto" = temperature on val (SVM and logreg)."""
         if self.calibration == "auto":
-            return "temperature" if head == "svm" else "none"
+            return "temperature"
         if head == "svm" and self.calibration == "none":
             raise ConfigError(
                 "[fit] calibration = 'none' gives an SVM no probabilities; use 'temperature', "
@@ -454,6 +464,45 @@ def fit_head(
         timing={"grid_search_seconds": seconds, "refit_seconds": float(search.refit_time_)},
         n_train=len(y),
     )
+
+
+def decision_proba(fitted: FittedHead, X: Any) -> np.ndarray:
+    """Probabilities before any calibration map, LABELS columns: the softmax of the head's
+    decision values (what temperature scaling starts from, T = 1). For logistic regression
+    these are its own probabilities; a class absent from train gets 0."""
+    est = decision_estimator(fitted)
+    z = np.asarray(est.decision_function(np.asarray(X, dtype=np.float64)), dtype=np.float64)
+    if z.ndim == 1:  # two classes: the decision value of the second
+        z = np.stack([-z, z], axis=1)
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    out = np.zeros((p.shape[0], len(LABELS)))
+    for j, cls in enumerate(est.classes_):
+        out[:, LABELS.index(str(cls))] = p[:, j]
+    return out
+
+
+def decision_estimator(fitted: FittedHead) -> Any:
+    """The head without its calibration map (the frozen pipeline inside a calibrated head):
+    its decision values are the logits the map starts from (T = 1)."""
+    est = fitted.estimator
+    if isinstance(est, CalibratedClassifierCV):
+        est = est.estimator.estimator if isinstance(est.estimator, FrozenEstimator) else (
+            est.estimator)
+    return est
+
+
+def temperature_of(fitted: FittedHead) -> float | None:
+    """The temperature T of a head calibrated with method "temperature" (None otherwise)."""
+    est = fitted.estimator
+    if fitted.calibration != "temperature" or not isinstance(est, CalibratedClassifierCV):
+        return None
+    try:
+        beta = float(est.calibrated_classifiers_[0].calibrators[0].beta_)
+    except (AttributeError, IndexError):
+        return None
+    return 1.0 / beta if beta > 0 else None
 
 
 def needs_calibration(fitted: FittedHead) -> bool:

@@ -1,0 +1,90 @@
+"""`featsvm evaluate`: external validation of a run on labelled folders of another lab."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _pct(v: object) -> str:
+    return "n/a" if v is None else f"{100 * float(v):.1f} %"  # type: ignore[arg-type]
+
+
+def _ci(block: dict, key: str) -> str:
+    ci = (block.get("ci95") or {}).get(key)
+    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+@click.command("evaluate")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
+              help="Run folder (runs/<run-id>) to evaluate. Load only runs you trust.")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--class-map", "class_map", multiple=True,
+              help="FOLDER=LABEL[,FOLDER=LABEL...]; LABEL is malignant, benign or a subtype "
+                   "(early_pre_b, pre_b, pro_b), e.g. all=malignant,hem=benign.")
+@click.option("--subject-regex", default=None,
+              help=r"Regex finding the subject (person) in each file path, group 1 if any, "
+                   r"e.g. 'UID_(H?\d+)_'. CIs then resample subjects; without it, images.")
+@click.option("--name", default=None,
+              help="Name of this external set (default: the first DIR's folder name); results "
+                   "go to RUN/external/NAME/.")
+@click.option("--weights", default=None,
+              help="Backbone weights file of a head run, when not found at its recorded path.")
+@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with weights.toml (default: $FEATSVM_WEIGHTS_DIR).")
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|mps")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap resamples for the 95 % CIs (0 = none).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def command(run_dir: Path, dirs: tuple[Path, ...], class_map: tuple[str, ...],
+            subject_regex: str | None, name: str | None, weights: str | None,
+            weights_dir: Path | None, device: str, batch_size: int, n_boot: int, seed: int,
+            quiet: bool) -> None:
+    """Evaluate the run RUN_DIR on labelled folders DIRS of another lab (evaluation only:
+    nothing is fitted or chosen on them)."""
+    from featsvm.evaluate import evaluate, parse_class_map
+
+    res = evaluate(run_dir, dirs, class_map=parse_class_map(class_map),
+                   subject_regex=subject_regex, name=name, weights=weights,
+                   weights_dir=weights_dir, device=device, batch_size=batch_size,
+                   n_boot=n_boot, seed=seed, progress=not quiet)
+    m = res.metrics
+    unit = "subject(s)" if m["bootstrap"]["unit"] == "subject" else "image groups"
+    click.echo(f"run {res.run_id} ({res.model}) on {res.name}: {m['n_images']} image(s) "
+               f"({m['counts']['malignant']} malignant, {m['counts']['benign']} benign), "
+               f"{m['n_subjects']} {unit}")
+    click.echo(f"95 % CIs: bootstrap over {m['bootstrap']['unit']}s "
+               f"({m['bootstrap']['n_boot']} resamples)"
+               + ("" if m["bootstrap"]["unit"] == "subject" else
+                  " - no --subject-regex: cells of one person are treated as independent, "
+                  "so the intervals are too narrow"))
+    auc_ci = (m.get("ci95") or {}).get("roc_auc")
+    click.echo("ROC-AUC P(malignant): "
+               + ("n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}")
+               + ("" if not auc_ci else f" [{auc_ci[0]:.3f}, {auc_ci[1]:.3f}]"))
+    own, thr = m["own_decision"], m["at_threshold"]
+    for title, b in (("own decision (arg-max class)", own),
+                     ("at the val-chosen threshold (accepted images)", thr)):
+        click.echo(f"{title}: sensitivity {_pct(b['sensitivity'])}{_ci(b, 'sensitivity')}, "
+                   f"specificity {_pct(b['specificity'])}{_ci(b, 'specificity')}, "
+                   f"precision {_pct(b['precision'])}{_ci(b, 'precision')}")
+    if thr["threshold"] is None:
+        click.echo("abstention: the run has no val-chosen threshold (made before featsvm chose "
+                   "one); nothing abstained")
+    else:
+        click.echo(f"abstention (confidence < {thr['threshold']:.4f}): "
+                   f"{_pct(thr['abstention_rate'])}{_ci(thr, 'abstention_rate')} "
+                   f"(malignant {_pct(thr['abstention_rate_malignant'])}, benign "
+                   f"{_pct(thr['abstention_rate_benign'])})")
+    bc = m["calibration"]["binary"]
+    click.echo(f"ECE (malignant vs benign, {bc['n_bins']} bins) "
+               + ("n/a" if bc["ece"] is None else f"{bc['ece']:.3f}")
+               + f", Brier {bc['brier']:.3f}")
+    for f, why in res.skipped:
+        click.echo(f"skipped {f}: {why}", err=True)
+    for folder in res.ignored_folders:
+        click.echo(f"ignored folder (no label; see --class-map): {folder}", err=True)
+    click.echo(f"wrote {res.out_dir}/predictions.csv and metrics.json")

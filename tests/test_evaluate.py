@@ -1,0 +1,207 @@
+"""`featsvm evaluate`: class maps, subjects, the subject bootstrap and a CLI run on tiny
+generated folders of 'another lab'."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import make_dataset, random_cell_image
+from test_report import make_split
+
+from featsvm.cli import main
+from featsvm.config import ConfigError
+from featsvm.errors import UsageError
+from featsvm.evaluate import (
+    collect_labelled,
+    external_sets,
+    folder_label,
+    parse_class_map,
+    score_external,
+    subject_of,
+)
+from featsvm.labels import LABELS
+
+
+def test_class_map_parsing_and_folder_labels() -> None:
+    cm = parse_class_map(["all=malignant,hem=benign"])
+    assert cm == {"all": "malignant", "hem": "benign"}
+    assert parse_class_map(["all=malignant", "hem=benign"]) == cm
+    assert folder_label("all", cm) == "malignant" and folder_label("HEM", cm) == "benign"
+    assert folder_label("Pro", None) == "pro_b"  # built-in aliases without a map
+    assert folder_label("malignant", None) == "malignant"
+    assert folder_label("other", cm) is None
+    with pytest.raises(UsageError, match="label must be one of"):
+        parse_class_map(["all=leukemia"])
+    with pytest.raises(UsageError, match="FOLDER=LABEL"):
+        parse_class_map(["all"])
+
+
+def test_collect_labelled_maps_folders_and_ignores_unknown_ones(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    ext = tmp_path / "lab"
+    for folder in ("all", "hem", "notes"):
+        (ext / folder).mkdir(parents=True)
+        random_cell_image(rng, 16).save(ext / folder / f"UID_1_1_1_{folder}.png")
+    files, ignored = collect_labelled([ext], parse_class_map(["all=malignant,hem=benign"]))
+    assert [(f.name, f.label) for f in files] == [
+        ("lab/all/UID_1_1_1_all.png", "malignant"), ("lab/hem/UID_1_1_1_hem.png", "benign")]
+    assert ignored == [str(ext / "notes")]
+    # a DIR that is itself a class folder
+    files, _ = collect_labelled([ext / "hem"], {"hem": "benign"})
+    assert [f.label for f in files] == ["benign"]
+    with pytest.raises(UsageError, match="no labelled images"):
+        collect_labelled([ext], {"x": "benign"})
+
+
+def test_subject_regex() -> None:
+    pat = re.compile(r"UID_(H?\d+)_")
+    assert subject_of("cnmc/all/UID_16_11_1_all.png", pat) == "16"
+    assert subject_of("cnmc/hem/UID_H10_3_2_hem.png", pat) == "H10"
+    assert subject_of("x/UID_7_", re.compile(r"UID_\d+")) == "UID_7"  # no group: whole match
+    with pytest.raises(UsageError, match="does not match"):
+        subject_of("cnmc/all/cell.png", pat)
+
+
+def test_external_sets_are_validated_like_every_section() -> None:
+    doc = {"external": [{"name": "cnmc", "path": "../x", "class_map": {"all": "malignant"},
+                         "subject_regex": r"UID_(H?\d+)_"}]}
+    (s,) = external_sets(doc)
+    assert s.class_map == {"all": "malignant"}
+    assert external_sets({"external": {"cnmc": {"path": "../x"}}})[0].name == "cnmc"
+    assert external_sets({}) == ()
+    with pytest.raises(ConfigError, match="unknown key"):
+        external_sets({"external": [{"name": "a", "path": "p", "clas_map": {}}]})
+    with pytest.raises(ConfigError, match="expected str"):
+        external_sets({"external": [{"name": "a", "path": 3}]})
+    with pytest.raises(UsageError, match="label must be one of"):
+        external_sets({"external": [{"name": "a", "path": "p", "class_map": {"a": "x"}}]})
+
+
+def _planted(n_per: int = 25) -> tuple[list[str], np.ndarray, list[str]]:
+    """4 patients (2 always called malignant, 2 always benign) and 2 healthy subjects (always
+    benign): sensitivity 0.5, but only 4 independent patients behind it."""
+    labels, rows, subjects = [], [], []
+    mal = [0.05, 0.05, 0.85, 0.05]
+    ben = [0.85, 0.05, 0.05, 0.05]
+    for s, (lab, p) in enumerate([("malignant", mal), ("malignant", mal), ("malignant", ben),
+                                  ("malignant", ben), ("benign", ben), ("benign", ben)]):
+        for _ in range(n_per):
+            labels.append(lab)
+            rows.append(p)
+            subjects.append(f"S{s}")
+    return labels, np.array(rows), subjects
+
+
+def test_subject_bootstrap_sees_few_subjects_image_bootstrap_does_not() -> None:
+    labels, proba, subjects = _planted()
+    by_subject = score_external(labels, proba, subjects, threshold=0.9, n_boot=400, seed=0)
+    by_image = score_external(labels, proba, [f"img{i}" for i in range(len(labels))],
+                              threshold=0.9, n_boot=400, seed=0, bootstrap_unit="image")
+    for m in (by_subject, by_image):
+        assert m["own_decision"]["sensitivity"] == 0.5
+        assert m["own_decision"]["specificity"] == 1.0
+        assert m["task"] == "binary" and m["counts"] == {"malignant": 100, "benign": 50}
+        assert m["at_threshold"]["abstention_rate"] == 1.0  # every confidence 0.85 < 0.9
+        assert m["at_threshold"]["sensitivity"] is None
+    assert by_subject["n_subjects"] == 6 and by_subject["bootstrap"]["unit"] == "subject"
+    lo_s, hi_s = by_subject["own_decision"]["ci95"]["sensitivity"]
+    lo_i, hi_i = by_image["own_decision"]["ci95"]["sensitivity"]
+    # whole subjects move together: sensitivity steps of 1/4 -> an interval reaching 0 and 1
+    assert lo_s <= 0.01 and hi_s >= 0.99
+    assert 0.35 < lo_i < 0.5 < hi_i < 0.65
+    # half the positives above every negative, half tied with them: 0.5 + 0.5 * 0.5
+    assert by_subject["roc_auc"] == pytest.approx(0.75)
+
+
+def test_four_class_folders_give_the_four_class_block() -> None:
+    rng = np.random.default_rng(2)
+    labels = [LABELS[i % 4] for i in range(40)]
+    logits = rng.normal(0, 1, (40, 4))
+    logits[np.arange(40), np.arange(40) % 4] += 2
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = score_external(labels, proba, [str(i % 8) for i in range(40)], None, n_boot=20)
+    assert m["task"] == "four_class"
+    assert m["four_class"]["n"] == 40 and m["four_class"]["bootstrap"]["unit"] == "subject"
+    assert "ece" in m["calibration"]["four_class"]
+    assert m["at_threshold"]["threshold"] is None and m["at_threshold"]["abstention_rate"] == 0
+
+
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from featsvm.features.extract import extract
+    from featsvm.models.fit import fit
+    from featsvm.models.heads import HeadConfig
+
+    root = tmp_path_factory.mktemp("evaluate")
+    data = make_dataset(root / "data", per_class=6, size=40, seed=3)
+    split = make_split(data, root / "split.csv")
+    extract(data, "efficientnet_lite0", weights="none", cache_dir=root / "cache", batch_size=8,
+            workers=0, progress=False)
+    cfg = HeadConfig(cv_folds=2, logreg_C=(1.0,), class_weight=("none",), n_boot=10, n_jobs=1,
+                     target_error=0.5)
+    return fit("efficientnet_lite0", "logreg", split, cache_dir=root / "cache", weights="none",
+               runs_dir=root / "runs", config=cfg, progress=False).path
+
+
+def test_cli_evaluate_on_tiny_folders(head_run: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    lab = tmp_path / "otherlab"
+    for folder, subjects, idx in (("all", ("2", "16"), 2), ("hem", ("H10", "H14"), 0)):
+        (lab / folder).mkdir(parents=True)
+        for s in subjects:
+            for j in range(3):
+                random_cell_image(rng, 48, idx).save(lab / folder / f"UID_{s}_{j}_1_{folder}.png")
+    (lab / "hem" / "UID_H10_99_1_broken.png").write_bytes(b"not an image")
+    args = ["evaluate", "--run", str(head_run), str(lab), "--class-map",
+            "all=malignant,hem=benign", "--subject-regex", r"UID_(H?\d+)_", "--name", "lab2",
+            "--n-boot", "50", "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "bootstrap over subjects" in res.output and "ROC-AUC" in res.output
+    out = head_run / "external" / "lab2"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_images"] == 12 and m["n_subjects"] == 4 and m["bootstrap"]["unit"] == "subject"
+    assert m["counts"] == {"malignant": 6, "benign": 6}
+    assert m["skipped"] and m["skipped"][0]["file"].endswith("broken.png")
+    cfg = json.loads((head_run / "config.json").read_text())
+    assert m["at_threshold"]["threshold"] == cfg["abstention"]["threshold"]
+    for key in ("sensitivity", "specificity", "precision"):
+        assert key in m["own_decision"] and key in m["at_threshold"]
+    assert "ece" in m["calibration"]["binary"] and "roc_auc" in m["ci95"]
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and {r["subject"] for r in rows} == {"2", "16", "H10", "H14"}
+    thr = cfg["abstention"]["threshold"]
+    for r in rows:
+        assert r["abstain"] == str(int(float(r["confidence"]) < thr - 1e-6)) or \
+            abs(float(r["confidence"]) - thr) < 1e-5
+    # without a subject regex: said so, in the output and the JSON
+    res = CliRunner().invoke(main, ["evaluate", "--run", str(head_run), str(lab),
+                                    "--class-map", "all=malignant,hem=benign", "--n-boot", "20",
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "no --subject-regex" in res.output
+    m = json.loads((head_run / "external" / "otherlab" / "metrics.json").read_text())
+    assert m["bootstrap"]["unit"] == "image" and "too narrow" in m["note"]
+    # predict marks abstain with the same threshold
+    res = CliRunner().invoke(main, ["predict", "--run", str(head_run), str(lab / "all"),
+                                    "--out", str(tmp_path / "p.csv"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "p.csv", newline="") as f:
+        prow = list(csv.DictReader(f))
+    assert all(r["abstain"] in ("0", "1") for r in prow)
+
+
+def test_cli_evaluate_errors_are_one_line(head_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "lab" / "x").mkdir(parents=True)
+    res = CliRunner().invoke(main, ["evaluate", "--run", str(head_run), str(tmp_path / "lab")])
+    assert res.exit_code == 1 and "no labelled images" in res.output
+    res = CliRunner().invoke(main, ["evaluate", "--run", str(head_run), str(tmp_path),
+                                    "--class-map", "lab=benign", "--subject-regex", "UID_(\\d+"])
+    assert res.exit_code == 1 and "not a valid regular expression" in res.output
