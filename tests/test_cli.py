@@ -106,7 +106,7 @@ def test_shared_options_are_the_same_everywhere() -> None:
             if opt == "--weights-dir":
                 assert p.envvar == "FEATSVM_WEIGHTS_DIR", name
             found.setdefault(opt, []).append(name)
-    assert found["--device"] == ["explain", "extract", "finetune", "predict", "serve"]
+    assert found["--device"] == ["evaluate", "explain", "extract", "finetune", "predict", "serve"]
     assert found["--backbone"] == ["cv", "extract", "fit"]
     assert found["--split"] == ["cv", "explain", "extract", "finetune", "fit"]
     assert "options" not in main.list_commands(ctx)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from featsvm.cli import options
+
 
 def _pct(v: object) -> str:
     return "n/a" if v is None else f"{100 * float(v):.1f} %"  # type: ignore[arg-type]
@@ -29,20 +31,19 @@ def _ci(block: dict, key: str) -> str:
 @click.option("--name", default=None,
               help="Name of this external set (default: the first DIR's folder name); results "
                    "go to RUN/external/NAME/.")
-@click.option("--weights", default=None,
-              help="Backbone weights file of a head run, when not found at its recorded path.")
-@click.option("--weights-dir", type=click.Path(path_type=Path), default=None,
-              help="Folder with weights.toml (default: $FEATSVM_WEIGHTS_DIR).")
-@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|mps")
+@options.weights(help="Backbone weights file of a head run, when not found at its recorded "
+                 "path.")
+@options.weights_dir()
+@options.device()
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
               help="Bootstrap resamples for the 95 % CIs (0 = none).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@options.quiet()
 def command(run_dir: Path, dirs: tuple[Path, ...], class_map: tuple[str, ...],
             subject_regex: str | None, name: str | None, weights: str | None,
-            weights_dir: Path | None, device: str, batch_size: int, n_boot: int, seed: int,
-            quiet: bool) -> None:
+            weights_dir: str | None, device: str, batch_size: int, n_boot: int,
+            seed: int) -> None:
     """Evaluate the run RUN_DIR on labelled folders DIRS of another lab (evaluation only:
     nothing is fitted or chosen on them)."""
     from featsvm.evaluate import evaluate, parse_class_map
@@ -50,7 +51,7 @@ def command(run_dir: Path, dirs: tuple[Path, ...], class_map: tuple[str, ...],
     res = evaluate(run_dir, dirs, class_map=parse_class_map(class_map),
                    subject_regex=subject_regex, name=name, weights=weights,
                    weights_dir=weights_dir, device=device, batch_size=batch_size,
-                   n_boot=n_boot, seed=seed, progress=not quiet)
+                   n_boot=n_boot, seed=seed, progress=options.progress())
     m = res.metrics
     unit = "subject(s)" if m["bootstrap"]["unit"] == "subject" else "image groups"
     click.echo(f"run {res.run_id} ({res.model}) on {res.name}: {m['n_images']} image(s) "
