@@ -685,6 +685,21 @@ def test_temp_files_of_killed_saves_are_cleaned_on_resume(ft_split, tmp_path: Pa
     assert any(stale.name in m for m in caplog.messages)
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_started_again_in_its_folder(
+        ft_split, tmp_path: Path) -> None:
+    """benchmarks/faults.py found an abandoned folder (fingerprint only) next to the finished
+    run after 10 kills: a kill before the first checkpoint made the next start open a new one."""
+    from featsvm.models import finetune as ft
+
+    part = _ft(ft_split, tmp_path / "runs", max_epochs_this_call=1)
+    for f in part.run_dir.iterdir():  # as if killed before the first epoch ended
+        if f.name != ft.FINGERPRINT_FILE:
+            f.unlink()
+    done = _ft(ft_split, tmp_path / "runs")
+    assert done.finished and done.run_dir == part.run_dir
+    assert [d for d in (tmp_path / "runs").iterdir() if d.is_dir()] == [part.run_dir]
+
+
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temp_file(
         ft_split, small_tmpfs: Path) -> None:
     from featsvm.errors import FinetuneError

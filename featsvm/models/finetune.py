@@ -474,6 +474,20 @@ def find_resumable(runs_dir: Path, fp: str,
     return max(found)[1] if found else None
 
 
+def find_unstarted(runs_dir: Path, fp: str) -> Path | None:
+    """The oldest run folder with fingerprint `fp` that has no checkpoint at all (a run killed
+    before its first epoch ended): starting again there leaves no abandoned folder behind."""
+    if not Path(runs_dir).is_dir():
+        return None
+    found = sorted(
+        d for d in Path(runs_dir).iterdir()
+        if d.is_dir() and (d / FINGERPRINT_FILE).is_file() and not (d / LAST_CHECKPOINT).exists()
+        and not runs.is_complete(d)
+        and (d / FINGERPRINT_FILE).read_text(encoding="utf-8").strip() == fp
+    )
+    return found[0] if found else None
+
+
 def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
@@ -595,6 +609,8 @@ def run_folder(resume: str | os.PathLike[str] | bool, runs_dir: Path, fp: str,
         for d, why in damaged:
             logger.warning("not resuming %s: its %s is damaged (%s); starting afresh (delete "
                            "that folder)", d, LAST_CHECKPOINT, why)
+    if run_dir is None and resume is True:
+        run_dir = find_unstarted(runs_dir, fp)  # killed before its first checkpoint
     if run_dir is None:
         run_dir = runs.new_run_dir(runs_dir, model.replace("_", "-"), "ft")
         write_text_atomic(run_dir / FINGERPRINT_FILE, fp + "\n")
