@@ -466,16 +466,21 @@ class StudyRun:
         return "done", (f"{s.n_new} new, {s.n_cached} cached, {s.images_per_s:.1f} img/s "
                         f"-> {s.cache_path}{bad}")
 
-    def fit(self, backbone: str, head: str, spec: str = "field") -> StepOutcome:
+    def _cache_fingerprint(self, backbone: str, options: Any) -> str | None:
+        """The fingerprint of the cache a fit or cv step of `backbone` reads."""
         from featsvm.features.cache import locate_cache, read_cache
+
+        cache_file = locate_cache(self.cfg.cache, backbone, self._weights(backbone),
+                                  self._weights_dir(), self.study.extract.precision,
+                                  self.cfg.layers.get(backbone), options.to_dict())
+        return read_cache(cache_file).attrs.get("fingerprint")
+
+    def fit(self, backbone: str, head: str, spec: str = "field") -> StepOutcome:
         from featsvm.models.fit import fit
 
         cfg, study = self.cfg, self.study
         options = self._options(spec)
-        cache_file = locate_cache(cfg.cache, backbone, self._weights(backbone),
-                                  self._weights_dir(), study.extract.precision,
-                                  cfg.layers.get(backbone), options.to_dict())
-        fp = read_cache(cache_file).attrs.get("fingerprint")
+        fp = self._cache_fingerprint(backbone, options)
         existing, _ = list_runs(self.runs_dir)
         found = find_head_run(existing, backbone, head, self.manifest.sha256, fp, study.fit)
         if found is not None:
@@ -490,15 +495,11 @@ class StudyRun:
         return "done", _headline(rec)
 
     def cv(self, backbone: str, head: str, spec: str = "field") -> StepOutcome:
-        from featsvm.features.cache import locate_cache, read_cache
         from featsvm.models.cv import cross_validate, find_cv_run
 
         cfg, study = self.cfg, self.study
         options = self._options(spec)
-        cache_file = locate_cache(cfg.cache, backbone, self._weights(backbone),
-                                  self._weights_dir(), study.extract.precision,
-                                  cfg.layers.get(backbone), options.to_dict())
-        fp = read_cache(cache_file).attrs.get("fingerprint")
+        fp = self._cache_fingerprint(backbone, options)
         existing, _ = list_runs(self.runs_dir)
         found = find_cv_run(existing, backbone, head, self.manifest.sha256, fp, study.cv,
                             cfg.cv_folds)

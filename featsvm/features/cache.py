@@ -580,6 +580,14 @@ class CachedFeatures:
     def __len__(self) -> int:
         return len(self.sha256)
 
+    def weights_record(self) -> dict[str, Any]:
+        """The weights the cache was made with, as run records name them."""
+        return {
+            "label": self.attrs.get("weights_label"),
+            "sha256": self.attrs.get("weights_sha256") or None,
+            "source": self.attrs.get("weights_source"),
+        }
+
     def record(self) -> dict[str, Any]:
         """How a run record names the cache it was trained on (config.json's ``cache``)."""
         return {

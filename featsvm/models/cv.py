@@ -348,11 +348,7 @@ def _run_config(
         "model": f"{model_backbone} + {head}",
         "backbone": backbone,
         "head": head,
-        "weights": {
-            "label": attrs.get("weights_label"),
-            "sha256": attrs.get("weights_sha256") or None,
-            "source": attrs.get("weights_source"),
-        },
+        "weights": cached.weights_record(),
         "preprocessing": pre,
         "not_imagenet_from": pre.get("not_imagenet_from") if isinstance(pre, dict) else None,
         "split": {"path": str(manifest.path), "sha256": manifest.sha256,
