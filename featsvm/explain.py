@@ -43,7 +43,7 @@ from featsvm.data.dataset import ImageError, load_rgb
 from featsvm.errors import MissingInputError, UsageError
 from featsvm.evaluation import explanations as ex
 from featsvm.fileio import write_json_atomic, write_text_atomic
-from featsvm.labels import LABELS, MALIGNANT
+from featsvm.labels import LABELS, malignant_probability, predicted_label
 from featsvm.predict import Predictor, collect_inputs
 
 METHODS = ("auto", "gradcam", "cam", "occlusion")
@@ -63,11 +63,11 @@ class Explanation:
 
     @property
     def pred_label(self) -> str:
-        return LABELS[int(np.argmax(self.proba))]
+        return predicted_label(self.proba)
 
     @property
     def prob_malignant(self) -> float:
-        return float(sum(self.proba[LABELS.index(m)] for m in MALIGNANT))
+        return malignant_probability(self.proba)
 
 
 class Explainer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from featsvm.errors import UsageError
 
@@ -58,3 +59,13 @@ def check_label(label: str) -> str:
 
 def is_malignant(label: str) -> bool:
     return label in MALIGNANT
+
+
+def predicted_label(proba: Sequence[float]) -> str:
+    """The class with the highest probability (`proba` in LABELS order; first on ties)."""
+    return LABELS[max(range(len(LABELS)), key=lambda i: proba[i])]
+
+
+def malignant_probability(proba: Sequence[float]) -> float:
+    """P(malignant) = the sum of the three B-ALL subtype probabilities."""
+    return float(sum(proba[LABELS.index(m)] for m in MALIGNANT))

@@ -45,7 +45,7 @@ from featsvm.data.dataset import (
 )
 from featsvm.errors import PredictError
 from featsvm.fileio import sha256_bytes, sha256_file, write_text_atomic
-from featsvm.labels import LABELS, MALIGNANT
+from featsvm.labels import LABELS, malignant_probability, predicted_label
 from featsvm.runs import PROB_COLUMNS, RunRecord, read_run
 
 CSV_COLUMNS = ("file", "sha256", "pred_label", "prob_malignant", *PROB_COLUMNS, "ood",
@@ -66,11 +66,11 @@ class Prediction:
 
     @property
     def pred_label(self) -> str:
-        return LABELS[int(np.argmax(self.proba))]
+        return predicted_label(self.proba)
 
     @property
     def prob_malignant(self) -> float:
-        return float(sum(self.proba[LABELS.index(m)] for m in MALIGNANT))
+        return malignant_probability(self.proba)
 
 
 @dataclass

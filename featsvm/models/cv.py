@@ -267,9 +267,6 @@ def _features_for_all(manifest: Manifest, cached: Any) -> np.ndarray:
     return cached.lookup([r.sha256 for r in manifest.rows])
 
 
-def _json_value(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
-
 
 def cross_validate(
     backbone: str,
@@ -366,7 +363,7 @@ def _run_config(
         "versions": versions(),
         "created": now_iso(),
         "cache": cached.record(),
-        "head_config": {k: _json_value(v) for k, v in dataclasses.asdict(cfg).items()},
+        "head_config": cfg.to_json(),
         "cv": {
             "folds": folds,
             "splitter": f"StratifiedGroupKFold(n_splits={folds}, shuffle=True, "

@@ -19,7 +19,6 @@ The test split is used for nothing but the final scoring.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -82,11 +81,6 @@ def load_split_features(
         feats[split] = cached.lookup([r.sha256 for r in rows[split]])
     return feats, rows
 
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return list(v)
-    return v
 
 
 def fit(
@@ -254,7 +248,7 @@ def _run_config(run_id: str, backbone: str, head: str, layer: str | None, cfg: H
         "versions": versions(),
         "created": now_iso(),
         "cache": cached.record(),
-        "head_config": {k: _json_value(v) for k, v in dataclasses.asdict(cfg).items()},
+        "head_config": cfg.to_json(),
         "hyperparameters": fitted.best_params,
         "cv": _cv_block(cfg, fitted),
         "calibration": _calibration_block(fitted),

@@ -34,6 +34,7 @@ model, about 100x faster.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -95,6 +96,11 @@ class HeadConfig:
     n_boot: int = 1000
     # selective prediction: the val-chosen confidence threshold aims at this error rate
     target_error: float = 0.01
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as a run record holds them (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
