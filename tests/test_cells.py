@@ -20,7 +20,7 @@ def field(blobs, size=224, seed=0, red_cells=20):
     (cy, cx, r)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
-    img = np.empty((size, size, 3)) + BACKGROUND
+    img = np.full((size, size, 3), BACKGROUND, dtype=np.float64)
     for _ in range(red_cells):
         cy, cx = rng.uniform(0, size, 2)
         img[(yy - cy) ** 2 + (xx - cx) ** 2 < 8 ** 2] = RED_CELL
