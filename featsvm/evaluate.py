@@ -20,13 +20,17 @@ Measured (``runs/<id>/external/<name>/metrics.json``, computed by
 * ECE and Brier score of the malignant-vs-benign probabilities (the predicted side's
   probability is the confidence; `featsvm.evaluation.calibration`), and of the four classes
   when the folders give subtypes;
+* the share of images the run's out-of-distribution flag calls unlike its training images
+  (``ood`` block: rate with CI, per true class, next to the run's in-lab test rate); runs
+  without a flag say ``available: false`` and why (end-to-end runs have none);
 * 95 % percentile-bootstrap CIs. Cells of one person are not independent: with a
   ``subject_regex`` the bootstrap resamples **subjects** (group 1 of the regex, else the whole
   match, searched in each file's path); without one it resamples images, and the output says
   so (those intervals are too narrow when several cells come from one person).
 
 ``predictions.csv`` has one row per image: file, sha256, subject, true label, predicted
-label, P(malignant), the four probabilities, confidence and ``abstain``.
+label, P(malignant), the four probabilities, confidence, ``abstain`` and ``ood`` (1 / 0, empty
+when the run has no OOD flag).
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ from featsvm.labels import label_for_folder, normalise_name
 from featsvm.runs import read_run
 
 __all__ = ["CSV_COLUMNS", "EXTERNAL_DIR", "ExternalSet", "evaluate", "evaluate_set",
-           "external_sets", "is_current", "parse_class_map", "score_external"]
+           "external_sets", "is_current", "ood_unavailable", "parse_class_map",
+           "score_external"]
 
 @dataclass(frozen=True)
 class ExternalSet:
@@ -241,8 +246,17 @@ def evaluate(
     labels = [f.label for f, _, _ in rows]
     subjects = [s for _, s, _ in rows]
     unit = "subject" if pattern else "image"
+    flags = [p.ood for _, _, p in rows]
+    has_flag = all(f is not None for f in flags)
     metrics = score_external(labels, proba, subjects, threshold, n_boot=n_boot, seed=seed,
-                             bootstrap_unit=unit)
+                             bootstrap_unit=unit,
+                             ood=[bool(f) for f in flags] if has_flag else None,
+                             ood_unavailable=ood_unavailable(record))
+    ood_cfg = record.config.get("ood") or {}
+    if has_flag:
+        metrics["ood"] |= {"threshold": ood_cfg.get("threshold"),
+                           "threshold_from": ood_cfg.get("threshold_from", "val"),
+                           "in_lab_test_rate": ood_cfg.get("rate_test")}
     metrics = {
         "run_id": record.run_id,
         "model": str(record.config.get("model")),
@@ -271,11 +285,24 @@ def evaluate(
     for i, (f, s, p) in enumerate(rows):
         w.writerow([f.name, p.sha256, s, f.label, p.pred_label, f"{p.prob_malignant:.6f}",
                     *(f"{v:.6f}" for v in p.proba), f"{conf[i]:.6f}",
-                    "" if threshold is None else int(abstain[i])])
+                    "" if threshold is None else int(abstain[i]),
+                    "" if p.ood is None else int(p.ood)])
     write_text_atomic(out_dir / "predictions.csv", buf.getvalue())
     write_json_atomic(out_dir / "metrics.json", metrics)
     return EvaluateResult(record.run_id, metrics["model"], name, out_dir, metrics, res.skipped,
                           ignored)
+
+
+def ood_unavailable(record: Any) -> str:
+    """Why a run has no out-of-distribution flag ("" when it has one)."""
+    kind = record.config.get("kind")
+    if kind == "end_to_end":
+        return ("not available for end-to-end runs: featsvm finetune fits no "
+                "out-of-distribution flag (only head runs do, on their backbone's embedding)")
+    if not (record.config.get("ood") or {}).get("file"):
+        return ("not available: this run was made without an out-of-distribution flag "
+                "(before featsvm fitted one, or its split has no val images)")
+    return ""
 
 
 def is_current(run_dir: str | os.PathLike[str], ext: ExternalSet) -> bool:
@@ -289,7 +316,8 @@ def is_current(run_dir: str | os.PathLike[str], ext: ExternalSet) -> bool:
     return (stored.get("dirs") == [str(Path(ext.path))]
             and (stored.get("class_map") or {}) == dict(ext.class_map)
             and (stored.get("subject_regex") or None) == (ext.subject_regex or None)
-            and (stored.get("at_threshold") or {}).get("threshold") == threshold)
+            and (stored.get("at_threshold") or {}).get("threshold") == threshold
+            and "ood" in stored)
 
 
 def evaluate_set(run_dir: str | os.PathLike[str], ext: ExternalSet, **kwargs: Any

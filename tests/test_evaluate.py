@@ -119,6 +119,41 @@ def test_subject_bootstrap_sees_few_subjects_image_bootstrap_does_not() -> None:
     assert by_subject["roc_auc"] == pytest.approx(0.75)
 
 
+def test_ood_rate_with_subject_ci_and_per_class() -> None:
+    labels, proba, subjects = _planted()
+    # every image of S0, S1 (malignant) and S4 (benign) flagged: 3 of 6 subjects, 75 images
+    flags = [s in ("S0", "S1", "S4") for s in subjects]
+    m = score_external(labels, proba, subjects, None, n_boot=400, seed=0, ood=flags)
+    o = m["ood"]
+    assert o["available"] is True and o["n_flagged"] == 75
+    assert o["rate"] == pytest.approx(0.5)
+    assert o["rate_malignant"] == pytest.approx(0.5) and o["rate_benign"] == pytest.approx(0.5)
+    lo, hi = o["ci95"]["rate"]
+    assert lo < 0.3 and hi > 0.7  # whole subjects move together: a wide interval
+    # a run without a flag says so, with the reason given
+    m = score_external(labels, proba, subjects, None, n_boot=0, ood=None,
+                       ood_unavailable="not available for end-to-end runs")
+    assert m["ood"] == {"available": False, "rate": None,
+                        "reason": "not available for end-to-end runs"}
+
+
+def test_ood_in_the_another_lab_tables(tmp_path: Path) -> None:
+    from featsvm.evaluation import trust_report as trust
+
+    rows = [{"model": "m", "run_id": "r", "name": "lab", "n_images": 4, "n_subjects": 2,
+             "unit": "subject", "roc_auc": 0.5, "roc_auc_ci": None, "sensitivity": 1.0,
+             "sensitivity_ci": None, "specificity": 0.0, "specificity_ci": None,
+             "precision": 0.5, "thr_sensitivity": None, "thr_specificity": None,
+             "abstention": 0.0, "abstention_ci": None, "ece": 0.1,
+             "predicted_malignant_share": 1.0, "ood_available": True, "ood_rate": 0.96,
+             "ood_ci": [0.9, 1.0], "ood_in_lab": 0.02}]
+    text = trust.external_markdown(rows)
+    assert "flagged out of distribution" in text and "96.0 % [90.0, 100.0]" in text
+    assert "(in-lab test 2.0 %)" in text
+    rows[0] |= {"ood_available": False, "ood_rate": None}
+    assert "not available" in trust.external_markdown(rows)
+
+
 def test_four_class_folders_give_the_four_class_block() -> None:
     rng = np.random.default_rng(2)
     labels = [LABELS[i % 4] for i in range(40)]
@@ -174,9 +209,16 @@ def test_cli_evaluate_on_tiny_folders(head_run: Path, tmp_path: Path) -> None:
     for key in ("sensitivity", "specificity", "precision"):
         assert key in m["own_decision"] and key in m["at_threshold"]
     assert "ece" in m["calibration"]["binary"] and "roc_auc" in m["ci95"]
+    # the run's OOD flag on every image: rate with a subject CI, next to the in-lab test rate
+    assert "out of distribution:" in res.output and "in-lab test" in res.output
+    o = m["ood"]
+    assert o["available"] is True and o["threshold"] == cfg["ood"]["threshold"]
+    assert o["in_lab_test_rate"] == cfg["ood"]["rate_test"] and "rate" in o["ci95"]
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {r["subject"] for r in rows} == {"2", "16", "H10", "H14"}
+    assert all(r["ood"] in ("0", "1") for r in rows)
+    assert o["rate"] == pytest.approx(sum(r["ood"] == "1" for r in rows) / 12)
     thr = cfg["abstention"]["threshold"]
     for r in rows:
         assert r["abstain"] == str(int(float(r["confidence"]) < thr - 1e-6)) or \

@@ -84,6 +84,14 @@ def command(run_dir: Path, dirs: tuple[Path, ...], class_map: tuple[str, ...],
     click.echo(f"ECE (malignant vs benign, {bc['n_bins']} bins) "
                + ("n/a" if bc["ece"] is None else f"{bc['ece']:.3f}")
                + f", Brier {bc['brier']:.3f}")
+    ood = m.get("ood") or {}
+    if ood.get("available"):
+        click.echo(f"out of distribution: {_pct(ood['rate'])}{_ci(ood, 'rate')} of the images "
+                   f"flagged (malignant {_pct(ood['rate_malignant'])}, benign "
+                   f"{_pct(ood['rate_benign'])}; in-lab test "
+                   f"{_pct(ood.get('in_lab_test_rate'))})")
+    else:
+        click.echo(f"out of distribution: {ood.get('reason', 'not available')}")
     for f, why in res.skipped:
         click.echo(f"skipped {f}: {why}", err=True)
     for folder in res.ignored_folders:

@@ -12,6 +12,10 @@ columns), one subject per image and the run's val-chosen confidence threshold:
 * ECE and Brier score of the malignant-vs-benign probabilities (confidence = probability of
   the predicted side), and of the four classes when the labels have subtypes (plus the full
   four-class metric block);
+* the out-of-distribution rate: the share of images the run's OOD flag
+  (`featsvm.evaluation.ood`, threshold at 95 % of its in-lab val images) calls unlike its
+  training images, overall and per true class, beside the run's own in-lab test rate; runs
+  without a flag (end-to-end models, runs made before the flag) say "not available";
 * 95 % percentile-bootstrap CIs resampling the given subjects (pass file names to resample
   images).
 
@@ -47,7 +51,7 @@ MALIGNANT_LABEL = "malignant"
 EXTERNAL_LABELS = (*LABELS, MALIGNANT_LABEL)
 EXTERNAL_DIR = "external"
 CSV_COLUMNS = ("file", "sha256", "subject", "true_label", "pred_label", "prob_malignant",
-               *PROB_COLUMNS, "confidence", "abstain")
+               *PROB_COLUMNS, "confidence", "abstain", "ood")
 _MAL_COLS = [LABELS.index(m) for m in LABELS if m in MALIGNANT]
 
 
@@ -82,10 +86,12 @@ def _block(point: dict[str, np.ndarray], boot: dict[str, np.ndarray] | None) -> 
 
 def score_external(true_labels: Sequence[str], proba: np.ndarray, subjects: Sequence[str],
                    threshold: float | None, n_boot: int = N_BOOT, seed: int = 0,
-                   bootstrap_unit: str = "subject") -> dict[str, Any]:
+                   bootstrap_unit: str = "subject", ood: Sequence[bool] | None = None,
+                   ood_unavailable: str = "") -> dict[str, Any]:
     """Every external metric (module docstring) from labels, probabilities (LABELS columns),
-    subjects (one per image; pass the file names to bootstrap over images) and the run's
-    val-chosen confidence threshold."""
+    subjects (one per image; pass the file names to bootstrap over images), the run's
+    val-chosen confidence threshold and the run's OOD flag of each image (None: the run has
+    no flag; `ood_unavailable` says why)."""
     proba = np.asarray(proba, dtype=np.float64)
     n = len(true_labels)
     y = np.array([lab != BENIGN for lab in true_labels], dtype=bool)
@@ -139,6 +145,7 @@ def score_external(true_labels: Sequence[str], proba: np.ndarray, subjects: Sequ
         binary_cal["ci95"] = {"ece": _interval(np.asarray(cal.ece(bconf, bright, weights=w))),
                               "brier": _interval((w @ per) / w.sum(axis=1))}
     out["calibration"] = {"binary": binary_cal}
+    out["ood"] = ood_block(ood, y, w, ood_unavailable)
     if out["task"] == "four_class":
         t = np.array([LABELS.index(v) for v in true_labels])
         out["calibration"]["four_class"] = cal.summary(proba, t, weights=w)
@@ -151,6 +158,30 @@ def score_external(true_labels: Sequence[str], proba: np.ndarray, subjects: Sequ
                         "method": "percentile", "level": 0.95}
     return json_safe(out)
 
+
+
+OOD_RULE = ("flagged when the image's embedding is further from the run's training "
+            "embeddings than 95 % of its in-lab val images (featsvm.evaluation.ood)")
+
+
+def ood_block(ood: Sequence[bool] | None, y: np.ndarray, w: np.ndarray | None,
+              unavailable: str = "") -> dict[str, Any]:
+    """The OOD rate of an external set (overall, per true class, bootstrap CI with the
+    weights `w`), or ``available: false`` with the reason."""
+    if ood is None:
+        return {"available": False, "rate": None,
+                "reason": unavailable or "the run has no out-of-distribution flag"}
+    flags = np.asarray(ood, dtype=bool)
+    out: dict[str, Any] = {
+        "available": True, "rule": OOD_RULE,
+        "rate": float(flags.mean()) if flags.size else None,
+        "n_flagged": int(flags.sum()),
+        "rate_malignant": float(flags[y].mean()) if y.any() else None,
+        "rate_benign": float(flags[~y].mean()) if (~y).any() else None,
+    }
+    if w is not None and flags.size:
+        out["ci95"] = {"rate": _interval((w @ flags.astype(np.float64)) / w.sum(axis=1))}
+    return out
 
 
 def read_external(run_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:

@@ -371,7 +371,8 @@ def another_lab(ctx: ReportContext) -> Section | None:
                 "called_malignant": trust._pct(r["predicted_malignant_share"]),
                 "abstention": trust._pct(r["abstention"], r["abstention_ci"]),
                 "thr": f"{trust._pct(r['thr_sensitivity'])} / {trust._pct(r['thr_specificity'])}",
-                "ece": trust._num(r["ece"])} for r in rows]
+                "ece": trust._num(r["ece"]),
+                "ood": trust.ood_text(r)} for r in rows]
         sets.append({"name": name, "summary": summary, "rows": out})
         path = trust.external_roc_figure(
             ctx.runs, name, ctx.out_dir / f"{trust.EXTERNAL_ROC_PREFIX}{name}.png")

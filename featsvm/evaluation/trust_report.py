@@ -227,6 +227,10 @@ def external_rows(runs: Sequence[RunRecord]) -> dict[str, list[dict[str, Any]]]:
                 "abstention_ci": _get(thr, "ci95", "abstention_rate"),
                 "ece": _get(m, "calibration", "binary", "ece"),
                 "predicted_malignant_share": m.get("predicted_malignant_share"),
+                "ood_available": _get(m, "ood", "available"),
+                "ood_rate": _get(m, "ood", "rate"),
+                "ood_ci": _get(m, "ood", "ci95", "rate"),
+                "ood_in_lab": _get(m, "ood", "in_lab_test_rate"),
             })
     return out
 
@@ -242,16 +246,25 @@ def external_markdown(rows: Sequence[dict[str, Any]]) -> str:
                         " (no subject regex: too narrow when cells of one person are alike)"),
            "",
            "| model | ROC-AUC P(malignant) | sensitivity | specificity | precision | "
-           "abstained | sensitivity / specificity when not abstaining | ECE |",
-           "|---|---|---|---|---|---|---|---:|"]
+           "abstained | sensitivity / specificity when not abstaining | ECE | "
+           "flagged out of distribution (in-lab test) |",
+           "|---|---|---|---|---|---|---|---:|---|"]
     for r in rows:
         out.append(
             f"| {r['model']} | {_num(r['roc_auc'], r['roc_auc_ci'])} | "
             f"{_pct(r['sensitivity'], r['sensitivity_ci'])} | "
             f"{_pct(r['specificity'], r['specificity_ci'])} | {_pct(r['precision'])} | "
             f"{_pct(r['abstention'], r['abstention_ci'])} | {_pct(r['thr_sensitivity'])} / "
-            f"{_pct(r['thr_specificity'])} | {_num(r['ece'])} |")
+            f"{_pct(r['thr_specificity'])} | {_num(r['ece'])} | {ood_text(r)} |")
     return "\n".join(out) + "\n"
+
+
+def ood_text(row: dict[str, Any]) -> str:
+    """The OOD-rate cell of an external-table row: rate [CI] (in-lab test rate), or why not."""
+    if not row.get("ood_available"):
+        return "not available (no OOD flag in this run)"
+    return (f"{_pct(row['ood_rate'], row['ood_ci'])} (in-lab test "
+            f"{_pct(row['ood_in_lab'])})")
 
 
 def external_roc_figure(runs: Sequence[RunRecord], name: str, path: str | os.PathLike[str]
