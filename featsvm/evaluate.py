@@ -246,17 +246,11 @@ def evaluate(
     labels = [f.label for f, _, _ in rows]
     subjects = [s for _, s, _ in rows]
     unit = "subject" if pattern else "image"
-    flags = [p.ood for _, _, p in rows]
-    has_flag = all(f is not None for f in flags)
+    flags, ood_extra = _ood_metrics(record, rows)
     metrics = score_external(labels, proba, subjects, threshold, n_boot=n_boot, seed=seed,
-                             bootstrap_unit=unit,
-                             ood=[bool(f) for f in flags] if has_flag else None,
+                             bootstrap_unit=unit, ood=flags,
                              ood_unavailable=ood_unavailable(record))
-    ood_cfg = record.config.get("ood") or {}
-    if has_flag:
-        metrics["ood"] |= {"threshold": ood_cfg.get("threshold"),
-                           "threshold_from": ood_cfg.get("threshold_from", "val"),
-                           "in_lab_test_rate": ood_cfg.get("rate_test")}
+    metrics["ood"] |= ood_extra
     metrics = {
         "run_id": record.run_id,
         "model": str(record.config.get("model")),
@@ -277,6 +271,15 @@ def evaluate(
     }
     out_dir = Path(record.path) / EXTERNAL_DIR / name
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "predictions.csv", _predictions_csv(rows, proba, threshold))
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return EvaluateResult(record.run_id, metrics["model"], name, out_dir, metrics, res.skipped,
+                          ignored)
+
+
+def _predictions_csv(rows: Sequence[tuple[LabelledFile, str, Any]], proba: np.ndarray,
+                     threshold: float | None) -> str:
+    """predictions.csv of an external evaluation (CSV_COLUMNS; one row per image)."""
     conf = cal.confidence(proba)
     abstain = sel.abstain_mask(conf, threshold)
     buf = io.StringIO()
@@ -287,10 +290,21 @@ def evaluate(
                     *(f"{v:.6f}" for v in p.proba), f"{conf[i]:.6f}",
                     "" if threshold is None else int(abstain[i]),
                     "" if p.ood is None else int(p.ood)])
-    write_text_atomic(out_dir / "predictions.csv", buf.getvalue())
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    return EvaluateResult(record.run_id, metrics["model"], name, out_dir, metrics, res.skipped,
-                          ignored)
+    return buf.getvalue()
+
+
+def _ood_metrics(record: Any, rows: Sequence[tuple[LabelledFile, str, Any]]
+                 ) -> tuple[list[bool] | None, dict[str, Any]]:
+    """(the OOD flag of every image or None, what the metrics' ood block adds about the run's
+    flag)."""
+    flags = [p.ood for _, _, p in rows]
+    if not all(f is not None for f in flags):
+        return None, {}
+    ood_cfg = record.config.get("ood") or {}
+    return [bool(f) for f in flags], {
+        "threshold": ood_cfg.get("threshold"),
+        "threshold_from": ood_cfg.get("threshold_from", "val"),
+        "in_lab_test_rate": ood_cfg.get("rate_test")}
 
 
 def ood_unavailable(record: Any) -> str:
