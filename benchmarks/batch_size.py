@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - no local file: speed is the same with random weights
             loaded = load_backbone(name, weights="none", layer=layer)
         emb = loaded.embedder.eval().to(memory_format=torch.channels_last)
-        size = int(loaded.preprocessing["input_size"])
+        size = int(loaded.preprocessing.input_size)
         for precision in precisions:
             rates = {b: images_per_second(emb, size, b, args.images, precision) for b in sizes}
             best = max(rates, key=rates.__getitem__)

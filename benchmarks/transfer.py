@@ -77,7 +77,7 @@ class Embedder:
     def __init__(self, backbone: str, weights_dir: str | None):
         import torch
 
-        from featsvm.features.backbones import load_backbone, make_transform
+        from featsvm.features.backbones import load_backbone
 
         torch.set_num_threads(2)
         self.torch = torch
@@ -85,9 +85,9 @@ class Embedder:
         from torchvision import transforms as T
 
         pre = self.loaded.preprocessing
-        self.field_transform = make_transform(pre)
+        self.field_transform = pre.transform()
         # cell crops are already square at the cell size: only tensor + normalisation
-        self.crop_transform = T.Compose([T.ToTensor(), T.Normalize(pre["mean"], pre["std"])])
+        self.crop_transform = T.Compose([T.ToTensor(), T.Normalize(list(pre.mean), list(pre.std))])
 
     def __call__(self, images, field: bool = False) -> np.ndarray:
         torch = self.torch
@@ -293,7 +293,7 @@ def main() -> None:
         from featsvm.features.cache import read_cache
 
         cached = read_cache(args.field_cache)
-        if cached.attrs["preprocessing"] != emb.loaded.preprocessing:
+        if cached.attrs["preprocessing"] != emb.loaded.preprocessing.to_json():
             raise SystemExit(f"{args.field_cache}: preprocessing differs from {args.backbone}'s")
         np.savez(field_npz, x=cached.lookup([r.sha256 for r in rows]))
     lab = embed_all([root / r.relpath for r in rows], emb, reference, work, f"{tag}-taleqani",

@@ -83,3 +83,7 @@ class UsageError(FeatsvmError, ValueError):
 
 class FitError(FeatsvmError, ValueError):
     """Training data that a head cannot be fitted on (too few groups, NaN features...)."""
+
+
+class PreprocessingError(UsageError):
+    """A preprocessing record that cannot be read or used (missing, bad or unknown key)."""

@@ -79,7 +79,7 @@ class Explainer:
             raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         self.predictor = predictor
         self.pre = predictor.preprocessing
-        crop = int(self.pre.get("crop") or self.pre.get("input_size") or 224)
+        crop = int(self.pre.crop or self.pre.input_size or 224)
         self.patch = int(patch or max(4, round(crop / 7)))
         self.stride = int(stride or self.patch)
         self.batch_size = batch_size
@@ -104,14 +104,14 @@ class Explainer:
         if cut is None:
             raise UsageError(
                 f"{self.predictor.record.run_id}: its embedding "
-                f"({self.pre.get('layer')}) is not a global average of conv features, so it "
+                f"({self.pre.layer}) is not a global average of conv features, so it "
                 "has no class activation map; use --method occlusion")
         return cut
 
     def affine(self) -> ex.AffineHead:
         if self._affine is None:
             head = self.predictor.parts["head"]
-            dim = int(self.pre.get("dim") or 0)
+            dim = int(self.pre.dim or 0)
             if dim <= 0:
                 raise UsageError("the run's preprocessing records no embedding size (dim)")
             from featsvm.models.heads import decision_estimator, temperature_of

@@ -1,8 +1,8 @@
 """`featsvm predict`: classify new images with any finished run.
 
 Everything about how an image becomes a prediction is taken from the run record, never
-re-typed: the preprocessing dict in ``config.json`` builds the transform
-(`featsvm.features.backbones.make_transform`), the model file is checked against its sha256 sidecar
+re-typed: the preprocessing in ``config.json`` (a `features.preprocessing.Preprocessing`)
+builds the transform, the model file is checked against its sha256 sidecar
 before it is loaded, and
 
 * a **head** run (``kind = "head"``) embeds the images on the fly with the run's backbone,
@@ -44,6 +44,7 @@ from featsvm.data.dataset import (
     read_image_bytes,
 )
 from featsvm.errors import PredictError
+from featsvm.features.preprocessing import Preprocessing
 from featsvm.fileio import sha256_bytes, sha256_file, write_text_atomic
 from featsvm.labels import LABELS, malignant_probability, predicted_label
 from featsvm.runs import PROB_COLUMNS, RunRecord, read_run
@@ -130,8 +131,9 @@ class Predictor:
         return str(self.record.config.get("kind"))
 
     @property
-    def preprocessing(self) -> dict[str, Any]:
-        return dict(self.record.config.get("preprocessing") or {})
+    def preprocessing(self) -> Preprocessing:
+        """The run's recorded preprocessing (how an image becomes the model's input)."""
+        return Preprocessing.from_json(self.record.config.get("preprocessing") or {})
 
     def predict_proba(self, images: list[Any]) -> np.ndarray:
         if not images:
@@ -180,27 +182,30 @@ class Predictor:
         import torch
 
         from featsvm.device import autocast_context, check_precision, resolve_device
-        from featsvm.features.preprocess import backbone_part, image_transform, pool
+        from featsvm.features.key import FeatureKey
+        from featsvm.features.preprocess import pool
 
         cfg = record.config
         from featsvm.models.modelfile import load_head, load_model
 
         head = load_head(record, trust_pickle)  # sidecar + config.json sha256, no pickle
-        pre = cfg.get("preprocessing") or {}
-        if "layer" not in pre:
+        if "layer" not in (cfg.get("preprocessing") or {}):
             raise PredictError(f"{record.path}/config.json: preprocessing has no 'layer'; "
                                "was it written by `featsvm fit`?")
-        loaded = _load_recorded_backbone(cfg, weights, weights_dir, pre["layer"])
-        if _comparable(loaded.preprocessing) != _comparable(backbone_part(pre)):
+        key = FeatureKey.from_record(cfg, record.path)
+        pre = key.preprocessing
+        loaded = _load_recorded_backbone(key, cfg, weights, weights_dir)
+        if not loaded.preprocessing.same_as(pre.base()):
             raise PredictError(
-                f"{record.path}: the run's preprocessing {pre} differs from what this featsvm "
-                f"version builds for {cfg['backbone']} ({loaded.preprocessing}); predict with "
-                "the featsvm version that made the run"
+                f"{record.path}: the run's preprocessing {pre.to_json()} differs from what "
+                f"this featsvm version builds for {key.backbone} "
+                f"({loaded.preprocessing.to_json()}); predict with the featsvm version that "
+                "made the run"
             )
         # from the run's record, not from the spec: view (field | cells), stain, colour
-        transform = image_transform(pre)
+        transform = pre.image_transform()
         dev = resolve_device(device)
-        precision = str((cfg.get("cache") or {}).get("precision") or "fp32")
+        precision = key.precision
         check_precision(dev, precision)
         embedder = loaded.embedder.to(dev).eval()
 
@@ -257,28 +262,22 @@ class Predictor:
         return cls(record, proba, transform, net=net, normaliser=normaliser, device=dev)
 
 
-def _comparable(pre: dict[str, Any]) -> dict[str, Any]:
-    """Preprocessing as JSON would store it (tuples -> lists) for comparison."""
-    import json
-
-    return json.loads(json.dumps(pre, sort_keys=True, default=list))
-
-
 def _load_recorded_backbone(
-    cfg: dict[str, Any], weights: str | os.PathLike[str] | None,
-    weights_dir: str | os.PathLike[str] | None, layer: str,
+    key: Any, cfg: dict[str, Any], weights: str | os.PathLike[str] | None,
+    weights_dir: str | os.PathLike[str] | None,
 ) -> Any:
-    """The run's backbone with weights whose sha256 equals the recorded one.
+    """The run's backbone (`key`: a `FeatureKey`) with weights whose sha256 equals the
+    recorded one.
 
     Order: explicit `weights` / `weights_dir`; the recorded source path; FEATSVM_WEIGHTS_DIR;
     the library's ImageNet file. Random ('random' label) runs rebuild the seeded init."""
     from featsvm.features.backbones import load_backbone
-    from featsvm.features.weights import RANDOM_LABEL, WeightsError
+    from featsvm.features.weights import WeightsError
 
-    backbone = str(cfg["backbone"])
+    backbone, layer = key.backbone, key.layer
     rec = cfg.get("weights") or {}
-    want = rec.get("sha256") or None
-    if rec.get("label") == RANDOM_LABEL or want is None:
+    want = key.weights.sha256
+    if key.weights.is_random:
         return load_backbone(backbone, weights="none", layer=layer)
     attempts: list[tuple[str | os.PathLike[str] | None, str | os.PathLike[str] | None, str]] = []
     if weights is not None or weights_dir is not None:
@@ -298,7 +297,7 @@ def _load_recorded_backbone(
             return loaded
         problems.append(f"{where}: sha256 {str(loaded.weights.sha256)[:16]}… is not the run's")
     raise PredictError(
-        f"cannot find the {backbone} weights this run was trained on ({rec.get('label')!r}, "
+        f"cannot find the {backbone} weights this run was trained on ({key.weights.label!r}, "
         f"sha256 {want[:16]}…). Give them with --weights FILE or --weights-dir DIR "
         f"(or FEATSVM_WEIGHTS_DIR). Tried: " + "; ".join(problems)
     )

@@ -30,10 +30,11 @@ import json
 import os
 import platform
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -195,31 +196,42 @@ def load_joblib(path: str | os.PathLike[str]) -> Any:
 # ---------------------------------------------------------------- predictions
 
 
+class ScoredImage(Protocol):
+    """One scored image: a `featsvm.data.manifest.ManifestRow` (or anything alike)."""
+
+    @property
+    def relpath(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def split(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+
+
 def write_predictions(
     run_dir: Path,
-    relpaths: list[str],
-    sha256s: list[str],
-    splits: list[str],
-    true_labels: list[str],
+    rows: Sequence[ScoredImage],
     proba: np.ndarray,
-    folds: list[int] | None = None,
+    folds: Sequence[int] | None = None,
 ) -> None:
-    """Write predictions.csv; the predicted label is the arg-max of `proba` (columns in LABELS
-    order). `folds` (cross-validation) adds a ``fold`` column."""
+    """Write predictions.csv, one line per row (its relpath, sha256, split and true label);
+    the predicted label is the arg-max of `proba` (columns in LABELS order). `folds`
+    (cross-validation) adds a ``fold`` column."""
     proba = np.asarray(proba, dtype=np.float64)
-    if proba.shape != (len(relpaths), len(LABELS)):
+    if proba.shape != (len(rows), len(LABELS)):
         raise ValueError(
-            f"proba has shape {proba.shape}, expected ({len(relpaths)}, {len(LABELS)})"
+            f"proba has shape {proba.shape}, expected ({len(rows)}, {len(LABELS)})"
         )
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    if folds is not None and len(folds) != len(relpaths):
-        raise ValueError(f"folds has {len(folds)} entries, expected {len(relpaths)}")
+    if folds is not None and len(folds) != len(rows):
+        raise ValueError(f"folds has {len(folds)} entries, expected {len(rows)}")
     w.writerow(PREDICTION_COLUMNS + ((FOLD_COLUMN,) if folds is not None else ()))
     pred = proba.argmax(axis=1)
-    for i in range(len(relpaths)):
+    for i, r in enumerate(rows):
         w.writerow(
-            [relpaths[i], sha256s[i], splits[i], true_labels[i], LABELS[pred[i]],
+            [r.relpath, r.sha256, r.split, r.label, LABELS[pred[i]],
              *(f"{p:.6f}" for p in proba[i]), *((folds[i],) if folds is not None else ())]
         )
     write_text_atomic(Path(run_dir) / PREDICTIONS_FILE, buf.getvalue())
@@ -363,21 +375,19 @@ def finish_run(
     run_dir: Path,
     config: dict[str, Any],
     metrics: dict[str, Any],
-    relpaths: list[str],
-    sha256s: list[str],
-    splits: list[str],
-    true_labels: list[str],
+    rows: Sequence[ScoredImage],
     proba: np.ndarray,
-    folds: list[int] | None = None,
+    folds: Sequence[int] | None = None,
 ) -> RunRecord:
-    """Write predictions.csv and metrics.json, then config.json last (the completion mark).
+    """Write predictions.csv (one line per scored manifest row, `proba` in the same order)
+    and metrics.json, then config.json last (the completion mark).
 
     The model file and its sidecar must already be in `run_dir` (save_joblib / write_sidecar).
     """
     run_dir = Path(run_dir)
     model = run_dir / str(config.get("model_file", ""))
     model_sha = verify_sidecar(model)
-    write_predictions(run_dir, relpaths, sha256s, splits, true_labels, proba, folds)
+    write_predictions(run_dir, rows, proba, folds)
     write_metrics(run_dir, metrics)
     artefacts = {model.name: model_sha}
     for name in (PREDICTIONS_FILE, METRICS_FILE, HISTORY_FILE):

@@ -7,7 +7,7 @@ Steps, each reusing what is already on disk with the same fingerprint (and sayin
 2. **extract** every configured backbone into the feature cache (`featsvm.features.extract`); the
    cache itself skips images it already holds;
 3. **fit** every backbone x head (`featsvm.models.fit`); skipped when a complete run record exists
-   for the same split sha256, cache fingerprint and head settings;
+   for the same split sha256, `FeatureKey` (the embeddings: cache fingerprint) and head settings;
 3b. **cv** every backbone x head when ``[study] cv_folds`` is set (`featsvm.models.cv`): pooled,
    grouped K-fold CV over all images, the heads tuned with ``[fit]`` overridden by ``[cv]``;
    skipped when a complete CV run exists for the same split, cache, head settings and folds;
@@ -44,6 +44,7 @@ from typing import Any
 
 from featsvm.config import ConfigError, load_toml, section
 from featsvm.errors import FeatsvmError, StudyError
+from featsvm.features.key import FeatureKey, WeightsId
 from featsvm.fileio import FileLock, sha256_file, write_json_atomic
 from featsvm.runs import RunRecord, list_runs, read_run
 
@@ -267,16 +268,17 @@ def _plain(obj: Any) -> Any:
 
 
 def find_head_run(
-    runs: list[RunRecord], backbone: str, head: str, split_sha: str, cache_fp: str,
-    head_config: Any,
+    runs: list[RunRecord], key: FeatureKey, head: str, split_sha: str, head_config: Any,
 ) -> RunRecord | None:
-    """A complete head run of the same backbone, head, split, cache and head settings."""
+    """A complete head run fitted on the embeddings `key` names, with the same head, split
+    and head settings."""
     want = _plain(head_config)
     for r in reversed(runs):  # newest id last: prefer the latest
         c = r.config
-        if (c.get("kind") == "head" and c.get("backbone") == backbone and c.get("head") == head
+        if (c.get("kind") == "head" and c.get("backbone") == key.backbone
+                and c.get("head") == head
                 and (c.get("split") or {}).get("sha256") == split_sha
-                and (c.get("cache") or {}).get("fingerprint") == cache_fp
+                and (c.get("cache") or {}).get("fingerprint") == key.fingerprint
                 and _plain(c.get("head_config")) == want):
             return r
     return None
@@ -289,13 +291,13 @@ def finetune_fingerprint(model: str, study: Study, split_sha: str, data_dir: Pat
 
     cfg = study.finetune.for_model(model)
     if model == ft.BASIC_CNN:
-        weights = {"label": "none", "sha256": None}
+        weights = WeightsId.none()
     else:
         from featsvm.features.backbones import describe
 
         _spec, info, _pre = describe(model, _weights_for(study.study, model),
                                      _weights_dir(study.study))
-        weights = {"label": info.label, "sha256": info.sha256}
+        weights = WeightsId.from_info(info)
     return ft.fingerprint(cfg, split_sha, weights, data_dir)
 
 
@@ -466,23 +468,27 @@ class StudyRun:
         return "done", (f"{s.n_new} new, {s.n_cached} cached, {s.images_per_s:.1f} img/s "
                         f"-> {s.cache_path}{bad}")
 
-    def _cache_fingerprint(self, backbone: str, options: Any) -> str | None:
-        """The fingerprint of the cache a fit or cv step of `backbone` reads."""
-        from featsvm.features.cache import locate_cache, read_cache
+    def _feature_key(self, backbone: str, options: Any) -> FeatureKey:
+        """The `FeatureKey` of the cache a fit or cv step of `backbone` reads
+        (CacheMissingError, naming the extract command, when that cache is absent)."""
+        from featsvm.features.backbones import feature_key
+        from featsvm.features.cache import locate_cache
 
-        cache_file = locate_cache(self.cfg.cache, backbone, self._weights(backbone),
-                                  self._weights_dir(), self.study.extract.precision,
-                                  self.cfg.layers.get(backbone), options.to_dict())
-        return read_cache(cache_file).attrs.get("fingerprint")
+        args = (self._weights(backbone), self._weights_dir(), self.cfg.layers.get(backbone),
+                self.study.extract.precision, options)
+        key = feature_key(backbone, *args)
+        if not (Path(self.cfg.cache) / key.file_name).is_file():
+            locate_cache(self.cfg.cache, backbone, args[0], args[1], args[3], args[2], options)
+        return key
 
     def fit(self, backbone: str, head: str, spec: str = "field") -> StepOutcome:
         from featsvm.models.fit import fit
 
         cfg, study = self.cfg, self.study
         options = self._options(spec)
-        fp = self._cache_fingerprint(backbone, options)
+        key = self._feature_key(backbone, options)
         existing, _ = list_runs(self.runs_dir)
-        found = find_head_run(existing, backbone, head, self.manifest.sha256, fp, study.fit)
+        found = find_head_run(existing, key, head, self.manifest.sha256, study.fit)
         if found is not None:
             self.result.run_ids.append(found.run_id)
             return "skipped", f"run {found.run_id} has the same split, cache and grid"
@@ -499,10 +505,9 @@ class StudyRun:
 
         cfg, study = self.cfg, self.study
         options = self._options(spec)
-        fp = self._cache_fingerprint(backbone, options)
+        key = self._feature_key(backbone, options)
         existing, _ = list_runs(self.runs_dir)
-        found = find_cv_run(existing, backbone, head, self.manifest.sha256, fp, study.cv,
-                            cfg.cv_folds)
+        found = find_cv_run(existing, key, head, self.manifest.sha256, study.cv, cfg.cv_folds)
         if found is not None:
             self.result.run_ids.append(found.run_id)
             return "skipped", f"run {found.run_id} has the same split, cache, grid and folds"

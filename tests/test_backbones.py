@@ -13,11 +13,11 @@ from featsvm.features.backbones import (
     SPECS,
     choose_layer,
     get_spec,
-    keras_avgpool_semantics,
     load_backbone,
     make_transform,
     preprocessing_for,
 )
+from featsvm.features.hooks import keras_avgpool_semantics
 from featsvm.features.weights import WeightsInfo
 
 # (input size, resize, interpolation, default layer with a full pretrained file, its width)
@@ -108,7 +108,7 @@ def test_make_transform_round_trip() -> None:
     # ImageNet mean colour normalises to about 0
     assert x.abs().max() < 0.02
     with pytest.raises(ValueError, match="interpolation"):
-        make_transform({k: v for k, v in pre.items() if k != "interpolation"})
+        make_transform({k: v for k, v in pre.to_json().items() if k != "interpolation"})
 
 
 def test_keras_avgpool_hook_excludes_padding() -> None:

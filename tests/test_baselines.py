@@ -83,8 +83,8 @@ def test_mask_annotation_changes_only_the_box() -> None:
 def test_baselines_need_no_weights_and_embed_like_a_backbone(tmp_path: Path) -> None:
     spec, info, pre = describe("colour_stats", weights_dir=tmp_path / "nowhere")
     assert info.label == "none" and info.sha256 is None
-    assert pre["layer"] == "stats" and pre["dim"] == 27
-    assert pre["features"]["name"] == "colour_stats"
+    assert pre.layer == "stats" and pre.dim == 27
+    assert pre.features is not None and pre.features["name"] == "colour_stats"
     lb = load_backbone("annotation_box", weights_dir=tmp_path / "nowhere")
     img = _two_tone(40, 40)
     x = make_transform(lb.preprocessing)(img)
@@ -115,13 +115,13 @@ def test_extract_baselines_into_their_own_caches(tiny_dataset: Path, tmp_path: P
 def test_mask_annotation_option_masks_before_anything_else(tiny_dataset: Path,
                                                           tmp_path: Path) -> None:
     from featsvm.features.cache import locate_cache
-    from featsvm.features.preprocess import ImageOptions, image_transform, input_name
+    from featsvm.features.preprocess import ImageOptions, input_name
 
     masked = ImageOptions(mask_annotation=True)
     assert ImageOptions().to_dict() == {}  # old fingerprints stay
     assert masked.to_dict() == {"mask_annotation": True} and input_name(masked) == "field+masked"
-    _, _, pre = describe("alexnet", weights="none", layer="gap", options=masked.to_dict())
-    assert ImageOptions.from_preprocessing(pre) == masked
+    _, _, pre = describe("alexnet", weights="none", layer="gap", options=masked)
+    assert pre.options == masked
     img = _two_tone(224, 224)
     arr = np.asarray(img).copy()
     x0, y0, _, _ = annotation_box(224, 224)
@@ -129,7 +129,7 @@ def test_mask_annotation_option_masks_before_anything_else(tiny_dataset: Path,
     other = Image.fromarray(arr, "RGB")
     assert median_colour(other) == median_colour(img)
     _, _, plain = describe("alexnet", weights="none", layer="gap")
-    t_plain, t_mask = image_transform(plain), image_transform(pre)
+    t_plain, t_mask = plain.image_transform(), pre.image_transform()
     assert not np.allclose(t_plain(img).numpy(), t_plain(other).numpy())
     np.testing.assert_allclose(t_mask(img).numpy(), t_mask(other).numpy())
     # extraction: its own cache file, found again with the same option
@@ -142,4 +142,4 @@ def test_mask_annotation_option_masks_before_anything_else(tiny_dataset: Path,
     assert c.attrs["preprocessing"]["mask_annotation"] is True
     assert "--mask-annotation" in c.attrs["extract_command"]
     assert locate_cache(tmp_path / "c", "alexnet", "none", layer="gap",
-                        options=masked.to_dict()) == b.cache_path
+                        options=masked) == b.cache_path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -19,28 +20,41 @@ from featsvm.features.cache import (
     locate_cache,
     read_cache,
 )
+from featsvm.features.key import FeatureKey, WeightsId
 from featsvm.features.weights import WeightsInfo
 
 RANDOM = WeightsInfo("random", None, "random init")
 
 
-def _attrs(info: WeightsInfo = RANDOM, precision: str = "fp32", layer: str | None = None) -> dict:
+EXTRA = {"extract_command": "featsvm extract DATA --backbone alexnet --weights none"}
+
+
+def _key(info: WeightsInfo = RANDOM, precision: str = "fp32", layer: str | None = None
+         ) -> FeatureKey:
     pre = preprocessing_for(get_spec("alexnet"), info, layer)
-    return {"backbone": "alexnet", "weights_label": info.label,
-            "weights_sha256": info.sha256 or "", "preprocessing": pre, "precision": precision,
-            "extract_command": "featsvm extract DATA --backbone alexnet --weights none"}
+    return FeatureKey("alexnet", WeightsId.from_info(info), precision, pre)
+
+
+def _writer(path: Path, key: FeatureKey) -> CacheWriter:
+    return CacheWriter(path, key, EXTRA)
+
+
+class Row(NamedTuple):
+    relpath: str
+    sha256: str
+    label: str
 
 
 def _rows(n: int, dim: int, start: int = 0):
     feats = np.arange(start * dim, (start + n) * dim, dtype=np.float32).reshape(n, dim)
-    sha = [f"{i:064x}" for i in range(start, start + n)]
-    return feats, sha, [f"Original/Benign/{i}.jpg" for i in range(start, start + n)], ["benign"] * n
+    return feats, [Row(f"Original/Benign/{i}.jpg", f"{i:064x}", "benign")
+                   for i in range(start, start + n)]
 
 
 def test_round_trip_and_lookup(tmp_path: Path) -> None:
     path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
     assert path.name.startswith("alexnet-gap-random-fp32-")
-    with CacheWriter(path, _attrs(layer="gap")) as w:
+    with _writer(path, _key(layer="gap")) as w:
         w.append(*_rows(3, 256))
         w.append(*_rows(2, 256, start=3))
         assert w.has(f"{4:064x}") and w.n_rows == 5
@@ -52,7 +66,7 @@ def test_round_trip_and_lookup(tmp_path: Path) -> None:
     with pytest.raises(CacheMissingError, match=r"1 of 2 images .* featsvm extract"):
         c.lookup([f"{1:064x}", "f" * 64])
     # re-opening resumes: rows stay, new rows append
-    with CacheWriter(path, _attrs(layer="gap")) as w:
+    with _writer(path, _key(layer="gap")) as w:
         assert w.n_rows == 5
         w.append(*_rows(1, 256, start=5))
     assert len(read_cache(path)) == 6
@@ -60,13 +74,13 @@ def test_round_trip_and_lookup(tmp_path: Path) -> None:
 
 def test_uncommitted_rows_are_ignored_and_truncated(tmp_path: Path) -> None:
     path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
-    with CacheWriter(path, _attrs(layer="gap")) as w:
+    with _writer(path, _key(layer="gap")) as w:
         w.append(*_rows(2, 256))
     with h5py.File(path, "r+") as f:  # a batch written but killed before its commit
         for name in ("features", "sha256", "relpath", "label"):
             f[name].resize(4, axis=0)
     assert len(read_cache(path)) == 2
-    with CacheWriter(path, _attrs(layer="gap")) as w:
+    with _writer(path, _key(layer="gap")) as w:
         assert w.n_rows == 2
     with h5py.File(path, "r") as f:
         assert f["features"].shape[0] == 2
@@ -74,15 +88,15 @@ def test_uncommitted_rows_are_ignored_and_truncated(tmp_path: Path) -> None:
 
 def test_second_writer_is_refused(tmp_path: Path) -> None:
     path = cache_path(tmp_path, "alexnet", RANDOM, "fp32")
-    first = CacheWriter(path, _attrs())
+    first = _writer(path, _key())
     try:
         with pytest.raises(CacheLockedError, match="another featsvm extract"):
-            CacheWriter(path, _attrs())
+            _writer(path, _key())
         with pytest.raises(CacheLockedError):
             read_cache(path)
     finally:
         first.close()
-    CacheWriter(path, _attrs()).close()  # released
+    _writer(path, _key()).close()  # released
 
 
 def test_stale_and_renamed_files_are_refused(tmp_path: Path) -> None:
@@ -92,15 +106,15 @@ def test_stale_and_renamed_files_are_refused(tmp_path: Path) -> None:
     assert pa != pb  # changed weights -> another file
     assert pa != cache_path(tmp_path, "alexnet", a, layer="gap")  # changed preprocessing
     assert pa != cache_path(tmp_path, "alexnet", a, precision="bf16")
-    with CacheWriter(pa, _attrs(a)) as w:
+    with _writer(pa, _key(a)) as w:
         w.append(*_rows(1, 4096))
-    with pytest.raises(StaleCacheError, match="weights_sha256"):
-        CacheWriter(pa, _attrs(b))  # a writer with other weights on this file
+    with pytest.raises(StaleCacheError, match="refusing to mix"):
+        _writer(pa, _key(b))  # a writer with other weights on this file
     shutil.copy(pa, pb)  # a file whose contents do not match its name
     with pytest.raises(StaleCacheError, match="renamed or edited"):
         read_cache(pb)
     with pytest.raises(StaleCacheError):
-        CacheWriter(pb, _attrs(b))
+        _writer(pb, _key(b))
 
 
 def test_locate_cache_names_the_command(tmp_path: Path) -> None:
@@ -110,5 +124,5 @@ def test_locate_cache_names_the_command(tmp_path: Path) -> None:
     assert "featsvm extract DATA_DIR --backbone alexnet --weights none" in msg
     assert "--layer gap" in msg
     path = cache_path(tmp_path / "cache", "alexnet", RANDOM, layer="gap")
-    CacheWriter(path, _attrs(layer="gap")).close()
+    _writer(path, _key(layer="gap")).close()
     assert locate_cache(tmp_path / "cache", "alexnet", weights="none", layer="gap") == path

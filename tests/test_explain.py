@@ -18,6 +18,7 @@ from featsvm.cli import main
 from featsvm.errors import UsageError
 from featsvm.evaluation import explanations as ex
 from featsvm.explain import METHODS, Explainer, where_it_looks
+from featsvm.features.preprocessing import Preprocessing
 
 # the tiny dataset, head run and basic-cnn run of test_predict (made in seconds)
 tiny, head_run, cnn_run = test_predict.tiny, test_predict.head_run, test_predict.cnn_run
@@ -96,7 +97,8 @@ def test_occlusion_finds_the_region_the_score_reads() -> None:
 
 
 def test_to_image_undoes_resize_and_centre_crop() -> None:
-    pre = {"resize": 256, "crop": 224}
+    pre = Preprocessing(input_size=224, resize=256, interpolation="bilinear", crop=224,
+                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     heat, vis = ex.to_image(np.ones((7, 7)), pre, (224, 224))
     assert heat.shape == vis.shape == (224, 224)
     # 224 -> 256, centre 224 kept: 16 px of 256 cut each side = 14 px of the original

@@ -23,9 +23,11 @@ import torch
 from conftest import make_dataset
 
 from featsvm import fileio
+from featsvm.data.dataset import ImageRecord
 from featsvm.errors import CacheError, CacheFullError, ImageError, RunRecordError
 from featsvm.features.backbones import get_spec, preprocessing_for
 from featsvm.features.cache import CacheWriter, cache_path, read_cache
+from featsvm.features.key import FeatureKey, WeightsId
 from featsvm.features.weights import WeightsInfo
 from featsvm.runs import verify_sidecar, write_sidecar
 
@@ -79,11 +81,20 @@ def test_empty_or_garbled_sidecar_is_a_run_record_error(tmp_path: Path) -> None:
 RANDOM = WeightsInfo("random", None, "random init")
 
 
-def _cache_attrs(layer: str = "gap") -> dict:
+def _key(layer: str = "gap") -> FeatureKey:
     pre = preprocessing_for(get_spec("alexnet"), RANDOM, layer)
-    return {"backbone": "alexnet", "weights_label": "random", "weights_sha256": "",
-            "preprocessing": pre, "precision": "fp32",
+    return FeatureKey("alexnet", WeightsId.from_info(RANDOM), "fp32", pre)
+
+
+def _cache_attrs(layer: str = "gap") -> dict:
+    return {**_key(layer).cache_attrs(),
             "extract_command": "featsvm extract DATA --backbone alexnet --weights none"}
+
+
+def _append(writer: CacheWriter, feats: np.ndarray, sha: list[str], rel: list[str],
+            lab: list[str]) -> None:
+    writer.append(feats, [ImageRecord(r, s, b, 0, 0)
+                          for r, s, b in zip(rel, sha, lab, strict=True)])
 
 
 def _rows(start: int, n: int, dim: int = 256):
@@ -128,11 +139,11 @@ def test_full_disk_commits_no_wrong_rows(small_tmpfs: Path, space_check: str,
         monkeypatch.setattr(cache_mod.shutil, "disk_usage",
                             lambda p: real(p)._replace(free=1 << 40))
     path = cache_path(small_tmpfs, "alexnet", RANDOM, "fp32", layer="gap")
-    w = CacheWriter(path, _cache_attrs())
+    w = CacheWriter(path, _key(), _cache_attrs())
     w.expect_rows(5000)
     with pytest.raises(CacheFullError) as err:
         for start in range(0, 5000, 8):
-            w.append(*_rows(start, 8))
+            _append(w, *_rows(start, 8))
     w.close()
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg and "free" in msg and "MB" in msg
@@ -144,11 +155,11 @@ def test_full_disk_commits_no_wrong_rows(small_tmpfs: Path, space_check: str,
 
 def _writer_child(path: Path, ready_fd: int) -> None:  # runs in a forked child
     try:
-        with CacheWriter(path, _cache_attrs()) as w:
+        with CacheWriter(path, _key(), _cache_attrs()) as w:
             os.write(ready_fd, b"r")
             i = w.n_rows
             while True:
-                w.append(*_rows(i, 3))
+                _append(w, *_rows(i, 3))
                 i += 3
     except BaseException as exc:  # noqa: BLE001 - report any failure of the resumed writer
         os.write(2, f"writer child failed: {type(exc).__name__}: {exc}\n".encode())
@@ -183,13 +194,13 @@ def kill_cycles(path: Path, cycles: int, seed: int = 0) -> list[int]:
 
 def test_kill_9_inside_flushes_never_breaks_the_cache(tmp_path: Path) -> None:
     path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
-    with CacheWriter(path, _cache_attrs()) as w:
-        w.append(*_rows(0, 3))
+    with CacheWriter(path, _key(), _cache_attrs()) as w:
+        _append(w, *_rows(0, 3))
     counts = kill_cycles(path, int(os.environ.get("FEATSVM_TEST_KILL_CYCLES", "12")))
     assert counts == sorted(counts) and counts[-1] > 3
-    with CacheWriter(path, _cache_attrs()) as w:  # a final clean resume appends after them
+    with CacheWriter(path, _key(), _cache_attrs()) as w:  # a final clean resume appends after them
         n = w.n_rows
-        w.append(*_rows(n, 2))
+        _append(w, *_rows(n, 2))
     _check_rows(read_cache(path))
 
 
@@ -215,9 +226,9 @@ def test_layout_1_caches_stay_readable_and_are_migrated_by_a_writer(tmp_path: Pa
     path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
     _write_layout_1(path, 10)
     _check_rows(read_cache(path))  # readers need no migration
-    with CacheWriter(path, _cache_attrs()) as w:
+    with CacheWriter(path, _key(), _cache_attrs()) as w:
         assert w.n_rows == 10 and not w.dropped
-        w.append(*_rows(10, 2))
+        _append(w, *_rows(10, 2))
     assert path.name == cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap").name
     c = read_cache(path)
     _check_rows(c)
@@ -230,13 +241,13 @@ def test_non_finite_rows_are_refused_and_old_ones_dropped_for_recomputation(
         tmp_path: Path) -> None:
     path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
     _write_layout_1(path, 6, nan_rows=(1, 4))
-    with CacheWriter(path, _cache_attrs()) as w:
+    with CacheWriter(path, _key(), _cache_attrs()) as w:
         assert [d[1] for d in w.dropped] == ["Original/Benign/ä-1.jpg", "Original/Benign/ä-4.jpg"]
         assert w.n_rows == 4 and not w.has(f"{1:064x}") and w.has(f"{2:064x}")
         feats, sha, rel, lab = _rows(100, 2)
         feats[1, 3] = np.inf
         with pytest.raises(CacheError, match=r"non-finite .*ä-101\.jpg"):
-            w.append(feats, sha, rel, lab)
+            _append(w, feats, sha, rel, lab)
         assert w.n_rows == 4
     c = read_cache(path)
     assert len(c) == 4 and np.isfinite(c.features).all()
@@ -469,9 +480,7 @@ def _head_run(tmp_path: Path, fitted, legacy: bool = False) -> Path:
                                                            "sha256": man.sha256},
               "seed": 0, "model_file": name, "model_sha256": sha, "timing": {},
               "versions": versions(), "created": "2026-01-01T00:00:00Z"}
-    finish_run(run_dir, config, {"val": {}, "test": {}}, [r.relpath for r in scored],
-               [r.sha256 for r in scored], [r.split for r in scored],
-               [r.label for r in scored], proba)
+    finish_run(run_dir, config, {"val": {}, "test": {}}, scored, proba)
     return run_dir
 
 
@@ -563,27 +572,27 @@ def test_every_artefact_sha256_is_recorded_and_checked(tmp_path: Path) -> None:
 
 def test_flipped_bytes_in_cached_rows_are_left_out_and_recomputed(tmp_path: Path) -> None:
     path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
-    with CacheWriter(path, _cache_attrs()) as w:
-        w.append(*_rows(0, 6))
+    with CacheWriter(path, _key(), _cache_attrs()) as w:
+        _append(w, *_rows(0, 6))
     with h5py.File(path, "r+") as f:  # a row changed on disk, behind featsvm's back
         row = f["features"][2]
         row[7] += 1.0
         f["features"][2] = row
     c = read_cache(path)
     assert len(c) == 5 and f"{2:064x}" not in c.sha256 and c.attrs["damaged_rows"] == 1
-    with CacheWriter(path, _cache_attrs()) as w:
+    with CacheWriter(path, _key(), _cache_attrs()) as w:
         assert [d[1] for d in w.dropped] == ["Original/Benign/ä-2.jpg"]
         assert "CRC" in w.dropped[0][2] and not w.has(f"{2:064x}")
 
 
 def test_a_damaged_cache_file_is_a_one_line_cache_error(tmp_path: Path) -> None:
     path = cache_path(tmp_path, "alexnet", RANDOM, "fp32", layer="gap")
-    with CacheWriter(path, _cache_attrs()) as w:
-        w.append(*_rows(0, 6))
+    with CacheWriter(path, _key(), _cache_attrs()) as w:
+        _append(w, *_rows(0, 6))
     data = bytearray(path.read_bytes())
     data[:512] = b"\xff" * 512
     path.write_bytes(bytes(data))
-    for action in (lambda: read_cache(path), lambda: CacheWriter(path, _cache_attrs())):
+    for action in (lambda: read_cache(path), lambda: CacheWriter(path, _key(), _cache_attrs())):
         with pytest.raises(CacheError, match="delete it") as err:
             action()
         assert "\n" not in str(err.value)

@@ -18,7 +18,6 @@ from featsvm.data.dataset import load_rgb, scan
 from featsvm.data.manifest import ManifestRow, read_manifest, write_manifest
 from featsvm.evaluation import metrics as fm
 from featsvm.evaluation.calibration import apply_temperature
-from featsvm.features.backbones import make_transform
 from featsvm.models import finetune as ft
 from featsvm.models import networks as nw
 from featsvm.models import pixels as px
@@ -189,9 +188,9 @@ def test_augment_is_label_preserving_geometry_and_mild_colour():
 
 def test_normaliser_recovers_the_transform_exactly():
     pre = basic_cnn_preprocessing(BasicCNNSpec(input_size=32, channels=(8,)))
-    norm = px.Normaliser.probe(make_transform(pre))
-    np.testing.assert_allclose(norm.mean, pre["mean"], atol=1e-5)
-    np.testing.assert_allclose(norm.std, pre["std"], atol=1e-5)
+    norm = px.Normaliser.probe(pre.transform())
+    np.testing.assert_allclose(norm.mean, pre.mean, atol=1e-5)
+    np.testing.assert_allclose(norm.std, pre.std, atol=1e-5)
 
 
 def test_freeze_rules_resolve_for_every_backbone():

@@ -70,9 +70,8 @@ def write_fake_run(
     }
     config.update(extra or {})
     assert set(REQUIRED_CONFIG_KEYS) <= set(config)
-    metrics = score_predictions(man, [r.relpath for r in scored], proba, n_boot=50, seed=0)
-    finish_run(run_dir, config, metrics, [r.relpath for r in scored], [r.sha256 for r in scored],
-               [r.split for r in scored], [r.label for r in scored], proba)
+    metrics = score_predictions(man, scored, proba, n_boot=50, seed=0)
+    finish_run(run_dir, config, metrics, scored, proba)
     return run_dir
 
 

@@ -13,16 +13,16 @@ from test_report import make_split
 from featsvm.errors import UsageError
 from featsvm.features.backbones import describe
 from featsvm.features.cache import fingerprint
-from featsvm.features.preprocess import ImageOptions, image_transform, pool, resolve_options
+from featsvm.features.preprocess import ImageOptions, pool, resolve_options
 
 
 def test_defaults_leave_the_fingerprint_unchanged_and_options_change_it():
     _, info, plain = describe("alexnet", "none")
-    _, _, default = describe("alexnet", "none", options=ImageOptions().to_dict())
-    assert default == plain and "view" not in plain
-    _, _, cells = describe("alexnet", "none", options=ImageOptions(view="cells").to_dict())
-    _, _, grey = describe("alexnet", "none", options=ImageOptions(colour="grey").to_dict())
-    assert cells["view"] == "cells" and grey["colour"] == "grey"
+    _, _, default = describe("alexnet", "none", options=ImageOptions())
+    assert default == plain and "view" not in plain.to_json()
+    _, _, cells = describe("alexnet", "none", options=ImageOptions(view="cells"))
+    _, _, grey = describe("alexnet", "none", options=ImageOptions(colour="grey"))
+    assert cells.to_json()["view"] == "cells" and grey.to_json()["colour"] == "grey"
     prints = {fingerprint("alexnet", None, p, "fp32") for p in (plain, cells, grey)}
     assert len(prints) == 3
 
@@ -39,11 +39,11 @@ def test_option_values_are_checked():
 def test_cell_view_transform_gives_one_tensor_per_cell_and_pool_averages():
     from test_cells import field
 
-    _, _, pre = describe("alexnet", "none", options=ImageOptions(view="cells").to_dict())
-    x = image_transform(pre)(field([(60, 60, 14), (150, 150, 12)]))
+    _, _, pre = describe("alexnet", "none", options=ImageOptions(view="cells"))
+    x = pre.image_transform()(field([(60, 60, 14), (150, 150, 12)]))
     assert tuple(x.shape) == (2, 3, 112, 112)
     _, _, pre_f = describe("alexnet", "none")
-    assert tuple(image_transform(pre_f)(field([])).shape) == (1, 3, 224, 224)
+    assert tuple(pre_f.image_transform()(field([])).shape) == (1, 3, 224, 224)
     e = np.arange(12, dtype=float).reshape(6, 2)
     np.testing.assert_allclose(pool(e, [2, 1, 3]), [[1, 2], [4, 5], [8, 9]])
 

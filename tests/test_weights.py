@@ -137,8 +137,8 @@ def test_shared_weights_through_index(shared_weights: Path) -> None:
         assert info.unexpected_keys == ()
         assert state is not None and len(state) > 0
     lb = load_backbone("inception_v3", weights_dir=shared_weights)
-    assert lb.preprocessing["hooks"] == ["keras_avgpool"]
-    assert lb.preprocessing["not_imagenet_from"] == "Mixed_6d"
+    assert lb.preprocessing.hooks == ("keras_avgpool",)
+    assert lb.preprocessing.not_imagenet_from == "Mixed_6d"
     assert (lb.layer, lb.dim) == ("avgpool", 2048)
     assert lb.model.state_dict()["Conv2d_1a_3x3.conv.weight"].dtype == torch.float32
     assert load_backbone("vgg16", weights_dir=shared_weights).layer == "gap"

@@ -45,6 +45,7 @@ from PIL import Image
 from torch import nn
 
 from featsvm.errors import UsageError
+from featsvm.features.preprocessing import Preprocessing
 
 # The annotation box: bottom-right corner, the same fractions as data.duplicates ignores
 # (25 % of the width x 20 % of the height); every image of the releases we looked at carries
@@ -234,12 +235,11 @@ def median_fill(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- back onto the image
 
 
-def crop_geometry(pre: dict[str, Any], size: tuple[int, int]) -> tuple[int, int, int, int, int]:
+def crop_geometry(pre: Preprocessing, size: tuple[int, int]) -> tuple[int, int, int, int, int]:
     """(resized_w, resized_h, left, top, crop) of the run's Resize(shorter side) +
     CenterCrop on an image of `size` = (w, h), as torchvision computes them."""
     w, h = size
-    r = int(pre["resize"])
-    crop = int(pre["crop"])
+    r, crop = pre.resize, pre.crop
     if w <= h:
         rw, rh = r, int(r * h / w)
     else:
@@ -249,7 +249,7 @@ def crop_geometry(pre: dict[str, Any], size: tuple[int, int]) -> tuple[int, int,
     return rw, rh, left, top, crop
 
 
-def to_image(heat: np.ndarray, pre: dict[str, Any], size: tuple[int, int]
+def to_image(heat: np.ndarray, pre: Preprocessing, size: tuple[int, int]
              ) -> tuple[np.ndarray, np.ndarray]:
     """(heat [h, w] on the model's input crop -> [H, W] on the original image, visible mask
     [H, W] bool: where the model saw the image)."""

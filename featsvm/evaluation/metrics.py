@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featsvm.errors import ManifestError, UsageError
 from featsvm.labels import LABELS, MALIGNANT
+
+if TYPE_CHECKING:
+    from featsvm.data.manifest import ManifestRow
 
 N_BOOT = 1000
 CI_LEVEL = 0.95
@@ -401,16 +404,19 @@ def score_splits(
 
 def score_predictions(
     manifest: Any,
-    relpaths: Sequence[str],
+    images: Sequence[ManifestRow] | Sequence[str],
     proba: np.ndarray,
     n_boot: int = N_BOOT,
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """metrics.json content for predictions on images of a `featsvm.data.manifest.Manifest`.
+    """metrics.json content for predictions on images of a `featsvm.data.manifest.Manifest`:
+    `images` are the scored manifest rows (or their relpaths), `proba` one row per image in
+    LABELS order.
 
     True labels, splits and duplicate groups are looked up in the manifest by relpath, so a
-    caller only hands over what its model produced (rows of `proba` in LABELS order).
+    caller only hands over what its model produced.
     """
+    relpaths = [p if isinstance(p, str) else p.relpath for p in images]
     by_rel = {r.relpath: r for r in manifest.rows}
     missing = [p for p in relpaths if p not in by_rel]
     if missing:

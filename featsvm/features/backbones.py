@@ -24,23 +24,23 @@ treat them like any other backbone.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torchvision import transforms as T
 
 from featsvm.errors import UsageError
 from featsvm.features.handcrafted import (
     ANNOTATION_BOX_FEATURES,
     COLOUR_STATS,
-    FeatureTensor,
     ImageFeatures,
 )
+from featsvm.features.key import NO_WEIGHTS_LABEL, FeatureKey, WeightsId
+from featsvm.features.preprocess import ImageOptions
+from featsvm.features.preprocessing import Preprocessing
 from featsvm.features.weights import RANDOM_SEED, WeightsInfo, inspect_weights
 
 # ------------------------------------------------------------------------------ spec types
@@ -66,7 +66,7 @@ class KnownFile:
     label: str
     expected_missing: tuple[str, ...] = ()
     expected_unexpected: tuple[str, ...] = ()
-    hooks: tuple[str, ...] = ()  # names in HOOKS applied after loading
+    hooks: tuple[str, ...] = ()  # names in features.hooks.HOOKS applied after loading
     not_imagenet_from: str | None = None  # first module whose weights are not ImageNet-trained
     note: str = ""
 
@@ -176,32 +176,6 @@ def _effnet_pre_logits(m: nn.Module) -> nn.Module:
     return nn.Sequential(m.conv_stem, m.bn1, m.blocks, m.conv_head, m.bn2, m.global_pool,
                          nn.Flatten(1))
 
-
-# ------------------------------------------------------------------------------ model hooks
-
-
-def keras_avgpool_semantics(model: nn.Module) -> nn.Module:
-    """Make the 3x3 stride-1 average pool in front of every Inception ``branch_pool`` ignore
-    the zero padding, as Keras/TF ``same`` pooling does (torchvision counts the padding, which
-    scales border positions by 4/9 or 6/9). Needed for weights converted from Keras
-    (see shared/weights/MANIFEST.md, section 2). Changes no weights."""
-    from torchvision.models.inception import InceptionA, InceptionC, InceptionE
-
-    def exclude_padding(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple:
-        x = args[0]
-        ones = torch.ones((1, 1, *x.shape[-2:]), dtype=x.dtype, device=x.device)
-        valid_fraction = F.avg_pool2d(ones, 3, 1, 1)  # count_include_pad=True, as torchvision
-        return (x / valid_fraction,)
-
-    for module in model.modules():
-        if isinstance(module, (InceptionA, InceptionC, InceptionE)):
-            module.branch_pool.register_forward_pre_hook(exclude_padding)
-    return model
-
-
-HOOKS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "keras_avgpool": keras_avgpool_semantics,
-}
 
 # ------------------------------------------------------------------------------ builders
 
@@ -367,7 +341,6 @@ def _handcrafted(features: ImageFeatures, reference: str) -> BackboneSpec:
     )
 
 
-NO_WEIGHTS_LABEL = "none"
 NO_WEIGHTS = WeightsInfo(NO_WEIGHTS_LABEL, None, "hand-crafted features: no weights")
 
 for _spec in (
@@ -417,67 +390,42 @@ def choose_layer(
 
 def preprocessing_for(
     spec: BackboneSpec, weights: WeightsInfo, layer: str | None = None,
-    options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """JSON-able description of everything between an RGB image and its embedding.
-    `options`: the non-default image options (view, stain, colour; see
-    `featsvm.features.preprocess.ImageOptions.to_dict`), merged in."""
+    options: ImageOptions | None = None,
+) -> Preprocessing:
+    """Everything between an RGB image and its embedding with these weights, with the image
+    `options` (view, stain, colour, annotation mask; None: the defaults). A hand-crafted
+    baseline takes only the annotation mask."""
     chosen = choose_layer(spec, weights, layer)
     if spec.image_features is not None:
-        other = sorted(set(options or {}) - {"mask_annotation"})
-        if other:
-            raise UsageError(f"{spec.name} is a hand-crafted baseline of the whole field: it "
-                             f"takes no {', '.join(other)} option (only --mask-annotation)")
-        return (options or {}) | {
-            "backbone": spec.name,
-            "features": spec.image_features.record(),
-            "layer": chosen.name,
-            "dim": chosen.dim,
-            "hooks": [],
-            "not_imagenet_from": None,
-        }
+        return Preprocessing(
+            backbone=spec.name,
+            features=spec.image_features.record(),
+            layer=chosen.name,
+            dim=chosen.dim,
+            options=options or ImageOptions(),
+        )
     known = spec.known_file(weights.sha256 or "")
-    return (options or {}) | {
-        "backbone": spec.name,
-        "input_size": spec.input_size,
-        "resize": spec.resize_size,
-        "interpolation": spec.interpolation,
-        "crop": spec.crop_size,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "layer": chosen.name,
-        "dim": chosen.dim,
-        "hooks": list(known.hooks) if known else [],
-        "not_imagenet_from": known.not_imagenet_from if known else None,
-    }
+    return Preprocessing(
+        backbone=spec.name,
+        input_size=spec.input_size,
+        resize=spec.resize_size,
+        interpolation=spec.interpolation,
+        crop=spec.crop_size,
+        mean=spec.mean,
+        std=spec.std,
+        layer=chosen.name,
+        dim=chosen.dim,
+        hooks=known.hooks if known else (),
+        not_imagenet_from=known.not_imagenet_from if known else None,
+        options=options or ImageOptions(),
+    )
 
 
-_INTERPOLATIONS = {
-    "bilinear": T.InterpolationMode.BILINEAR,
-    "bicubic": T.InterpolationMode.BICUBIC,
-    "nearest": T.InterpolationMode.NEAREST,
-}
-
-
-def make_transform(preprocessing: dict[str, Any]) -> T.Compose:
-    """The exact torchvision transform (PIL RGB image -> normalised float tensor [3,H,W])
-    described by a `preprocessing` dict (from a cache file or a run record). For a
-    hand-crafted baseline: PIL image -> its feature vector as a [dim, 1, 1] tensor."""
-    spec = SPECS.get(str(preprocessing.get("backbone")))
-    if spec is not None and spec.image_features is not None:
-        return T.Compose([FeatureTensor(spec.name)])
-    try:
-        interp = _INTERPOLATIONS[preprocessing["interpolation"]]
-        return T.Compose([
-            T.Resize(int(preprocessing["resize"]), interpolation=interp, antialias=True),
-            T.CenterCrop(int(preprocessing["crop"])),
-            T.ToTensor(),
-            T.Normalize(list(preprocessing["mean"]), list(preprocessing["std"])),
-        ])
-    except KeyError as exc:
-        raise UsageError(
-            f"preprocessing dict lacks or has a bad {exc} entry: {preprocessing}"
-        ) from exc
+def make_transform(preprocessing: Preprocessing | Mapping[str, Any]) -> Callable[[Any], Any]:
+    """The backbone transform of a `Preprocessing` (or of its JSON dict, from a cache file or
+    a run record): PIL RGB image -> normalised float tensor [3,H,W]; for a hand-crafted
+    baseline its feature vector as a [dim, 1, 1] tensor."""
+    return Preprocessing.from_json(preprocessing).transform()
 
 
 # ------------------------------------------------------------------------------ loading
@@ -491,11 +439,11 @@ class LoadedBackbone:
     dim: int
     layer: str
     weights: WeightsInfo
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
 
     @property
-    def transform(self) -> T.Compose:
-        return make_transform(self.preprocessing)
+    def transform(self) -> Callable[[Any], Any]:
+        return self.preprocessing.transform()
 
 
 def load_backbone(
@@ -503,6 +451,7 @@ def load_backbone(
     weights: str | os.PathLike[str] | None = None,
     weights_dir: str | os.PathLike[str] | None = None,
     layer: str | None = None,
+    options: ImageOptions | None = None,
 ) -> LoadedBackbone:
     """Build backbone `name`, load its weights (see `featsvm.features.weights`), apply the hooks its
     weights file needs, and return the model in eval mode with its embedder."""
@@ -514,11 +463,10 @@ def load_backbone(
     info, state = _weights(spec, weights, weights_dir, shapes)
     if state is not None:
         model.load_state_dict(state, strict=False)
-    preprocessing = preprocessing_for(spec, info, layer)
-    for hook in preprocessing["hooks"]:
-        HOOKS[hook](model)
+    preprocessing = preprocessing_for(spec, info, layer, options)
+    preprocessing.apply_hooks(model)
     model.eval()
-    chosen = spec.layer(preprocessing["layer"])
+    chosen = spec.layer(str(preprocessing.layer))
     embedder = chosen.make(model).eval()
     return LoadedBackbone(spec, model, embedder, chosen.dim, chosen.name, info, preprocessing)
 
@@ -528,8 +476,8 @@ def describe(
     weights: str | os.PathLike[str] | None = None,
     weights_dir: str | os.PathLike[str] | None = None,
     layer: str | None = None,
-    options: dict[str, Any] | None = None,
-) -> tuple[BackboneSpec, WeightsInfo, dict[str, Any]]:
+    options: ImageOptions | None = None,
+) -> tuple[BackboneSpec, WeightsInfo, Preprocessing]:
     """(spec, weights info, preprocessing) without building the real model: cheap, used to
     find a cache file before deciding whether any image needs computing."""
     spec = get_spec(name)
@@ -548,3 +496,16 @@ def _weights(
     if spec.image_features is not None:
         return NO_WEIGHTS, None
     return inspect_weights(spec, weights, weights_dir, model_shapes=shapes)
+
+
+def feature_key(
+    name: str,
+    weights: str | os.PathLike[str] | None = None,
+    weights_dir: str | os.PathLike[str] | None = None,
+    layer: str | None = None,
+    precision: str = "fp32",
+    options: ImageOptions | None = None,
+) -> FeatureKey:
+    """The `FeatureKey` these options give (weights resolved and hashed, no model built)."""
+    _spec, info, pre = describe(name, weights, weights_dir, layer, options)
+    return FeatureKey(name, WeightsId.from_info(info), precision, pre)

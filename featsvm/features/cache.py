@@ -1,9 +1,10 @@
 """The HDF5 embedding cache: one file per fingerprint, append-only, resumable, locked.
 
 A fingerprint covers everything that changes an embedding: backbone, weights sha256 (or
-``random``), the preprocessing dict (resize, crop, mean/std, embedding layer, model hooks) and
-the precision. It is part of the file name, so changed weights or preprocessing always give
-another file; a file whose attributes disagree with its name is refused.
+``random``), the `Preprocessing` (resize, crop, mean/std, embedding layer, model hooks) and
+the precision (`features.key.FeatureKey`). It is part of the file name, so changed weights or
+preprocessing always give another file; a file whose attributes disagree with its name is
+refused.
 
 Layout (``<cache>/<backbone>-<layer>-<weights8>-<precision>-<fingerprint12>.h5``)::
 
@@ -37,7 +38,6 @@ the process dies, so a killed run never leaves a stale lock).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -47,7 +47,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
@@ -57,15 +57,30 @@ from featsvm.errors import (
     CacheFullError,
     CacheLockedError,
     CacheMissingError,
+    PreprocessingError,
     StaleCacheError,
 )
-from featsvm.features.weights import RANDOM_LABEL, RANDOM_SEED, WeightsInfo
+from featsvm.features.key import CACHE_FORMAT_VERSION, FeatureKey, WeightsId
+from featsvm.features.preprocess import ImageOptions
+from featsvm.features.preprocessing import Preprocessing
+from featsvm.features.weights import WeightsInfo
 from featsvm.fileio import FileLock, fsync_path, is_no_space
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # part of the fingerprint: never change it for a storage-only change
+FORMAT_VERSION = CACHE_FORMAT_VERSION  # part of the fingerprint: never change it for a
+# storage-only change
 LAYOUT = 2  # storage layout (see the module doc); layout-1 files are rewritten by a writer
+
+
+class ImageRow(Protocol):
+    """What the cache stores per image (a `data.manifest.ManifestRow` or a scanned record)."""
+
+    relpath: str
+    sha256: str
+    label: str
+
+
 CHUNK_ROWS = 64
 RELPATH_BYTES = 1024
 LABEL_BYTES = 32
@@ -76,32 +91,22 @@ _DATASETS = ("features", "sha256", "relpath", "label", "rowcrc")
 
 
 def weights_key(weights_sha256: str | None) -> str:
-    return weights_sha256 or f"{RANDOM_LABEL}-seed{RANDOM_SEED}"
+    return WeightsId("", weights_sha256).cache_key
 
 
 def fingerprint(
-    backbone: str, weights_sha256: str | None, preprocessing: dict[str, Any], precision: str
+    backbone: str, weights_sha256: str | None, preprocessing: Preprocessing, precision: str
 ) -> str:
-    payload = {
-        "format": FORMAT_VERSION,
-        "backbone": backbone,
-        "weights": weights_key(weights_sha256),
-        "preprocessing": preprocessing,
-        "precision": precision,
-    }
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """`FeatureKey.fingerprint` of these parts (kept for callers that hold no key)."""
+    return FeatureKey(backbone, WeightsId("", weights_sha256), precision,
+                      preprocessing).fingerprint
 
 
 def file_name(
-    backbone: str, weights_sha256: str | None, preprocessing: dict[str, Any], precision: str
+    backbone: str, weights_sha256: str | None, preprocessing: Preprocessing, precision: str
 ) -> str:
-    fp = fingerprint(backbone, weights_sha256, preprocessing, precision)
-    if weights_sha256:
-        wtag = weights_sha256[:8]
-    else:  # hand-crafted features (features.handcrafted) have no weights at all
-        wtag = "none" if "features" in preprocessing else RANDOM_LABEL
-    return f"{backbone}-{preprocessing['layer']}-{wtag}-{precision}-{fp[:12]}.h5"
+    """`FeatureKey.file_name` of these parts."""
+    return FeatureKey(backbone, WeightsId("", weights_sha256), precision, preprocessing).file_name
 
 
 def cache_path(
@@ -110,13 +115,14 @@ def cache_path(
     weights_info: WeightsInfo,
     precision: str = "fp32",
     layer: str | None = None,
-    options: dict[str, Any] | None = None,
+    options: ImageOptions | None = None,
 ) -> Path:
     """Path of the cache file for this backbone/weights/precision/layer (may not exist)."""
     from featsvm.features.backbones import get_spec, preprocessing_for
 
     pre = preprocessing_for(get_spec(backbone), weights_info, layer, options)
-    return Path(cache_dir) / file_name(backbone, weights_info.sha256, pre, precision)
+    return Path(cache_dir) / FeatureKey(backbone, WeightsId.from_info(weights_info), precision,
+                                        pre).file_name
 
 
 def extract_command(
@@ -127,7 +133,7 @@ def extract_command(
     cache_dir: str | os.PathLike[str] = "cache",
     precision: str = "fp32",
     layer: str | None = None,
-    options: dict[str, Any] | None = None,
+    options: ImageOptions | None = None,
 ) -> str:
     """The `featsvm extract ...` command line that (re)builds a cache."""
     parts = ["featsvm", "extract", os.fspath(data_dir) if data_dir else "DATA_DIR",
@@ -141,7 +147,7 @@ def extract_command(
         parts += ["--precision", precision]
     if layer is not None:
         parts += ["--layer", layer]
-    opts = options or {}
+    opts = options.to_dict() if options is not None else {}
     for key in ("view", "stain", "colour"):
         if key in opts:
             parts += [f"--{key}", str(opts[key])]
@@ -159,21 +165,21 @@ def locate_cache(
     weights_dir: str | os.PathLike[str] | None = None,
     precision: str = "fp32",
     layer: str | None = None,
-    options: dict[str, Any] | None = None,
+    options: ImageOptions | None = None,
 ) -> Path:
     """Find the existing cache file for these options (weights resolved as `extract` does).
 
     Raises CacheMissingError naming the exact `featsvm extract` command when it is absent."""
-    from featsvm.features.backbones import describe
+    from featsvm.features.backbones import feature_key
 
-    _spec, info, pre = describe(backbone, weights, weights_dir, layer, options)
-    path = Path(cache_dir) / file_name(backbone, info.sha256, pre, precision)
+    key = feature_key(backbone, weights, weights_dir, layer, precision, options)
+    path = Path(cache_dir) / key.file_name
     if not path.is_file():
         cmd = extract_command(None, backbone, weights, weights_dir, cache_dir, precision, layer,
                               options)
         raise CacheMissingError(
-            f"no feature cache for {backbone} ({info.label}, layer {pre['layer']}, {precision}) "
-            f"in {cache_dir}: expected {path.name}. Build it with: {cmd}"
+            f"no feature cache for {key.describe()} in {cache_dir}: expected {path.name}. "
+            f"Build it with: {cmd}"
         )
     return path
 
@@ -215,26 +221,24 @@ def _attrs(f: h5py.File) -> dict[str, Any]:
     return out
 
 
-def check_consistent(path: Path, attrs: dict[str, Any]) -> None:
-    """Refuse a file whose attributes do not reproduce the fingerprint in its name."""
+def check_consistent(path: Path, attrs: dict[str, Any]) -> FeatureKey:
+    """Refuse a file whose attributes do not reproduce the fingerprint in its name; return
+    the `FeatureKey` they describe."""
     try:
-        expected = file_name(
-            attrs["backbone"], attrs.get("weights_sha256") or None, attrs["preprocessing"],
-            attrs["precision"],
-        )
-    except (KeyError, TypeError) as exc:
+        key = FeatureKey.from_cache_attrs(attrs)
+    except (KeyError, TypeError, PreprocessingError) as exc:
         raise StaleCacheError(
-            f"{path} lacks cache attribute {exc}; it is not a featsvm cache or is damaged: "
-            "delete it and re-run featsvm extract"
+            f"{path} lacks or has a bad cache attribute ({exc}); it is not a featsvm cache or "
+            "is damaged: delete it and re-run featsvm extract"
         ) from None
-    if expected != path.name:
+    if key.file_name != path.name:
         raise StaleCacheError(
-            f"{path}: its attributes (backbone {attrs['backbone']}, weights "
-            f"{(attrs.get('weights_sha256') or RANDOM_LABEL)[:12]}, precision "
-            f"{attrs['precision']}, layer {attrs['preprocessing'].get('layer')}) belong to "
-            f"{expected}, not to this file name: it was renamed or edited. Refusing a possibly "
-            "stale cache: delete it and re-run featsvm extract"
+            f"{path}: its attributes (backbone {key.backbone}, weights "
+            f"{key.weights.cache_key[:12]}, precision {key.precision}, layer {key.layer}) "
+            f"belong to {key.file_name}, not to this file name: it was renamed or edited. "
+            "Refusing a possibly stale cache: delete it and re-run featsvm extract"
         )
+    return key
 
 
 def _attr_value(value: Any) -> Any:
@@ -324,8 +328,12 @@ class CacheWriter:
     removed (non-finite embeddings written by older versions); they count as not cached.
     """
 
-    def __init__(self, path: str | os.PathLike[str], attrs: dict[str, Any]) -> None:
+    def __init__(self, path: str | os.PathLike[str], key: FeatureKey,
+                 attrs: dict[str, Any] | None = None) -> None:
+        """`key` says what the file holds (its name must be ``key.file_name``); `attrs` are
+        informational attributes stored with it (weights source, versions, command...)."""
         self.path = Path(path)
+        self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dropped: list[tuple[str, str, str]] = []
         self._rows_to_go = 0
@@ -333,7 +341,7 @@ class CacheWriter:
         self._lock = _cache_lock(self.path, exclusive=True)
         self._lock.acquire()
         try:
-            self._file = self._open_or_create(attrs)
+            self._file = self._open_or_create({**(attrs or {}), **key.cache_attrs()})
             self.n_rows = int(self._file.attrs["n_rows"])
             self._sha = set(_decode(self._file["sha256"][: self.n_rows]))
         except BaseException:
@@ -354,18 +362,17 @@ class CacheWriter:
             ) from exc
 
     def _open_or_create(self, attrs: dict[str, Any]) -> h5py.File:
-        dim = int(attrs["preprocessing"]["dim"])
+        dim = self.key.dim
         if self.path.exists():
             f = self._open_writable()
             try:
-                existing = _attrs(f)
-                check_consistent(self.path, existing)
-                for key in ("backbone", "weights_sha256", "precision", "preprocessing"):
-                    if existing.get(key) != attrs.get(key):
-                        raise StaleCacheError(
-                            f"{self.path}: {key} is {existing.get(key)!r} in the file but "
-                            f"{attrs.get(key)!r} for this run; refusing to mix embeddings"
-                        )
+                existing = check_consistent(self.path, _attrs(f))
+                if existing != self.key:
+                    raise StaleCacheError(
+                        f"{self.path} holds {existing.describe()} embeddings (fingerprint "
+                        f"{existing.fingerprint[:12]}), not the {self.key.describe()} ones of "
+                        f"this run ({self.key.fingerprint[:12]}); refusing to mix embeddings"
+                    )
                 n = int(f.attrs["n_rows"])
                 bad = _damaged_rows(f, n)
                 if bad.size or int(f.attrs.get("layout", 1)) != LAYOUT:
@@ -473,20 +480,18 @@ class CacheWriter:
     def cached_sha256(self) -> set[str]:
         return set(self._sha)
 
-    def append(
-        self,
-        features: np.ndarray,
-        sha256: Sequence[str],
-        relpath: Sequence[str],
-        label: Sequence[str],
-    ) -> None:
-        """Append rows and commit them (read back, ``n_rows``, flush, fsync): durable once
-        this returns. Raises CacheFullError (disk full) or CacheError; then nothing of this
-        batch is committed and the writer refuses further appends."""
+    def append(self, features: np.ndarray, rows: Sequence[ImageRow]) -> None:
+        """Append one embedding per row (its sha256, relpath and label are stored with it) and
+        commit them (read back, ``n_rows``, flush, fsync): durable once this returns. Raises
+        CacheFullError (disk full) or CacheError; then nothing of this batch is committed and
+        the writer refuses further appends."""
         features = np.asarray(features, dtype=np.float32)
-        k = len(sha256)
-        if features.shape[0] != k or len(relpath) != k or len(label) != k:
-            raise ValueError("append: features, sha256, relpath and label lengths differ")
+        k = len(rows)
+        if features.shape[0] != k:
+            raise ValueError(f"append: {features.shape[0]} embeddings for {k} rows")
+        sha256 = [r.sha256 for r in rows]
+        relpath = [r.relpath for r in rows]
+        label = [r.label for r in rows]
         if k == 0:
             return
         bad = [relpath[i] for i in np.flatnonzero(~np.isfinite(features).all(axis=1))]
@@ -577,16 +582,18 @@ class CachedFeatures:
     label: list[str]
     attrs: dict[str, Any]
 
+    @property
+    def key(self) -> FeatureKey:
+        """What these embeddings are (backbone, weights, precision, preprocessing)."""
+        return FeatureKey.from_cache_attrs(self.attrs)
+
     def __len__(self) -> int:
         return len(self.sha256)
 
     def weights_record(self) -> dict[str, Any]:
-        """The weights the cache was made with, as run records name them."""
-        return {
-            "label": self.attrs.get("weights_label"),
-            "sha256": self.attrs.get("weights_sha256") or None,
-            "source": self.attrs.get("weights_source"),
-        }
+        """The weights the cache was made with, as run records name them (`WeightsId` and
+        where the file came from)."""
+        return {**self.key.weights.to_json(), "source": self.attrs.get("weights_source")}
 
     def record(self) -> dict[str, Any]:
         """How a run record names the cache it was trained on (config.json's ``cache``)."""

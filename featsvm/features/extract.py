@@ -27,8 +27,10 @@ from featsvm.data.dataset import decode_rgb, read_image_bytes, scan
 from featsvm.device import autocast_context, check_precision, resolve_device
 from featsvm.errors import UsageError
 from featsvm.features.backbones import BackboneSpec, describe, load_backbone
-from featsvm.features.cache import CacheWriter, extract_command, file_name, fingerprint
-from featsvm.features.preprocess import ImageOptions, image_transform, pool
+from featsvm.features.cache import CacheWriter, extract_command
+from featsvm.features.key import FeatureKey, WeightsId
+from featsvm.features.preprocess import ImageOptions, pool
+from featsvm.features.preprocessing import Preprocessing
 from featsvm.fileio import sha256_bytes
 from featsvm.runs import now_iso, versions
 
@@ -77,10 +79,10 @@ class _ImageFiles(Dataset):
     """(index, tensor [k,3,H,W] | None, error | None) per image (k = 1 for the field view,
     its cells for the cell view); errors never raise in the worker."""
 
-    def __init__(self, root: Path, items: Sequence[ImageRef], preprocessing: dict[str, Any]):
+    def __init__(self, root: Path, items: Sequence[ImageRef], preprocessing: Preprocessing):
         self.root = root
         self.items = list(items)
-        self.transform = image_transform(preprocessing)
+        self.transform = preprocessing.image_transform()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -149,29 +151,21 @@ def extract(
         records = found.records
         skipped.extend(found.skipped)
 
-    spec, info, pre = describe(backbone, weights, weights_dir, layer,
-                               opt_dict := (options or ImageOptions()).to_dict())
+    spec, info, pre = describe(backbone, weights, weights_dir, layer, options)
     batch_size = default_batch_size(dev, spec) if batch_size is None else batch_size
-    path = Path(cache_dir) / file_name(backbone, info.sha256, pre, precision)
-    attrs = {
-        "backbone": backbone,
-        "layer": pre["layer"],
-        "dim": int(pre["dim"]),
-        "weights_label": info.label,
-        "weights_sha256": info.sha256 or "",
+    key = FeatureKey(backbone, WeightsId.from_info(info), precision, pre)
+    path = Path(cache_dir) / key.file_name
+    attrs = {  # besides key.cache_attrs(), which CacheWriter stores
         "weights_source": info.source,
-        "preprocessing": pre,
-        "precision": precision,
-        "fingerprint": fingerprint(backbone, info.sha256, pre, precision),
         "featsvm_version": __version__,
         "torch_version": torch.__version__,
         "versions": json.dumps(versions(), sort_keys=True),
         "created": now_iso(),
         "extract_command": extract_command(
-            root, backbone, weights, weights_dir, cache_dir, precision, layer, opt_dict
+            root, backbone, weights, weights_dir, cache_dir, precision, layer, options
         ),
     }
-    with CacheWriter(path, attrs) as writer:
+    with CacheWriter(path, key, attrs) as writer:
         todo, n_cached, n_dup = _partition(records, writer)
         t1 = time.perf_counter()
         n_new = 0
@@ -183,7 +177,7 @@ def extract(
             writer.note("images_per_s", n_new / compute)
             writer.note("images_per_s_device", str(dev))
     return ExtractSummary(
-        cache_path=path, backbone=backbone, layer=pre["layer"], dim=int(pre["dim"]),
+        cache_path=path, backbone=backbone, layer=key.layer, dim=key.dim,
         weights_label=info.label, weights_sha256=info.sha256, precision=precision,
         device=str(dev), n_total=len(records), n_new=n_new, n_cached=n_cached,
         n_duplicates=n_dup, skipped=sorted(skipped), seconds=time.perf_counter() - t0,
@@ -231,7 +225,7 @@ def _run(
     progress: bool,
     channels_last: bool,
     skipped: list[tuple[str, str]],
-    preprocessing: dict[str, Any],
+    preprocessing: Preprocessing,
 ) -> int:
     from tqdm import tqdm
 
@@ -272,8 +266,7 @@ def _run(
                         skipped.append((rel, NON_FINITE))
                         bar.write(f"skipped {rel}: {NON_FINITE}")
                     items = [todo[i] for i, ok in zip(idx, finite, strict=True) if ok]
-                    writer.append(feats[finite], [r.sha256 for r in items],
-                                  [r.relpath for r in items], [r.label for r in items])
+                    writer.append(feats[finite], items)
                     n_new += len(items)
                 bar.update(len(idx) + len(bad))
                 if sleep_after:

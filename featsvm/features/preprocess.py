@@ -127,26 +127,25 @@ def _recolour(images: list, opts: ImageOptions) -> list:
     return images
 
 
-def image_transform(pre: dict[str, Any]) -> Callable[[Any], Any]:
+def image_transform(
+    opts: ImageOptions,
+    field_tf: Callable[[Any], Any],
+    crop_tf: Callable[[Any], Any] | None = None,
+) -> Callable[[Any], Any]:
     """PIL RGB image -> float tensor [k, 3, H, W] (k = 1 for the field view, the number of
-    cells for the cell view) as described by a preprocessing dict."""
+    cells for the cell view): the image options `opts`, then `field_tf` (the backbone's own
+    transform) on a field or `crop_tf` (to tensor + normalise) on cell crops. Called through
+    `featsvm.features.preprocessing.Preprocessing.image_transform`."""
     import torch
-    from torchvision import transforms as T
 
     from featsvm.data.annotation import mask_annotation
-    from featsvm.features.backbones import make_transform
-
-    opts = ImageOptions.from_preprocessing(pre)
-    field_tf = make_transform(pre)
-    crop_tf = (T.Compose([T.ToTensor(), T.Normalize(list(pre["mean"]), list(pre["std"]))])
-               if "mean" in pre else field_tf)  # hand-crafted baselines: the field view only
 
     def transform(image) -> torch.Tensor:
         image = image.convert("RGB")
         if opts.mask_annotation:
             image = mask_annotation(image)
         images, crops = _inputs(image, opts)
-        tf = crop_tf if crops else field_tf
+        tf = crop_tf if crops and crop_tf is not None else field_tf
         return torch.stack([tf(im) for im in _recolour(images, opts)])
 
     return transform

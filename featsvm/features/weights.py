@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from featsvm.errors import WeightsError
+from featsvm.features.key import RANDOM_LABEL, RANDOM_SEED
 from featsvm.fileio import sha256_file
 
 
@@ -50,8 +51,6 @@ class BackboneSpec(Protocol):
 
 ENV_WEIGHTS_DIR = "FEATSVM_WEIGHTS_DIR"
 INDEX_FILE = "weights.toml"
-RANDOM_LABEL = "random"
-RANDOM_SEED = 0
 
 OPTIONS_HINT = (
     "use --weights PATH (a local state_dict .pth file), --weights-dir DIR or the environment "

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from featsvm.errors import ConfigError
+from featsvm.features.preprocessing import Preprocessing
 
 # ImageNet statistics are a sensible fixed normalisation for RGB smears even from scratch;
 # what matters is that training and prediction use the same numbers (they travel in the run).
@@ -69,16 +70,16 @@ class BasicCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def basic_cnn_preprocessing(spec: BasicCNNSpec) -> dict[str, object]:
-    """The JSON-able preprocessing record for basic-cnn (what `predict` must repeat)."""
-    return {
-        "input_size": spec.input_size,
-        "resize": spec.input_size,
-        "crop": spec.input_size,
-        "interpolation": "bilinear",
-        "mean": list(BASIC_CNN_MEAN),
-        "std": list(BASIC_CNN_STD),
-        "architecture": {
+def basic_cnn_preprocessing(spec: BasicCNNSpec) -> Preprocessing:
+    """The preprocessing of basic-cnn (recorded in the run: what `predict` must repeat)."""
+    return Preprocessing(
+        input_size=spec.input_size,
+        resize=spec.input_size,
+        crop=spec.input_size,
+        interpolation="bilinear",
+        mean=BASIC_CNN_MEAN,
+        std=BASIC_CNN_STD,
+        architecture={
             "channels": list(spec.channels), "dense": spec.dense, "dropout": spec.dropout
         },
-    }
+    )

@@ -46,6 +46,7 @@ from featsvm.config import build, load_toml
 from featsvm.data.manifest import Manifest, read_manifest
 from featsvm.errors import CoverageError, FitError, ManifestError, UsageError
 from featsvm.evaluation.metrics import score_block
+from featsvm.features.key import FeatureKey
 from featsvm.fileio import write_json_atomic
 from featsvm.models.heads import HeadConfig, calibrate, fit_head, needs_calibration
 from featsvm.names import HEADS
@@ -296,7 +297,7 @@ def cross_validate(
     if not manifest.rows:
         raise ManifestError(f"split manifest {manifest.path} lists no images")
     cache_file = locate_cache(cache_dir, backbone, weights, weights_dir, precision, layer,
-                              options.to_dict() if options is not None else None)
+                              options)
     cached = read_cache(cache_file)
     X = _features_for_all(manifest, cached)
     rows = manifest.rows
@@ -317,10 +318,9 @@ def cross_validate(
     folds_sha = write_sidecar(run_dir / FOLDS_FILE)
     config_json = _run_config(run_dir, backbone, head, layer, cfg, folds, manifest, cached,
                               res, folds_sha, t_start, options)
-    record = finish_run(
-        run_dir, config_json, metrics, [r.relpath for r in rows], [r.sha256 for r in rows],
-        [POOLED] * len(rows), y, res.proba, folds=[int(f) for f in res.fold],
-    )
+    pooled = [dataclasses.replace(r, split=POOLED) for r in rows]
+    record = finish_run(run_dir, config_json, metrics, pooled, res.proba,
+                        folds=[int(f) for f in res.fold])
     logger.info("run record: %s", Path(run_dir))
     return record
 
@@ -331,9 +331,8 @@ def _run_config(
     folds_sha: str, t_start: float, options: Any = None,
 ) -> dict[str, Any]:
     """config.json of a CV run (the keys of a head run's, kind ``cv``)."""
-    attrs = cached.attrs
-    pre = attrs.get("preprocessing", {})
-    model_backbone = f"{backbone}[{attrs.get('layer')}]" if layer else backbone
+    key = cached.key
+    model_backbone = f"{backbone}[{key.layer}]" if layer else backbone
     if options is not None and options.to_dict():  # e.g. "alexnet<cells> + logreg"
         from featsvm.features.preprocess import input_name
 
@@ -346,8 +345,8 @@ def _run_config(
         "backbone": backbone,
         "head": head,
         "weights": cached.weights_record(),
-        "preprocessing": pre,
-        "not_imagenet_from": pre.get("not_imagenet_from") if isinstance(pre, dict) else None,
+        "preprocessing": key.preprocessing.to_json(),
+        "not_imagenet_from": key.preprocessing.not_imagenet_from,
         "split": {"path": str(manifest.path), "sha256": manifest.sha256,
                   "n": {POOLED: len(manifest.rows)}},
         "seed": cfg.seed,
@@ -385,18 +384,20 @@ def _run_config(
 
 
 def find_cv_run(
-    runs: list[RunRecord], backbone: str, head: str, split_sha: str, cache_fp: str,
+    runs: list[RunRecord], key: FeatureKey, head: str, split_sha: str,
     head_config: HeadConfig, folds: int,
 ) -> RunRecord | None:
-    """A complete CV run of the same backbone, head, split, cache, head settings and folds."""
+    """A complete CV run on the embeddings `key` names, with the same head, split, head
+    settings and folds."""
     import json
 
     want = json.loads(json.dumps(dataclasses.asdict(head_config), default=list))
     for r in reversed(runs):
         c = r.config
-        if (c.get("kind") == "cv" and c.get("backbone") == backbone and c.get("head") == head
+        if (c.get("kind") == "cv" and c.get("backbone") == key.backbone
+                and c.get("head") == head
                 and (c.get("split") or {}).get("sha256") == split_sha
-                and (c.get("cache") or {}).get("fingerprint") == cache_fp
+                and (c.get("cache") or {}).get("fingerprint") == key.fingerprint
                 and (c.get("cv") or {}).get("folds") == folds
                 and c.get("head_config") == want):
             return r

@@ -64,6 +64,7 @@ from featsvm.config import ConfigError, build
 from featsvm.data.manifest import Manifest, ManifestRow, read_manifest
 from featsvm.evaluation import calibration, trust
 from featsvm.evaluation import metrics as fm
+from featsvm.features.key import WeightsId
 from featsvm.fileio import (
     FileLock,
     atomic_path,
@@ -201,7 +202,7 @@ def finetune_config(doc: dict[str, Any] | None, source: str = "") -> FinetuneCon
     return section(FinetuneConfig, doc, "finetune", source).validate()
 
 
-def fingerprint(cfg: FinetuneConfig, split_sha256: str, weights: dict[str, Any],
+def fingerprint(cfg: FinetuneConfig, split_sha256: str, weights: WeightsId,
                 data_dir: Path) -> str:
     """What makes two training runs the same run (device, threads and CIs left out)."""
     settings = _plain(cfg)
@@ -211,7 +212,7 @@ def fingerprint(cfg: FinetuneConfig, split_sha256: str, weights: dict[str, Any],
     if not settings.get("stain_jitter"):  # off: fingerprints of earlier runs stay valid
         settings.pop("stain_jitter", None)
     blob = json.dumps(
-        {"settings": settings, "split": split_sha256, "weights": weights,
+        {"settings": settings, "split": split_sha256, "weights": weights.to_json(),
          "data_dir": str(Path(data_dir).resolve())},
         sort_keys=True, default=list,
     )
@@ -898,14 +899,13 @@ def write_record(training: Training, manifest: Manifest, built: Any, images: Tra
     predict_seconds = time.perf_counter() - tp
     temperature, proba, calib, selective, abstention = calibrate_and_abstain(raw, eval_rows,
                                                                              cfg)
-    relpaths = [r.relpath for r in eval_rows]
-    metrics = fm.score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
+    metrics = fm.score_predictions(manifest, eval_rows, proba, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics["calibration"], metrics["selective"] = calib, selective
 
     model_path = run_dir / MODEL_FILE
     _save_torch({
         "format": "featsvm-finetune-1", "model": cfg.model, "labels": list(LABELS),
-        "architecture": built.architecture, "preprocessing": built.preprocessing,
+        "architecture": built.architecture, "preprocessing": built.preprocessing.to_json(),
         "state_dict": st.best_state,
     }, model_path)
     runs.write_sidecar(model_path)
@@ -919,10 +919,7 @@ def write_record(training: Training, manifest: Manifest, built: Any, images: Tra
                        "note": "softmax(logits / T), T fitted by NLL on the val split (predict "
                                "applies it); val metrics are in-sample for T, test is untouched",
                    }})
-    return runs.finish_run(
-        run_dir, config, metrics, relpaths, [r.sha256 for r in eval_rows],
-        [r.split for r in eval_rows], [r.label for r in eval_rows], proba,
-    )
+    return runs.finish_run(run_dir, config, metrics, eval_rows, proba)
 
 
 def calibrate_and_abstain(raw: np.ndarray, eval_rows: list[ManifestRow], cfg: FinetuneConfig
@@ -961,8 +958,8 @@ def _record_config(training: Training, manifest: Manifest, built: Any, images: T
         "model": cfg.model if built.backbone is None else f"{cfg.model} (fine-tuned)",
         "backbone": built.backbone,
         "head": None,
-        "weights": built.weights,
-        "preprocessing": built.preprocessing,
+        "weights": built.weights.to_json(),
+        "preprocessing": built.preprocessing.to_json(),
         "split": {"path": str(manifest.path), "sha256": manifest.sha256},
         "seed": cfg.seed,
         "model_file": MODEL_FILE,

@@ -107,9 +107,8 @@ def fit(
     cfg = config or HeadConfig()
     t_start = time.perf_counter()
     manifest = read_manifest(split_path)
-    opt_dict = options.to_dict() if options is not None else None
     cache_file = locate_cache(cache_dir, backbone, weights, weights_dir, precision, layer,
-                              opt_dict)
+                              options)
     cached = read_cache(cache_file)
     feats, rows = load_split_features(manifest, cached)
     if not rows["train"]:
@@ -131,8 +130,7 @@ def fit(
         [fitted.predict_proba(feats[s]) for s in ("val", "test") if rows[s]], axis=0
     )
     predict_seconds = time.perf_counter() - t_pred
-    relpaths = [r.relpath for r in scored]
-    metrics = score_predictions(manifest, relpaths, proba, n_boot=cfg.n_boot, seed=cfg.seed)
+    metrics = score_predictions(manifest, scored, proba, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics["calibration"], metrics["selective"], abstention = trust_blocks(
         fitted, feats, rows, proba, cfg)
 
@@ -150,10 +148,7 @@ def fit(
     config_json = _run_config(run_dir.name, backbone, head, layer, cfg, manifest, rows, cached,
                               fitted, model_sha, timing, options=options, ood=ood_info)
     config_json["abstention"] = abstention
-    record = finish_run(
-        run_dir, config_json, metrics, relpaths, [r.sha256 for r in scored],
-        [r.split for r in scored], [r.label for r in scored], proba,
-    )
+    record = finish_run(run_dir, config_json, metrics, scored, proba)
     logger.info("run record: %s", Path(run_dir))
     return record
 
@@ -219,10 +214,9 @@ def _run_config(run_id: str, backbone: str, head: str, layer: str | None, cfg: H
                 fitted: FittedHead, model_sha: str, timing: dict[str, Any],
                 options: Any = None, ood: dict[str, Any] | None = None) -> dict[str, Any]:
     """config.json of a head run."""
-    attrs = cached.attrs
-    pre = attrs.get("preprocessing", {})
+    key = cached.key
     # an explicitly chosen embedding layer is part of the model's name (report rows)
-    model_backbone = f"{backbone}[{attrs.get('layer')}]" if layer else backbone
+    model_backbone = f"{backbone}[{key.layer}]" if layer else backbone
     if options is not None and options.to_dict():  # e.g. "alexnet<cells+reinhard> + logreg"
         from featsvm.features.preprocess import input_name
 
@@ -234,8 +228,8 @@ def _run_config(run_id: str, backbone: str, head: str, layer: str | None, cfg: H
         "backbone": backbone,
         "head": head,
         "weights": cached.weights_record(),
-        "preprocessing": pre,
-        "not_imagenet_from": pre.get("not_imagenet_from") if isinstance(pre, dict) else None,
+        "preprocessing": key.preprocessing.to_json(),
+        "not_imagenet_from": key.preprocessing.not_imagenet_from,
         "split": {
             "path": str(manifest.path),
             "sha256": manifest.sha256,

@@ -20,6 +20,8 @@ from torch import nn
 
 from featsvm import runs
 from featsvm.errors import FinetuneError
+from featsvm.features.key import WeightsId
+from featsvm.features.preprocessing import Preprocessing
 from featsvm.labels import LABELS
 from featsvm.models.basic_cnn import BasicCNN, BasicCNNSpec, basic_cnn_preprocessing
 from featsvm.models.pixels import Normaliser, batches
@@ -62,10 +64,10 @@ class FinetuneModel(nn.Module):
 @dataclass
 class BuiltModel:
     model: nn.Module
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     transform: Callable[[Image.Image], torch.Tensor]
     backbone: str | None
-    weights: dict[str, Any]  # {"label": ..., "sha256": ...}
+    weights: WeightsId
     architecture: dict[str, Any]  # what load_finetuned needs to rebuild the module
     full_model: nn.Module | None = None  # the backbone's whole network (names for --freeze)
 
@@ -82,7 +84,7 @@ def build_model(
     weights_dir: str | os.PathLike[str] | None = None,
 ) -> BuiltModel:
     """The network to train, its preprocessing and its weights provenance."""
-    from featsvm.features.backbones import load_backbone, make_transform
+    from featsvm.features.backbones import load_backbone
 
     if model == BASIC_CNN:
         if weights not in (None, "none"):
@@ -90,18 +92,15 @@ def build_model(
         spec = _basic_spec(cfg)
         pre = basic_cnn_preprocessing(spec)
         return BuiltModel(
-            BasicCNN(len(LABELS), spec), pre, make_transform(pre), None,
-            {"label": "none", "sha256": None},
+            BasicCNN(len(LABELS), spec), pre, pre.transform(), None, WeightsId.none(),
             {"kind": BASIC_CNN, "spec": dataclasses.asdict(spec)},
         )
     if model not in BACKBONES:
         raise FinetuneError(f"unknown model {model!r}; use one of {', '.join(MODELS)}")
     loaded = load_backbone(model, weights=weights, weights_dir=weights_dir)
     net = FinetuneModel(loaded.embedder, int(loaded.dim), len(LABELS), cfg.head_dropout)
-    info = loaded.weights
-    wdict = {"label": info.label, "sha256": info.sha256}
-    pre = dict(loaded.preprocessing)
-    return BuiltModel(net, pre, make_transform(pre), model, wdict,
+    pre = loaded.preprocessing
+    return BuiltModel(net, pre, pre.transform(), model, WeightsId.from_info(loaded.weights),
                       {"kind": "backbone", "backbone": model, "dim": int(loaded.dim),
                        "head_dropout": cfg.head_dropout}, loaded.model)
 
@@ -205,7 +204,7 @@ def load_finetuned(run_dir: str | os.PathLike[str]
     ``weights_only=True`` (no code runs). The backbone architecture is rebuilt from its spec
     with random weights and then filled from the checkpoint, so no weights file is needed.
     """
-    from featsvm.features.backbones import HOOKS, load_backbone, make_transform
+    from featsvm.features.backbones import load_backbone
 
     record = runs.read_run(run_dir)
     if record.config.get("kind") != "end_to_end":
@@ -217,19 +216,17 @@ def load_finetuned(run_dir: str | os.PathLike[str]
         raise runs.RunRecordError(f"{record.model_path}: cannot load the checkpoint "
                                   f"({type(exc).__name__}: {exc})") from None
     arch = ck["architecture"]
+    pre = Preprocessing.from_json(ck["preprocessing"])
     if arch["kind"] == BASIC_CNN:
         spec = arch["spec"]
         net: nn.Module = BasicCNN(len(LABELS), BasicCNNSpec(
             spec["input_size"], tuple(spec["channels"]), spec["dense"], spec["dropout"]))
     else:
-        pre = ck["preprocessing"]
-        loaded = load_backbone(arch["backbone"], weights="none", layer=pre.get("layer"))
+        loaded = load_backbone(arch["backbone"], weights="none", layer=pre.layer)
         # hooks the training weights needed (e.g. Keras pooling for the nsfwjs InceptionV3)
         # are not implied by random weights: re-apply what the run recorded
-        for hook in pre.get("hooks", []):
-            if hook not in loaded.preprocessing.get("hooks", []):
-                HOOKS[hook](loaded.model)
+        pre.apply_hooks(loaded.model, skip=loaded.preprocessing.hooks)
         net = FinetuneModel(loaded.embedder, int(arch["dim"]), len(LABELS), arch["head_dropout"])
     net.load_state_dict(ck["state_dict"])
     net.eval()
-    return net, make_transform(ck["preprocessing"]), record.config
+    return net, pre.transform(), record.config
