@@ -10,6 +10,9 @@ runs gives byte-identical files):
 * ``cv_table.csv`` / ``cv_table.json``: the pooled cross-validation runs (kind ``cv``, every
   image scored once), the page's headline table, and ``shortcut.md``: every model beside the
   two shortcut baselines (`featsvm.evaluation.shortcut`);
+* ``trust.md``: calibration, abstention and "Another lab" tables; ``external.json``: the rows
+  of the "Another lab" tables (`featsvm.evaluation.trust_report.external_rows`), when any run
+  was evaluated on another lab's images (`featsvm evaluate`);
 * ``fig4_metrics.png``: grouped bars of the four metrics with 95 % CIs;
 * ``confusion-<run>.png``: counts and row-normalised confusion matrices (Figures 6-8);
 * ``fig5_examples.png``: test images with true / predicted class and probability for the best
@@ -59,13 +62,19 @@ from featsvm.evaluation.table import (
     table_json,
     table_markdown,
 )
-from featsvm.evaluation.trust_report import EXTERNAL_ROC_PREFIX, TRUST_MD, trust_markdown
+from featsvm.evaluation.trust_report import (
+    EXTERNAL_ROC_PREFIX,
+    TRUST_MD,
+    external_rows,
+    trust_markdown,
+)
 from featsvm.fileio import write_json_atomic, write_text_atomic
 from featsvm.runs import RunRecord, list_runs
 
 __all__ = ["HTML_FILE", "ReportConfig", "ReportResult", "weight_provenance", "write_report"]
 
 HTML_FILE = "index.html"
+EXTERNAL_JSON = "external.json"
 PAGE_TITLE = "featsvm report"
 PAGE_HEADING = "featsvm report: pretrained CNN features + classical heads vs end-to-end CNNs"
 
@@ -121,6 +130,7 @@ def write_report(
     res.files += write_cv_tables(ctx, out_dir)
     write_text_atomic(out_dir / TRUST_MD, trust_markdown(ctx.runs, cfg.split))
     res.files.append(out_dir / TRUST_MD)
+    res.files += write_external_rows(ctx.runs, out_dir)
     sections = build_sections(ctx)  # draws the figures
     res.files += [f.path for s in sections for f in s.figures]
     _remove_stale(out_dir, {p.name for p in res.files})
@@ -189,6 +199,18 @@ def write_cv_tables(ctx: ReportContext, out_dir: Path) -> list[Path]:
         write_text_atomic(out_dir / SHORTCUT_MD, text)
         files.append(out_dir / SHORTCUT_MD)
     return files
+
+
+def write_external_rows(runs: Sequence[RunRecord], out_dir: Path) -> list[Path]:
+    """external.json: ``{"sets": {name: rows}}`` of the "Another lab" tables (for
+    scripts/results_table.py); removed when no run has an external evaluation."""
+    path = out_dir / EXTERNAL_JSON
+    sets = external_rows(runs)
+    if not sets:
+        path.unlink(missing_ok=True)
+        return []
+    write_json_atomic(path, {"sets": {name: sets[name] for name in sorted(sets)}})
+    return [path]
 
 
 def _recorded_data_dir(runs: Sequence[RunRecord]) -> Path | None:
