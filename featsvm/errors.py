@@ -87,3 +87,8 @@ class FitError(FeatsvmError, ValueError):
 
 class PreprocessingError(UsageError):
     """A preprocessing record that cannot be read or used (missing, bad or unknown key)."""
+
+
+class ClusterError(FeatsvmError, RuntimeError):
+    """A Ray worker that could not start or failed past its retries (the rows computed so far
+    stay in the cache: the same command resumes)."""

@@ -20,3 +20,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 VIEWS = ("field", "cells")  # featsvm.features.preprocess
 STAINS = ("none", "reinhard")
 COLOURS = ("rgb", "grey", "hematoxylin")
+# where extract runs the network: this process (torch) or a pool of Ray actors (ray)
+ENGINES = ("torch", "ray")
+BACKENDS = ("local", "ray")  # where fit / cv run their joblib work (featsvm.cluster)

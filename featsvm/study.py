@@ -272,7 +272,7 @@ def find_head_run(
 ) -> RunRecord | None:
     """A complete head run fitted on the embeddings `key` names, with the same head, split
     and head settings."""
-    want = _plain(head_config)
+    want = _plain(head_config.to_json())  # without execution-only settings (backend)
     for r in reversed(runs):  # newest id last: prefer the latest
         c = r.config
         if (c.get("kind") == "head" and c.get("backbone") == key.backbone

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment and install featsvm with its dev tools
-# and the web page (serve extra).
+# the web page (serve extra) and Ray (ray extra: `extract --engine ray`, `--backend ray`).
 # Usage: scripts/setup.sh [PYTHON] [VENV]
 set -euo pipefail
 PYTHON="${1:-python3}"
@@ -13,5 +13,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # Installs the newest torch/torchvision pip may take (torch 2.13.0 is excluded in pyproject:
 # its CPU-only wheel breaks torchvision). Re-running only installs what changed.
-"$VENV/bin/python" -m pip install -q -e ".[dev,serve]" 2> >(grep -v "^WARNING: Location" >&2)
+"$VENV/bin/python" -m pip install -q -e ".[dev,serve,ray]" 2> >(grep -v "^WARNING: Location" >&2)
 "$VENV/bin/python" -c "import featsvm, torch, torchvision; print(f'featsvm {featsvm.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}')"

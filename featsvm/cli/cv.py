@@ -63,12 +63,13 @@ def summary(metrics: dict[str, Any]) -> str:
               help="TOML file: its [fit] section with [cv] overrides (e.g. a smaller grid).")
 @options.precision(help="Precision the cache was extracted with.")
 @options.image_options(made=" the cache was extracted with")
+@options.backend()
 @options.quiet()
 def command(
     backbone: str, head: str, folds: int, split_path: Path, layer: str | None,
     weights: str | None, weights_dir: str | None, cache_dir: str, runs_dir: Path,
     config_path: Path | None, precision: str, view: str, stain: str, colour: str,
-    mask_annotation: bool,
+    mask_annotation: bool, backend: str | None,
 ) -> None:
     """Score every image of the split manifest out of fold: K grouped, stratified folds, the
     head tuned inside each fold's training part, metrics over the pooled predictions with
@@ -77,6 +78,10 @@ def command(
     from featsvm.models.cv import cross_validate, load_cv_head_config
 
     cfg = load_cv_head_config(config_path)
+    if backend is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, backend=backend)
     prep = resolve_options(view, stain, colour, split_path,
                            mask_annotation=mask_annotation)
     rec = cross_validate(backbone, head, split_path, cache_dir=cache_dir, weights=weights,

@@ -20,7 +20,15 @@ from featsvm.names import COLOURS, STAINS, VIEWS
               help="Images per forward pass (default: the backbone's fastest CPU batch, e.g. 4 "
               "for VGG16, 32 for AlexNet; 64 on an accelerator).")
 @click.option("--workers", default=None, type=click.IntRange(0),
-              help="DataLoader worker processes (default: 1 on small CPUs, more on GPU).")
+              help="DataLoader worker processes (default: 1 on small CPUs, more on GPU); with "
+              "--engine ray: Ray actors (default: the cluster's CPUs, or its GPUs / "
+              "--gpus-per-worker).")
+@options.engine()
+@click.option("--address", default=None, metavar="auto|HOST:PORT",
+              help="--engine ray: the Ray cluster to join (default: RAY_ADDRESS, else a local "
+              "one on this machine's cores).")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="--engine ray: GPUs per actor (e.g. 0.5 = two actors share a GPU).")
 @click.option("--layer", default=None,
               help="Embedding layer (default: penultimate if pretrained, see docs), e.g. "
               "vgg16: fc7|gap|logits, inception_v3: avgpool|mixed_6c|logits.")
@@ -39,16 +47,26 @@ from featsvm.names import COLOURS, STAINS, VIEWS
               "image's median colour first (part of the cache fingerprint).")
 @options.quiet()
 def command(data_dir, backbone, weights, weights_dir, cache_dir, device, precision, batch_size,
-            workers, layer, view, stain, colour, split_path, mask_annotation) -> None:
+            workers, engine, address, gpus_per_worker, layer, view, stain, colour, split_path,
+            mask_annotation) -> None:
     """Embed every image of DATA_DIR with BACKBONE into CACHE (only images not cached yet)."""
-    from featsvm.features.extract import extract
     from featsvm.features.preprocess import resolve_options
 
     prep = resolve_options(view, stain, colour, split_path, data_dir, mask_annotation)
-    s = extract(data_dir, backbone, weights=weights, weights_dir=weights_dir,
-                cache_dir=cache_dir, device=device, precision=precision,
-                batch_size=batch_size, workers=workers, layer=layer,
-                progress=options.progress(), options=prep)
+    common = dict(weights=weights, weights_dir=weights_dir, cache_dir=cache_dir, device=device,
+                  precision=precision, batch_size=batch_size, layer=layer,
+                  progress=options.progress(), options=prep)
+    if engine == "ray":  # the only place that imports Ray
+        from featsvm.features.ray_extract import extract_ray
+
+        s = extract_ray(data_dir, backbone, address=address, workers=workers,
+                        gpus_per_worker=gpus_per_worker, **common)
+    else:
+        if address is not None or gpus_per_worker:
+            raise click.UsageError("--address and --gpus-per-worker need --engine ray")
+        from featsvm.features.extract import extract
+
+        s = extract(data_dir, backbone, workers=workers, **common)
     click.echo(f"cache:     {s.cache_path}")
     click.echo(f"backbone:  {s.backbone} layer {s.layer} ({s.dim}-d), {s.precision} on {s.device}")
     click.echo(f"input:     {prep.describe()}")

@@ -57,11 +57,13 @@ def results_table(metrics: dict[str, Any]) -> str:
 @options.precision(help="Precision the cache was extracted with.")
 @click.option("--layer", default=None, help="Embedding layer the cache was extracted at.")
 @options.image_options(made=" the cache was extracted with")
+@options.backend()
 @options.quiet()
 def command(
     backbone: str, head: str, weights: str | None, weights_dir: str | None, cache_dir: str,
     split_path: Path, runs_dir: Path, config_path: Path | None, precision: str,
     layer: str | None, view: str, stain: str, colour: str, mask_annotation: bool,
+    backend: str | None,
 ) -> None:
     """Tune HEAD by grouped CV on the train split of the cached BACKBONE embeddings, calibrate
     on val (SVM), score val and test once, and write a run record under --runs."""
@@ -70,6 +72,10 @@ def command(
     from featsvm.models.heads import load_head_config
 
     cfg = load_head_config(config_path)
+    if backend is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, backend=backend)
     prep = resolve_options(view, stain, colour, split_path,
                            mask_annotation=mask_annotation)
     rec = fit(backbone, head, split_path, cache_dir=cache_dir, weights=weights,

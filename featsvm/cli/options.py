@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from featsvm.names import COLOURS, DEVICES, FEATURES, PRECISIONS, STAINS, VIEWS
+from featsvm.names import BACKENDS, COLOURS, DEVICES, ENGINES, FEATURES, PRECISIONS, STAINS, VIEWS
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 QUIET_KEY = "featsvm.quiet"  # click's ctx.meta: quiet was asked for (group or command)
@@ -57,6 +57,14 @@ cache = _shared(
 runs = _shared(
     "--runs", "runs_dir", default=Path("runs"), show_default=True,
     type=click.Path(file_okay=False, path_type=Path), help="Folder of run records.")
+engine = _shared(
+    "--engine", default="torch", show_default=True, type=click.Choice(ENGINES),
+    help="Where the network runs: torch = this process; ray = a pool of Ray actors (pip install "
+    "'featsvm[ray]'; see docs/scale-out.md).")
+backend = _shared(
+    "--backend", default=None, type=click.Choice(BACKENDS),
+    help="Where grid-search candidates and CV folds run: local processes or joblib's Ray "
+    "backend (RAY_ADDRESS picks the cluster). Default: [fit] backend of --config, else local.")
 split = _shared(
     "--split", "split_path", default=Path("split.csv"), show_default=True,
     type=click.Path(dir_okay=False, path_type=Path),

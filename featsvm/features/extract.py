@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +47,22 @@ class ImageRef(Protocol):
     relpath: str
     sha256: str
     label: str
+
+
+# What a batch source yields: (indices into the records to compute, their embeddings [n, D]
+# float32 or None, [(index, reason)] of the records that could not be read).
+Batch = tuple[list[int], np.ndarray | None, list[tuple[int, str]]]
+
+
+class BatchSource(Protocol):
+    """Computes embeddings somewhere else than this process (featsvm.features.ray_extract):
+    `extract` partitions, writes and summarises; the source yields the batches of `todo` in
+    its order. `device` names where the forward passes run (for the summary)."""
+
+    device: str
+
+    def __call__(self, root: Path, todo: Sequence[ImageRef],
+                 preprocessing: Preprocessing) -> Iterator[Batch]: ...
 
 
 @dataclass
@@ -135,14 +151,18 @@ def extract(
     records: Sequence[ImageRef] | None = None,
     channels_last: bool = True,
     options: ImageOptions | None = None,
+    source: BatchSource | None = None,
 ) -> ExtractSummary:
     """Embed every image of `data_dir` (or the given `records`, relative to it) with
     `backbone` into its cache file; return what was done. See the module doc. `options`:
-    view / stain / colour (`featsvm.features.preprocess`), part of the fingerprint."""
+    view / stain / colour (`featsvm.features.preprocess`), part of the fingerprint.
+    `source`: compute the embeddings there instead of in this process (same cache file,
+    same rows in the same order); `device`, `batch_size` and `workers` are then its own."""
     t0 = time.perf_counter()
     root = Path(data_dir)
-    dev = resolve_device(device)
-    check_precision(dev, precision)
+    dev = resolve_device(device if source is None else "cpu")  # a source checks its own
+    if source is None:
+        check_precision(dev, precision)
     if batch_size is not None and batch_size < 1:
         raise UsageError("batch_size must be at least 1")
     skipped: list[tuple[str, str]] = []
@@ -169,17 +189,20 @@ def extract(
         todo, n_cached, n_dup = _partition(records, writer)
         t1 = time.perf_counter()
         n_new = 0
-        if todo:
+        if todo and source is not None:
+            n_new = commit(writer, todo, source(root, todo, pre), skipped, progress, backbone)
+        elif todo:
             n_new = _run(writer, root, todo, backbone, weights, weights_dir, layer, dev,
                          precision, batch_size, workers, progress, channels_last, skipped, pre)
         compute = time.perf_counter() - t1
+        device_name = str(dev) if source is None else source.device
         if n_new and compute > 0:  # the report's "extraction images/s" column reads this
             writer.note("images_per_s", n_new / compute)
-            writer.note("images_per_s_device", str(dev))
+            writer.note("images_per_s_device", device_name)
     return ExtractSummary(
         cache_path=path, backbone=backbone, layer=key.layer, dim=key.dim,
         weights_label=info.label, weights_sha256=info.sha256, precision=precision,
-        device=str(dev), n_total=len(records), n_new=n_new, n_cached=n_cached,
+        device=device_name, n_total=len(records), n_new=n_new, n_cached=n_cached,
         n_duplicates=n_dup, skipped=sorted(skipped), seconds=time.perf_counter() - t0,
         compute_seconds=compute if todo else 0.0,
         images_per_s=n_new / compute if n_new and compute > 0 else 0.0,
@@ -210,6 +233,64 @@ def _partition(records: Sequence[ImageRef], writer: CacheWriter
     return todo, n_cached, n_dup
 
 
+class Embedder:
+    """Backbone `backbone` on `dev`, loaded once: (images [n, 3, H, W], cells per image) ->
+    one float32 row per image. The single forward-pass code of every extraction path."""
+
+    def __init__(self, backbone: str, weights: str | os.PathLike[str] | None,
+                 weights_dir: str | os.PathLike[str] | None, layer: str | None,
+                 dev: torch.device, precision: str, channels_last: bool = True) -> None:
+        loaded = load_backbone(backbone, weights, weights_dir, layer)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = loaded.embedder.to(dev, memory_format=self.memory_format).eval()
+        self.dev = dev
+        self.precision = precision
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def __call__(self, xs: torch.Tensor, counts: list[int]) -> np.ndarray:
+        with torch.inference_mode():
+            xs = xs.to(self.dev, non_blocking=True, memory_format=self.memory_format)
+            with autocast_context(self.dev, self.precision):
+                emb = self.model(xs)
+            return pool(emb.float().cpu().numpy(), counts)  # cells -> one row
+
+
+def commit(writer: CacheWriter, todo: Sequence[ImageRef], batches: Iterable[Batch],
+           skipped: list[tuple[str, str]], progress: bool, backbone: str) -> int:
+    """Write `batches` (in the order given) into `writer`: unreadable files and non-finite
+    rows go to `skipped`, the rest are appended (flushed, checked). Returns the rows
+    written."""
+    from tqdm import tqdm
+
+    sleep_after = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    n_new = 0
+    bar = tqdm(total=len(todo), unit="img", desc=f"extract {backbone}", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for idx, feats, bad in batches:
+            for i, reason in bad:
+                skipped.append((todo[i].relpath, reason))
+                bar.write(f"skipped {todo[i].relpath}: {reason}")
+            if feats is not None:
+                finite = np.isfinite(feats).all(axis=1)
+                for j in np.flatnonzero(~finite):
+                    rel = todo[idx[j]].relpath
+                    skipped.append((rel, NON_FINITE))
+                    bar.write(f"skipped {rel}: {NON_FINITE}")
+                items = [todo[i] for i, ok in zip(idx, finite, strict=True) if ok]
+                writer.append(feats[finite], items)
+                n_new += len(items)
+            bar.update(len(idx) + len(bad))
+            if sleep_after:
+                # test hook (SLEEP_ENV): at WARNING so it reaches stderr unconfigured
+                logger.warning("featsvm-test: committed %d rows", writer.n_rows)
+                time.sleep(sleep_after)
+    finally:
+        bar.close()
+    return n_new
+
+
 def _run(
     writer: CacheWriter,
     root: Path,
@@ -227,13 +308,7 @@ def _run(
     skipped: list[tuple[str, str]],
     preprocessing: Preprocessing,
 ) -> int:
-    from tqdm import tqdm
-
-    loaded = load_backbone(backbone, weights, weights_dir, layer)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    embedder = loaded.embedder.to(dev, memory_format=memory_format).eval()
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    embed = Embedder(backbone, weights, weights_dir, layer, dev, precision, channels_last)
     n_workers = default_workers(dev) if workers is None else workers
     loader = DataLoader(
         _ImageFiles(root, todo, preprocessing),
@@ -245,34 +320,9 @@ def _run(
         persistent_workers=False,
         prefetch_factor=4 if n_workers > 0 else None,
     )
-    sleep_after = float(os.environ.get(SLEEP_ENV, "0") or 0)
-    n_new = 0
-    bar = tqdm(total=len(todo), unit="img", desc=f"extract {backbone}", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        with torch.inference_mode():
-            for idx, xs, bad, counts in loader:
-                for i, reason in bad:
-                    skipped.append((todo[i].relpath, reason))
-                    bar.write(f"skipped {todo[i].relpath}: {reason}")
-                if xs is not None:
-                    xs = xs.to(dev, non_blocking=True, memory_format=memory_format)
-                    with autocast_context(dev, precision):
-                        emb = embedder(xs)
-                    feats = pool(emb.float().cpu().numpy(), counts)  # cells -> one row
-                    finite = np.isfinite(feats).all(axis=1)
-                    for j in np.flatnonzero(~finite):
-                        rel = todo[idx[j]].relpath
-                        skipped.append((rel, NON_FINITE))
-                        bar.write(f"skipped {rel}: {NON_FINITE}")
-                    items = [todo[i] for i, ok in zip(idx, finite, strict=True) if ok]
-                    writer.append(feats[finite], items)
-                    n_new += len(items)
-                bar.update(len(idx) + len(bad))
-                if sleep_after:
-                    # test hook (SLEEP_ENV): at WARNING so it reaches stderr unconfigured
-                    logger.warning("featsvm-test: committed %d rows", writer.n_rows)
-                    time.sleep(sleep_after)
-    finally:
-        bar.close()
-    return n_new
+
+    def batches() -> Iterator[Batch]:
+        for idx, xs, bad, counts in loader:
+            yield idx, None if xs is None else embed(xs, counts), bad
+
+    return commit(writer, todo, batches(), skipped, progress, backbone)

@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from joblib import Parallel, delayed
 from sklearn.model_selection import StratifiedGroupKFold
 from threadpoolctl import threadpool_limits
 
+from featsvm.cluster import joblib_backend
 from featsvm.config import build, load_toml
 from featsvm.data.manifest import Manifest, read_manifest
 from featsvm.errors import CoverageError, FitError, ManifestError, UsageError
@@ -176,14 +178,14 @@ def cross_validate_features(
     # one process with one BLAS thread: every candidate of an inner fold then shares the
     # KernelSVC Gram cache, and no BLAS threads spin against each other (measured on the
     # 2-core machine: a logistic fit took 7x less CPU with one BLAS thread than with two).
-    inner = dataclasses.replace(cfg, n_jobs=1)
+    inner = dataclasses.replace(cfg, n_jobs=1, backend="local")
     jobs = (delayed(_fold)(k, tr, te, X, y, groups, head, inner, calibration, seed + k)
             for k, (tr, te) in enumerate(outer_folds(y, groups, folds, seed)))
     cpu = 0.0
     if cfg.n_jobs == 1:  # in this process (no worker start-up; what the tests patch)
         outputs: Any = (job[0](*job[1], **job[2]) for job in jobs)
     else:
-        outputs = Parallel(n_jobs=cfg.n_jobs, return_as="generator")(jobs)
+        outputs = _parallel(cfg, jobs)
     for test, p_test, fr, fold_cpu in outputs:
         proba[test] = p_test
         fold_of[test] = fr.fold
@@ -193,6 +195,14 @@ def cross_validate_features(
                     folds, fr.n_fit, fr.n_calibration, fr.n_test, fr.best_params, fr.seconds)
     assert (fold_of >= 0).all(), "every image is scored by exactly one fold"
     return CVResult(proba, fold_of, results, calibration, time.perf_counter() - t_all, cpu)
+
+
+def _parallel(cfg: HeadConfig, jobs: Any) -> Iterator[Any]:
+    """The folds on cfg.n_jobs joblib workers of cfg.backend, in fold order (streamed back
+    locally; joblib's Ray backend returns them all at once)."""
+    with joblib_backend(cfg.backend, cfg.n_jobs):
+        as_ = "generator" if cfg.backend == "local" else "list"
+        yield from Parallel(n_jobs=cfg.n_jobs, return_as=as_)(jobs)
 
 
 def _fold(
@@ -356,6 +366,7 @@ def _run_config(
             "fit_seconds": res.seconds,
             "fit_cpu_seconds": res.cpu_seconds,
             "n_jobs": cfg.n_jobs,
+            "backend": cfg.backend,
             "fold_seconds": [f.seconds for f in res.folds],
             "total_seconds": time.perf_counter() - t_start,
         },
@@ -391,7 +402,7 @@ def find_cv_run(
     settings and folds."""
     import json
 
-    want = json.loads(json.dumps(dataclasses.asdict(head_config), default=list))
+    want = json.loads(json.dumps(head_config.to_json()))
     for r in reversed(runs):
         c = r.config
         if (c.get("kind") == "cv" and c.get("backbone") == key.backbone

@@ -141,7 +141,8 @@ def fit(
         ood_info |= {"file": OOD_FILE, "sha256": save_model(run_dir, ood_flag, OOD_FILE)}
     timing: dict[str, Any] = {
         "fit_seconds": fit_seconds, **fitted.timing, "predict_seconds": predict_seconds,
-        "load_seconds": t_loaded - t_start, "total_seconds": time.perf_counter() - t_start}
+        "load_seconds": t_loaded - t_start, "total_seconds": time.perf_counter() - t_start,
+        "backend": cfg.backend}
     for key in ("images_per_s", "extract_images_per_s"):
         if key in cached.attrs:
             timing["extract_images_per_s"] = cached.attrs[key]

@@ -54,15 +54,17 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted
 
+from featsvm.cluster import joblib_backend
 from featsvm.config import ConfigError, load_toml, section
 from featsvm.errors import FitError, UsageError
 from featsvm.labels import LABELS
-from featsvm.names import HEADS
+from featsvm.names import BACKENDS, HEADS
 
 SCORINGS = ("balanced_accuracy", "f1_macro")
 CALIBRATIONS = ("auto", "temperature", "sigmoid", "isotonic", "none")
 VAL_CALIBRATIONS = ("temperature", "sigmoid", "isotonic")
 SECTION = "fit"
+EXECUTION_ONLY = ("backend",)  # HeadConfig fields that cannot change a result
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,15 @@ class HeadConfig:
     n_boot: int = 1000
     # selective prediction: the val-chosen confidence threshold aims at this error rate
     target_error: float = 0.01
+    # where the grid search and CV folds run: "local" processes or joblib's Ray backend
+    # (featsvm.cluster). Not a setting of the model: left out of to_json, so runs made on
+    # either backend are the same run (the run record notes it under timing).
+    backend: str = "local"
 
     def to_json(self) -> dict[str, Any]:
-        """The settings as a run record holds them (tuples as lists)."""
+        """The settings as a run record holds them (tuples as lists; without `backend`)."""
         return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+                for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_ONLY}
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -113,6 +119,8 @@ class HeadConfig:
             raise ConfigError(f"[fit] target_error must be in [0, 1), got {self.target_error}")
         if self.cv_folds < 2:
             raise ConfigError(f"[fit] cv_folds must be >= 2, got {self.cv_folds}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"[fit] backend must be one of {BACKENDS}, got {self.backend!r}")
         bad_cw = [c for c in self.class_weight if c not in ("none", "balanced")]
         if bad_cw or not self.class_weight:
             raise ConfigError(f"[fit] class_weight entries must be 'none' or 'balanced': {bad_cw}")
@@ -446,7 +454,8 @@ def fit_head(
         verbose=verbose,
     )
     t0 = time.perf_counter()
-    search.fit(X, y, groups=groups)
+    with joblib_backend(cfg.backend, cfg.n_jobs):
+        search.fit(X, y, groups=groups)
     seconds = time.perf_counter() - t0
     res = search.cv_results_
     cv_results = [
