@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ class RaySource:
         self.device = f"ray ({'gpu' if gpus_per_worker > 0 else 'cpu'})"
         self.worker_info: list[dict[str, Any]] = []  # after start: pid, host, device, versions
         self.batches_done = 0
+        self.ready_seconds = 0.0  # from the call until every actor had loaded the model
 
     def _n_workers(self, ray: Any) -> int:
         if self.workers is not None:
@@ -180,7 +182,9 @@ class RaySource:
     def __call__(self, root: Path, todo: Sequence[ImageRef],
                  preprocessing: Preprocessing) -> Iterator[Batch]:
         ray = require_ray()
+        t0 = time.perf_counter()
         actors = self._start(ray, root, preprocessing)
+        self.ready_seconds = time.perf_counter() - t0
         busy = [0] * len(actors)
         window: deque[tuple[int, Any]] = deque()  # (actor, result ref), submission order
         starts = iter(range(0, len(todo), self.batch_size))
