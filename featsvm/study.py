@@ -13,6 +13,9 @@ Steps, each reusing what is already on disk with the same fingerprint (and sayin
    skipped when a complete CV run exists for the same split, cache, head settings and folds;
 4. **fine-tune** every model in ``[finetune] models`` (`featsvm.models.finetune`); skipped when a
    complete run with the same training fingerprint exists (an unfinished one is resumed);
+4b. **finetune-cv** every ``[finetune] models`` when ``[study] finetune_cv`` is set
+   (`featsvm.models.finetune_cv`: pooled grouped K-fold CV, the folds of step 3b); skipped when
+   a complete CV run with the same fingerprint exists (an unfinished one continues at its fold);
 5. **external**: every run of the study on each ``[[external]]`` set (another lab's labelled
    folders; `featsvm.evaluate`, evaluation only), skipped for runs already evaluated on it with
    the same folder, class map, subject regex and threshold;
@@ -85,6 +88,8 @@ class StudyConfig:
     finetune: bool = True  # train the [finetune] models
     # pooled grouped K-fold CV of every backbone x head over all images (0 = none)
     cv_folds: int = 0
+    # the same for every [finetune] model (`featsvm finetune --cv K`; 0 = none): K trainings
+    finetune_cv: int = 0
 
     def __post_init__(self) -> None:
         if len(self.ratios) != 3 or abs(sum(self.ratios) - 1.0) > 1e-6:
@@ -390,6 +395,9 @@ class StudyRun:
             if cfg.finetune:
                 for model in self.study.finetune.models:
                     self.step(f"finetune {model}", self.finetune, model)
+            if cfg.finetune and cfg.finetune_cv:
+                for model in self.study.finetune.models:
+                    self.step(f"finetune-cv {model}", self.finetune_cv, model)
             for ext in self.study.external:
                 self.step(f"external {ext.name}", self.external, ext)
             self.step("report", self.report)
@@ -533,6 +541,22 @@ class StudyRun:
                        runs_dir=self.runs_dir, progress=self.progress)
         if out.record is None:
             raise StudyError(f"training stopped before the end; resumable in {out.run_dir}")
+        self.result.run_ids.append(out.record.run_id)
+        return "done", _headline(out.record)
+
+    def finetune_cv(self, model: str) -> StepOutcome:
+        from featsvm.models.finetune_cv import cv_fingerprint, find_cv_run, finetune_cv
+
+        folds = self.cfg.finetune_cv
+        fp = finetune_fingerprint(model, self.study, self.manifest.sha256, self.data)
+        existing, _ = list_runs(self.runs_dir)
+        found = find_cv_run(existing, cv_fingerprint(fp, folds))
+        if found is not None:
+            self.result.run_ids.append(found.run_id)
+            return "skipped", f"run {found.run_id} has the same training fingerprint and folds"
+        out = finetune_cv(self.data, self.manifest.path, self.study.finetune.for_model(model),
+                          folds, weights=self._weights(model), weights_dir=self._weights_dir(),
+                          runs_dir=self.runs_dir, progress=self.progress)
         self.result.run_ids.append(out.record.run_id)
         return "done", _headline(out.record)
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from featsvm.cli import options
 from featsvm.names import MODELS
+
+if TYPE_CHECKING:
+    from featsvm.models.finetune import FinetuneConfig
 
 
 @click.command("finetune")
@@ -28,6 +32,9 @@ from featsvm.names import MODELS
               help="Run the frozen layers once and train on their stored outputs (CPU speed-up; "
               "augmentation limited to cached flips/rotations).")
 @click.option("--seed", type=int, default=None)
+@click.option("--cv", "cv_folds", type=click.IntRange(2), default=None,
+              help="Pooled, grouped K-fold cross-validation over every image of SPLIT instead "
+              "(the folds of `featsvm cv`; about 0.9 x K trainings): one run record of kind cv.")
 @options.device(default=None, show_default=False,
                 help="Where to train (default: [finetune] device of --config, else auto).")
 @options.precision(default=None, show_default=False,
@@ -44,8 +51,8 @@ from featsvm.names import MODELS
 def command(
     data_dir: Path, split_path: Path, model: str | None, weights: str | None,
     weights_dir: str | None, epochs: int | None, batch_size: int | None, lr: float | None,
-    freeze: str | None, cache_frozen: bool | None, seed: int | None, device: str | None,
-    precision: str | None,
+    freeze: str | None, cache_frozen: bool | None, seed: int | None, cv_folds: int | None,
+    device: str | None, precision: str | None,
     runs_dir: Path, config_path: Path | None, resume_dir: Path | None, no_resume: bool,
 ) -> None:
     """Train an end-to-end CNN (basic-cnn from scratch, or fine-tune a pretrained backbone)
@@ -64,11 +71,16 @@ def command(
                              cache_frozen=cache_frozen, seed=seed, device=device,
                              precision=precision)
         resume: Path | bool = resume_dir if resume_dir is not None else not no_resume
+        if cv_folds is not None:
+            _cross_validate(data_dir, split_path, cfg, cv_folds, weights, weights_dir, runs_dir,
+                            resume)
+            return
         result = finetune(data_dir, split_path, cfg, weights=weights, weights_dir=weights_dir,
                           runs_dir=runs_dir, resume=resume, progress=options.progress())
     except KeyboardInterrupt:
-        click.echo("\ninterrupted: the last finished epoch is checkpointed; run the same command "
-                   "again to resume from it (or pass --no-resume to start over)", err=True)
+        click.echo("\ninterrupted: the last finished epoch (and with --cv every finished fold) "
+                   "is checkpointed; run the same command again to resume from it (or pass "
+                   "--no-resume to start over)", err=True)
         raise SystemExit(130) from None
     rec = result.record
     assert rec is not None
@@ -103,3 +115,26 @@ def command(
         click.echo(line)
     if result.skipped:
         click.echo(f"{len(result.skipped)} image(s) skipped (listed in config.json 'skipped')")
+
+
+def _cross_validate(data_dir: Path, split_path: Path, cfg: FinetuneConfig, folds: int,
+                    weights: str | None, weights_dir: str | None, runs_dir: Path,
+                    resume: Path | bool) -> None:
+    """`featsvm finetune --cv K`: `featsvm.models.finetune_cv.finetune_cv` and its summary."""
+    from featsvm.cli.cv import summary
+    from featsvm.models.finetune_cv import finetune_cv
+
+    out = finetune_cv(data_dir, split_path, cfg, folds, weights=weights,
+                      weights_dir=weights_dir, runs_dir=runs_dir, resume=resume,
+                      progress=options.progress())
+    rec = out.record
+    c, pooled = rec.config, rec.metrics["pooled"]
+    reused = folds - len(out.folds_trained)
+    click.echo(f"{c['model']}  ({c['weights'].get('label', '')}); {folds}-fold CV over "
+               f"{pooled['n']} images in {pooled['n_groups']} groups"
+               + (f"; {reused} fold(s) read back from an earlier call" if reused else ""))
+    click.echo(summary(rec.metrics) + "\n(%, 95 % CI by bootstrap over duplicate groups)")
+    click.echo(f"training {c['timing']['fit_seconds']:.0f} s, decoding "
+               f"{c['timing']['preload_seconds']:.0f} s; run record: {rec.path}")
+    if out.skipped:
+        click.echo(f"{len(out.skipped)} image(s) skipped (listed in config.json 'skipped')")

@@ -119,10 +119,11 @@ def run_row(run: RunRecord, split: str = "test") -> dict[str, Any]:
 
 
 def run_order(run: RunRecord) -> tuple:
-    """Sort key of runs in the table and the report: heads first, then end-to-end models;
-    each group by backbone, head, model name and run id."""
+    """Sort key of runs in the table and the report: heads first, then end-to-end models
+    (pooled-CV runs of either the same way); each group by backbone, head, model name and run
+    id."""
     c = run.config
-    return (c.get("kind") != "head", str(c.get("backbone") or ""), str(c.get("head") or ""),
+    return (not c.get("head"), str(c.get("backbone") or ""), str(c.get("head") or ""),
             str(c.get("model") or ""), run.run_id)
 
 
