@@ -12,7 +12,8 @@ before it is loaded, and
   running code);
 * an **end-to-end** run (``kind = "end_to_end"``) rebuilds the CNN from its checkpoint
   (`featsvm.models.finetune.load_finetuned`) and evaluates exactly as training evaluated (pixels
-  rounded to uint8 after the transform, then normalised).
+  rounded to uint8 after the transform, then normalised; with the cell view, the mean of the
+  probabilities of the image's cells).
 
 A file that cannot be read or decoded is reported by name and skipped; the others are
 predicted.
@@ -240,26 +241,38 @@ class Predictor:
 
         from featsvm.device import check_precision, resolve_device
         from featsvm.evaluation.calibration import apply_temperature
-        from featsvm.models.networks import load_finetuned, predict_proba
-        from featsvm.models.pixels import Normaliser
+        from featsvm.models.networks import load_finetuned, normaliser_for, predict_proba
+        from featsvm.models.pixels import pool_rows
 
         net, transform, cfg = load_finetuned(record.path)  # checks the sidecar first
         dev = resolve_device(device)
         precision = str(cfg.get("precision") or "fp32")
         check_precision(dev, precision)
         net = net.to(dev)
-        normaliser = Normaliser.probe(transform)
+        from featsvm.features.preprocessing import Preprocessing
+
+        normaliser = normaliser_for(Preprocessing.from_json(cfg.get("preprocessing") or {}))
         temperature = (cfg.get("calibration") or {}).get("temperature")
 
+        def inputs(im: Any) -> torch.Tensor:  # [k, 3, H, W]: k cells, or the one field
+            x = transform(im)
+            return x if x.dim() == 4 else x.unsqueeze(0)
+
         def proba(images: list[Any]) -> np.ndarray:
-            # as in training: transform, keep as uint8, normalise per batch
-            pixels = torch.stack([normaliser.to_uint8(transform(im)) for im in images])
-            p = predict_proba(net, pixels, normaliser, dev, precision,
-                              batch_size=max(1, len(images)))
+            # as in training: transform, keep as uint8, normalise per batch; with the cell
+            # view an image's probabilities are the mean of its cells'
+            stacks = [normaliser.to_uint8(inputs(im)) for im in images]
+            owner = np.repeat(np.arange(len(stacks)), [len(t) for t in stacks])
+            p = predict_proba(net, torch.cat(stacks), normaliser, dev, precision,
+                              batch_size=max(1, len(owner)))
+            p = pool_rows(p, owner, len(stacks))
             # the run's temperature (fitted on its val split), as its predictions.csv has it
             return p if temperature is None else apply_temperature(p, float(temperature))
 
-        return cls(record, proba, transform, net=net, normaliser=normaliser, device=dev)
+        def first(im: Any) -> Any:  # one tensor [3, H, W] per image (the field, or its
+            return inputs(im)[0]  # largest cell in the cell view), for featsvm.explain
+
+        return cls(record, proba, first, net=net, normaliser=normaliser, device=dev)
 
 
 def _load_recorded_backbone(

@@ -289,12 +289,15 @@ def find_head_run(
     return None
 
 
-def finetune_fingerprint(model: str, study: Study, split_sha: str, data_dir: Path) -> str:
+def finetune_fingerprint(model: str, study: Study, split_sha: str, data_dir: Path,
+                         split_path: Path | None = None) -> str:
     """The fingerprint `featsvm.models.finetune` records for this model, computed without training
     (weights are only resolved and hashed, not loaded into a model)."""
     from featsvm.models import finetune as ft
 
     cfg = study.finetune.for_model(model)
+    options = (ft.image_options(cfg, split_path, data_dir).to_dict()
+               if cfg.input != "field" and split_path is not None else None)
     if model == ft.BASIC_CNN:
         weights = WeightsId.none()
     else:
@@ -303,7 +306,7 @@ def finetune_fingerprint(model: str, study: Study, split_sha: str, data_dir: Pat
         _spec, info, _pre = describe(model, _weights_for(study.study, model),
                                      _weights_dir(study.study))
         weights = WeightsId.from_info(info)
-    return ft.fingerprint(cfg, split_sha, weights, data_dir)
+    return ft.fingerprint(cfg, split_sha, weights, data_dir, options)
 
 
 def find_finetune_run(runs: list[RunRecord], fp: str) -> RunRecord | None:
@@ -530,7 +533,8 @@ class StudyRun:
     def finetune(self, model: str) -> StepOutcome:
         from featsvm.models.finetune import finetune
 
-        fp = finetune_fingerprint(model, self.study, self.manifest.sha256, self.data)
+        fp = finetune_fingerprint(model, self.study, self.manifest.sha256, self.data,
+                                  self.manifest.path)
         existing, _ = list_runs(self.runs_dir)
         found = find_finetune_run(existing, fp)
         if found is not None:

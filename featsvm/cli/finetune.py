@@ -31,6 +31,15 @@ if TYPE_CHECKING:
 @click.option("--cache-frozen/--no-cache-frozen", default=None,
               help="Run the frozen layers once and train on their stored outputs (CPU speed-up; "
               "augmentation limited to cached flips/rotations).")
+@options.image_options(help_by_option={
+    "view": "What the network sees: field (the whole image) or cells (each white cell cropped "
+            "on black at a normalised scale, trained with its image's label; an image's "
+            "probabilities are the mean of its cells'). Default: [finetune] input, else field.",
+    "stain": "reinhard: normalise colours to a reference from the TRAIN images of --split.",
+    "colour": "grey / hematoxylin: colour-free input."})
+@click.option("--stain-jitter", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help="HED-space stain augmentation strength for training (0 = off; e.g. 0.05). "
+              "Default: [finetune] stain_jitter, else 0.")
 @click.option("--seed", type=int, default=None)
 @click.option("--cv", "cv_folds", type=click.IntRange(2), default=None,
               help="Pooled, grouped K-fold cross-validation over every image of SPLIT instead "
@@ -51,7 +60,8 @@ if TYPE_CHECKING:
 def command(
     data_dir: Path, split_path: Path, model: str | None, weights: str | None,
     weights_dir: str | None, epochs: int | None, batch_size: int | None, lr: float | None,
-    freeze: str | None, cache_frozen: bool | None, seed: int | None, cv_folds: int | None,
+    freeze: str | None, cache_frozen: bool | None, view: str, stain: str, colour: str,
+    mask_annotation: bool, stain_jitter: float | None, seed: int | None, cv_folds: int | None,
     device: str | None, precision: str | None,
     runs_dir: Path, config_path: Path | None, resume_dir: Path | None, no_resume: bool,
 ) -> None:
@@ -69,14 +79,25 @@ def command(
                 if config_path else FinetuneConfig())
         cfg = base.for_model(model, epochs=epochs, batch_size=batch_size, lr=lr, freeze=freeze,
                              cache_frozen=cache_frozen, seed=seed, device=device,
-                             precision=precision)
+                             precision=precision, stain_jitter=stain_jitter)
+        prep = None  # the config's input, unless an image option is given here
+        if (view, stain, colour, mask_annotation) != ("field", "none", "rgb", False):
+            from featsvm.features.preprocess import resolve_options
+
+            prep = resolve_options(view, stain, colour, split_path, data_dir, mask_annotation)
         resume: Path | bool = resume_dir if resume_dir is not None else not no_resume
         if cv_folds is not None:
+            if prep is not None:
+                from featsvm.errors import UsageError
+
+                raise UsageError("finetune --cv trains on the whole field only: leave out "
+                                 "--view/--stain/--colour/--mask-annotation")
             _cross_validate(data_dir, split_path, cfg, cv_folds, weights, weights_dir, runs_dir,
                             resume)
             return
         result = finetune(data_dir, split_path, cfg, weights=weights, weights_dir=weights_dir,
-                          runs_dir=runs_dir, resume=resume, progress=options.progress())
+                          runs_dir=runs_dir, resume=resume, progress=options.progress(),
+                          options=prep)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: the last finished epoch (and with --cv every finished fold) "
                    "is checkpointed; run the same command again to resume from it (or pass "
@@ -86,6 +107,7 @@ def command(
     assert rec is not None
     t = rec.config["timing"]
     click.echo(f"run record: {rec.path}")
+    click.echo(f"input:      {rec.config['inputs']}")
     click.echo(f"epochs run {result.epochs_done}, best epoch {result.best_epoch} "
                f"(val {cfg.select_metric} {rec.config['best_val_score']:.4f}); training "
                f"{t['fit_seconds']:.0f} s, decoding {t['preload_seconds']:.0f} s")

@@ -74,7 +74,13 @@ from featsvm.fileio import (
     write_text_atomic,
 )
 from featsvm.labels import LABELS
-from featsvm.models.networks import FinetuneError, apply_freeze, build_model, split_trunk
+from featsvm.models.networks import (
+    FinetuneError,
+    apply_freeze,
+    build_model,
+    normaliser_for,
+    split_trunk,
+)
 from featsvm.models.pixels import (
     ImageSet,
     Normaliser,
@@ -126,6 +132,12 @@ class FinetuneConfig:
     color_jitter: float = 0.1  # +-10 % brightness, contrast, saturation
     # HED-space stain augmentation strength (models.pixels.hed_jitter); 0 = off. Training only.
     stain_jitter: float = 0.0
+    # What the network sees, as a study input name (featsvm.features.preprocess.parse_input):
+    # "field" (the whole image), "cells" (each white cell cropped on black; the network is
+    # trained on cells carrying their image's label and an image's probabilities are the mean
+    # of its cells'), "+reinhard" (stain-normalised to the split's train images), "+grey" /
+    # "+hematoxylin" (colour-free). Part of the preprocessing record and the fingerprint.
+    input: str = "field"
     select_metric: str = "macro_f1"
     patience: int = 5  # epochs without val improvement before stopping; 0 = never stop early
     # Wall-clock cap on training (minutes, 0 = none; the frozen-trunk cache counts): no epoch
@@ -174,6 +186,13 @@ class FinetuneConfig:
             raise ConfigError("[finetune] color_jitter must be in [0, 1)")
         if not 0.0 <= self.stain_jitter < 1.0:
             raise ConfigError("[finetune] stain_jitter must be in [0, 1)")
+        from featsvm.errors import UsageError
+        from featsvm.features.preprocess import parse_input
+
+        try:
+            parse_input(self.input)
+        except UsageError as exc:
+            raise ConfigError(f"[finetune] input: {exc}") from None
         return self
 
     def for_model(self, model: str | None = None, **changes: Any) -> FinetuneConfig:
@@ -203,19 +222,22 @@ def finetune_config(doc: dict[str, Any] | None, source: str = "") -> FinetuneCon
 
 
 def fingerprint(cfg: FinetuneConfig, split_sha256: str, weights: WeightsId,
-                data_dir: Path) -> str:
-    """What makes two training runs the same run (device, threads and CIs left out)."""
+                data_dir: Path, image_options: dict[str, Any] | None = None) -> str:
+    """What makes two training runs the same run (device, threads and CIs left out).
+    `image_options`: the non-default image options of the inputs (`ImageOptions.to_dict`,
+    with the stain reference), which replace the ``input`` name."""
     settings = _plain(cfg)
     for key in ("models", "overrides", "device", "threads", "workers", "n_boot",
-                "cache_max_gb", "target_error"):
+                "cache_max_gb", "target_error", "input"):
         settings.pop(key)
     if not settings.get("stain_jitter"):  # off: fingerprints of earlier runs stay valid
         settings.pop("stain_jitter", None)
-    blob = json.dumps(
-        {"settings": settings, "split": split_sha256, "weights": weights.to_json(),
-         "data_dir": str(Path(data_dir).resolve())},
-        sort_keys=True, default=list,
-    )
+    content: dict[str, Any] = {"settings": settings, "split": split_sha256,
+                               "weights": weights.to_json(),
+                               "data_dir": str(Path(data_dir).resolve())}
+    if image_options:  # the plain field view: fingerprints of earlier runs stay valid
+        content["image_options"] = image_options
+    blob = json.dumps(content, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -324,7 +346,8 @@ def cache_trunk(
     x0 = normaliser(first).to(device)
     shape = tuple(trunk(x0).shape[1:])
     per = int(np.prod(shape)) * 4
-    n_total = cfg.cache_views * len(sets["train"]) + len(sets["val"]) + len(sets["test"])
+    n_total = (cfg.cache_views * sets["train"].n_inputs + sets["val"].n_inputs
+               + sets["test"].n_inputs)
     if per * n_total > cfg.cache_max_gb * 1e9:
         raise FinetuneError(
             f"the frozen-trunk cache would take {per * n_total / 1e9:.1f} GB ({shape} per "
@@ -335,7 +358,7 @@ def cache_trunk(
     jobs: list[tuple[str, int]] = [("train", v) for v in range(cfg.cache_views)]
     jobs += [("val", 0), ("test", 0)]
     out: dict[str, list[torch.Tensor]] = {"train": [], "val": [], "test": []}
-    total = sum(len(sets[name]) for name, _ in jobs)
+    total = sum(sets[name].n_inputs for name, _ in jobs)
     bar = tqdm(total=total, desc="frozen trunk", disable=not progress, unit="img", leave=False)
     for name, view in jobs:
         pixels = sets[name].pixels
@@ -371,6 +394,13 @@ def _predict(feeder: PixelFeeder | CachedFeeder, split: str, n: int) -> np.ndarr
             logits = feeder.net(feeder.eval(split, sl))
         out.append(torch.softmax(logits.float(), dim=1).cpu().double())
     return torch.cat(out).numpy() if out else np.zeros((0, len(LABELS)))
+
+
+def _predict_images(feeder: PixelFeeder | CachedFeeder, split: str, images: ImageSet
+                    ) -> np.ndarray:
+    """Probabilities per image of a split: the mean over its inputs (cells) when an image
+    gives several (`ImageSet.pool`)."""
+    return images.pool(_predict(feeder, split, images.n_inputs))
 
 
 def _val_scores(proba: np.ndarray, targets: torch.Tensor) -> dict[str, float]:
@@ -534,8 +564,12 @@ def finetune(
     resume: str | os.PathLike[str] | bool = True,
     progress: bool = True,
     max_epochs_this_call: int | None = None,
+    options: Any = None,
 ) -> FinetuneResult:
     """Train `cfg.model` on the split's train images and write a run record.
+
+    `options`: the `featsvm.features.preprocess.ImageOptions` of the inputs (view, stain,
+    colour, annotation mask); default: resolved from ``cfg.input`` (`image_options`).
 
     `resume`: True = continue a matching unfinished run under `runs_dir` if there is one;
     False = always start a new run; a path = continue that run folder (its fingerprint must
@@ -552,10 +586,16 @@ def finetune(
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
 
+    if options is None:
+        options = image_options(cfg, split, data_dir)
+    else:  # recorded with the run's settings
+        from featsvm.features.preprocess import input_name
+
+        cfg = dataclasses.replace(cfg, input=input_name(options))
     torch.manual_seed(cfg.seed)  # head initialisation
-    built = build_model(cfg.model, cfg, weights, weights_dir)
+    built = build_model(cfg.model, cfg, weights, weights_dir, options)
     frozen_until = apply_freeze(built, cfg.freeze)
-    fp = fingerprint(cfg, manifest.sha256, built.weights, data_dir)
+    fp = fingerprint(cfg, manifest.sha256, built.weights, data_dir, options.to_dict())
     run_dir = run_folder(resume, Path(runs_dir), fp, cfg.model)
 
     # one process per run folder (a second identical command is refused, not merged)
@@ -563,7 +603,7 @@ def finetune(
         for tmp in remove_temp_files(run_dir):
             logger.warning("removed %s, left in %s by a save that was killed", tmp.name,
                            run_dir)
-        images = load_images(data_dir, manifest, built.transform, cfg, progress, split)
+        images = load_images(data_dir, manifest, built, cfg, progress, split)
         feeder, augmentation, cache_seconds = make_feeder(built, images, cfg, device, progress)
         opt = Optimisation.build(built.model, built.backbone, images.sets["train"].targets, cfg,
                                  device)
@@ -584,6 +624,15 @@ def finetune(
 
 
 # ---------------------------------------------------------------- the steps of finetune()
+
+
+def image_options(cfg: FinetuneConfig, split: str | os.PathLike[str],
+                  data_dir: str | os.PathLike[str] | None) -> Any:
+    """The `ImageOptions` of ``cfg.input`` (a Reinhard reference from the split's train
+    images, computed once and kept next to the manifest)."""
+    from featsvm.features.preprocess import parse_input, resolve_options
+
+    return resolve_options(*parse_input(cfg.input), split, data_dir)
 
 
 def run_folder(resume: str | os.PathLike[str] | bool, runs_dir: Path, fp: str,
@@ -628,15 +677,16 @@ class TrainImages:
     seconds: float
 
 
-def load_images(data_dir: Path, manifest: Manifest, transform: Any, cfg: FinetuneConfig,
+def load_images(data_dir: Path, manifest: Manifest, built: Any, cfg: FinetuneConfig,
                 progress: bool, split: str | os.PathLike[str]) -> TrainImages:
-    """Decode every image of the three splits once (`featsvm.models.pixels.preload`)."""
+    """Decode every image of the three splits once (`featsvm.models.pixels.preload`); with
+    the cell view every image gives its cell crops."""
     t0 = time.perf_counter()
-    normaliser = Normaliser.probe(transform)
+    normaliser = normaliser_for(built.preprocessing)
     sets: dict[str, ImageSet] = {}
     skipped: list[tuple[str, str]] = []
     for name in ("train", "val", "test"):
-        sets[name], sk = preload(data_dir, manifest.subset(name), transform, normaliser,
+        sets[name], sk = preload(data_dir, manifest.subset(name), built.transform, normaliser,
                                  cfg.workers, progress, desc=f"decode {name}")
         skipped.extend(sk)
     seconds = time.perf_counter() - t0
@@ -660,7 +710,9 @@ def make_feeder(built: Any, images: TrainImages, cfg: FinetuneConfig, device: to
         model.to(memory_format=torch.channels_last)
     if not cfg.cache_frozen:
         augmentation = (f"per batch: flips, 90-degree rotations, colour jitter "
-                        f"+-{cfg.color_jitter:g}" if cfg.augment else "none")
+                        f"+-{cfg.color_jitter:g}"
+                        + (f", HED stain jitter {cfg.stain_jitter:g}" if cfg.stain_jitter
+                           else "") if cfg.augment else "none")
         return PixelFeeder(model, images.sets, images.normaliser, cfg, device), augmentation, 0.0
     if built.backbone is None:
         raise FinetuneError("cache_frozen applies to pretrained backbones, not basic-cnn")
@@ -797,8 +849,16 @@ class Training:
         logger.info(f"{self.cfg.model}: {self.n_trainable:,} of {self.n_params:,} parameters "
                     f"trainable{f' (frozen up to {frozen_until})' if frozen_until else ''}; "
                     f"{len(sets['train'])} train / {len(sets['val'])} val / {len(sets['test'])} "
-                    f"test images on {self.device}, {self.opt.steps_per_epoch} steps per epoch; "
+                    f"test images{self._inputs_note()} on {self.device}, "
+                    f"{self.opt.steps_per_epoch} steps per epoch; "
                     f"run folder {self.run_dir}")
+
+    def _inputs_note(self) -> str:
+        sets = self.images.sets
+        if all(v.owner is None for v in sets.values()):
+            return ""
+        return (f" ({sets['train'].n_inputs} / {sets['val'].n_inputs} / "
+                f"{sets['test'].n_inputs} cell inputs)")
 
     def run(self, max_epochs_this_call: int | None = None) -> bool:
         """Train until the last epoch, early stopping or the time budget (True), or until
@@ -836,7 +896,7 @@ class Training:
         tr_loss, tr_acc = _train_epoch(self.feeder, train_set.targets, opt.optimizer, opt.scheduler,
                                        opt.scaler, opt.criterion, cfg, self.device, st.epoch,
                                        self.progress)
-        val = _val_scores(_predict(self.feeder, "val", len(val_set)), val_set.targets)
+        val = _val_scores(_predict_images(self.feeder, "val", val_set), val_set.image_targets)
         seconds = time.perf_counter() - te
         st.train_seconds += seconds
         st.epoch += 1
@@ -893,7 +953,7 @@ def write_record(training: Training, manifest: Manifest, built: Any, images: Tra
     eval_rows: list[ManifestRow] = []
     probas: list[np.ndarray] = []
     for name in ("val", "test"):
-        probas.append(_predict(training.feeder, name, len(images.sets[name])))
+        probas.append(_predict_images(training.feeder, name, images.sets[name]))
         eval_rows.extend(images.sets[name].rows)
     raw = np.concatenate(probas) if probas else np.zeros((0, len(LABELS)))
     predict_seconds = time.perf_counter() - tp
@@ -987,8 +1047,21 @@ def _record_config(training: Training, manifest: Manifest, built: Any, images: T
         "resumed": st.resumed_from > 0,
         "fingerprint": training.fp,
         "n_images": {k: len(v) for k, v in images.sets.items()},
+        "n_inputs": {k: v.n_inputs for k, v in images.sets.items()},
+        "inputs": _inputs_description(built.preprocessing),
         "skipped": [{"relpath": r, "reason": why} for r, why in images.skipped],
     }
+
+
+def _inputs_description(pre: Any) -> str:
+    """How an image becomes the network's inputs and its prediction, in words."""
+    opts = pre.options
+    text = opts.describe()
+    if opts.view == "cells":
+        text += ("; trained on the cells, each carrying its image's label; an image's "
+                 "probabilities are the mean of its cells' (a field without a detected cell "
+                 "is one input, the whole field resized)")
+    return text
 
 
 def _train_batches(n: int, batch_size: int) -> Iterator[slice]:

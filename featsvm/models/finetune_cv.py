@@ -182,6 +182,11 @@ def finetune_cv(
     groups = np.asarray([r.group for r in manifest.rows])
     fold_parts = outer_folds(y, groups, folds, cfg.seed)  # the folds of `featsvm cv`
 
+    if cfg.input != "field":
+        raise FinetuneError(f"finetune --cv trains on the whole field only, not [finetune] input "
+                            f"{cfg.input!r} (the cell view gives several inputs per image); "
+                            "use `featsvm finetune --view cells` with the split, or `featsvm cv` "
+                            "on a cell-view feature cache")
     probe = build_model(cfg.model, cfg, weights, weights_dir)  # weights id and transform
     cv_fp = cv_fingerprint(fingerprint(cfg, manifest.sha256, probe.weights, data_dir), folds)
     run_dir = _cv_folder(resume, Path(runs_dir), cv_fp, cfg.model)

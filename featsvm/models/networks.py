@@ -77,11 +77,41 @@ def _basic_spec(cfg: NetworkOptions) -> BasicCNNSpec:
                         cfg.basic_cnn_dropout)
 
 
+def inputs_transform(pre: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> normalised tensor, as `pre` describes it: [3, H, W] for the plain
+    whole field (the backbone's transform), [k, 3, H, W] when it has image options (view,
+    stain, colour, mask; `Preprocessing.image_transform`: k = the number of cell crops in the
+    cell view, else 1)."""
+    from featsvm.features.preprocess import ImageOptions
+
+    if pre.options != ImageOptions():
+        return pre.image_transform()
+    return pre.transform()
+
+
+def normaliser_for(pre: Preprocessing) -> Normaliser:
+    """The input normalisation of `pre`, probed on the backbone's own transform (stain
+    normalisation or colour removal would move the probe's black and white)."""
+    return Normaliser.probe(pre.transform())
+
+
+def _with_options(pre: Preprocessing, options: Any, cell_size: int | None = None
+                  ) -> Preprocessing:
+    """`pre` with the image options (as `extract` records them); the basic CNN's fixed input
+    size sets the cell crop size (its dense layer needs it)."""
+    if options is None:
+        return pre
+    if cell_size is not None and options.view == "cells":
+        options = dataclasses.replace(options, cell_size=cell_size)
+    return pre.with_options(options)
+
+
 def build_model(
     model: str,
     cfg: NetworkOptions,
     weights: str | None = None,
     weights_dir: str | os.PathLike[str] | None = None,
+    options: Any = None,
 ) -> BuiltModel:
     """The network to train, its preprocessing and its weights provenance."""
     from featsvm.features.backbones import load_backbone
@@ -90,17 +120,17 @@ def build_model(
         if weights not in (None, "none"):
             raise FinetuneError("basic-cnn is trained from scratch: it takes no --weights")
         spec = _basic_spec(cfg)
-        pre = basic_cnn_preprocessing(spec)
+        pre = _with_options(basic_cnn_preprocessing(spec), options, spec.input_size)
         return BuiltModel(
-            BasicCNN(len(LABELS), spec), pre, pre.transform(), None, WeightsId.none(),
+            BasicCNN(len(LABELS), spec), pre, inputs_transform(pre), None, WeightsId.none(),
             {"kind": BASIC_CNN, "spec": dataclasses.asdict(spec)},
         )
     if model not in BACKBONES:
         raise FinetuneError(f"unknown model {model!r}; use one of {', '.join(MODELS)}")
     loaded = load_backbone(model, weights=weights, weights_dir=weights_dir)
     net = FinetuneModel(loaded.embedder, int(loaded.dim), len(LABELS), cfg.head_dropout)
-    pre = loaded.preprocessing
-    return BuiltModel(net, pre, pre.transform(), model, WeightsId.from_info(loaded.weights),
+    pre = _with_options(loaded.preprocessing, options)
+    return BuiltModel(net, pre, inputs_transform(pre), model, WeightsId.from_info(loaded.weights),
                       {"kind": "backbone", "backbone": model, "dim": int(loaded.dim),
                        "head_dropout": cfg.head_dropout}, loaded.model)
 
@@ -198,7 +228,8 @@ def predict_proba(
 
 def load_finetuned(run_dir: str | os.PathLike[str]
                    ) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
-    """(model in eval mode, PIL->tensor transform, config) of an end-to-end run record.
+    """(model in eval mode, PIL->tensor transform, config) of an end-to-end run record. The
+    transform gives [k, 3, H, W] for runs trained with image options (`inputs_transform`).
 
     The checkpoint is checked against its sidecar and config.json first; the file is loaded with
     ``weights_only=True`` (no code runs). The backbone architecture is rebuilt from its spec
@@ -229,4 +260,4 @@ def load_finetuned(run_dir: str | os.PathLike[str]
         net = FinetuneModel(loaded.embedder, int(arch["dim"]), len(LABELS), arch["head_dropout"])
     net.load_state_dict(ck["state_dict"])
     net.eval()
-    return net, pre.transform(), record.config
+    return net, inputs_transform(pre), record.config

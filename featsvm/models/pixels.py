@@ -3,6 +3,11 @@
 Every train/val/test image is decoded **once** (sha256 checked against the split manifest)
 into uint8 at the model's input geometry; `Normaliser` recovers the transform's mean/std so
 that batches are normalised after augmentation, exactly as `predict` normalises.
+
+An image may give several inputs: with the cell view (`featsvm.features.preprocess`) the
+transform returns one crop per white cell, ``[k, 3, H, W]``. Each input then carries its
+image's label for training, and an image's probabilities are the mean of its inputs'
+(`ImageSet.pool`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -30,14 +36,42 @@ def batches(n: int, size: int) -> Iterator[slice]:
 
 @dataclass
 class ImageSet:
-    """Decoded images of one split: uint8 pixels [N, 3, H, W] and integer targets."""
+    """Decoded images of one split: uint8 inputs [M, 3, H, W] with their integer targets, and
+    `owner` (the image row of every input) when an image gives several inputs (cells)."""
 
     rows: list[ManifestRow]
     pixels: torch.Tensor
-    targets: torch.Tensor
+    targets: torch.Tensor  # per input
+    owner: torch.Tensor | None = None  # [M] image index of each input; None: one per image
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.pixels)
+
+    @property
+    def image_targets(self) -> torch.Tensor:
+        """One target per image (row)."""
+        return torch.tensor([LABELS.index(r.label) for r in self.rows], dtype=torch.int64)
+
+    def pool(self, proba: np.ndarray) -> np.ndarray:
+        """Per-input probabilities [M, C] -> per-image [N, C]: the mean over each image's
+        inputs (identity with one input per image)."""
+        return pool_rows(proba, self.owner, len(self.rows))
+
+
+def pool_rows(values: np.ndarray, owner: torch.Tensor | np.ndarray | None, n: int
+              ) -> np.ndarray:
+    """Mean of the rows of `values` that share an `owner` index (0..n-1); `owner` None: as is."""
+    if owner is None:
+        return values
+    idx = np.asarray(owner, dtype=np.int64)
+    sums = np.zeros((n, values.shape[1]), dtype=np.float64)
+    np.add.at(sums, idx, values)
+    counts = np.bincount(idx, minlength=n).astype(np.float64)
+    return sums / np.maximum(counts, 1.0)[:, None]
 
 
 @dataclass(frozen=True)
@@ -55,6 +89,8 @@ class Normaliser:
         dict calls its keys, and guarantees training normalises exactly as predict does."""
         black = transform(Image.new("RGB", (size, size), (0, 0, 0))).float()
         white = transform(Image.new("RGB", (size, size), (255, 255, 255))).float()
+        if black.dim() == 4:  # a transform giving [k, 3, H, W] (views with several inputs)
+            black, white = black[0], white[0]
         lo = black.mean(dim=(1, 2))
         hi = white.mean(dim=(1, 2))
         std = 1.0 / (hi - lo)
@@ -68,7 +104,8 @@ class Normaliser:
         return (x - mean) / std
 
     def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of __call__ for one image [3, H, W], rounded back to uint8."""
+        """Inverse of __call__ for one image [3, H, W] (or its inputs [k, 3, H, W]), rounded
+        back to uint8."""
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (x.float() * std + mean).mul(255.0).round().clamp(0, 255).to(torch.uint8)
@@ -83,7 +120,8 @@ def preload(
     progress: bool = True,
     desc: str = "decode",
 ) -> tuple[ImageSet, list[tuple[str, str]]]:
-    """Decode, check (sha256 against the manifest) and transform `rows` once.
+    """Decode, check (sha256 against the manifest) and transform `rows` once. A transform
+    may return [3, H, W] (one input per image) or [k, 3, H, W] (k inputs, e.g. cells).
 
     Returns the image set and the skipped files as (relpath, reason).
     """
@@ -115,8 +153,14 @@ def preload(
                 kept.append(row)
                 tensors.append(out)
     empty = torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
-    pixels = torch.stack(tensors) if tensors else empty
+    several = any(t.dim() == 4 for t in tensors)
+    stacks = [t if t.dim() == 4 else t.unsqueeze(0) for t in tensors]
+    pixels = torch.cat(stacks) if tensors else empty
+    owner = torch.cat([torch.full((len(t),), i, dtype=torch.int64)
+                       for i, t in enumerate(stacks)]) if tensors else None
     targets = torch.tensor([LABELS.index(r.label) for r in kept], dtype=torch.int64)
+    if several and owner is not None:
+        return ImageSet(kept, pixels, targets[owner], owner), skipped
     return ImageSet(kept, pixels, targets), skipped
 
 
