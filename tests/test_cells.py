@@ -41,6 +41,26 @@ def test_detector_finds_planted_cells():
     assert 20 <= det.cells[0].diameter <= 32
 
 
+def test_dark_blue_violet_lymphoid_cells_are_found():
+    """Small dark blue-violet nuclei (R low: the hematogones of benign fields) next to a pale
+    pink-violet cell: detector version 2 (B - G) finds all of them; version 1 (min(R, B) - G)
+    missed the dark ones, which is why it was replaced."""
+    from featsvm.features.cells import DETECTOR_VERSIONS
+
+    dark = [(50, 50, 6), (50, 170, 6), (170, 60, 7), (170, 170, 6)]
+    img = np.asarray(field(dark + [(110, 110, 14)], red_cells=12)).copy()
+    yy, xx = np.mgrid[0:224, 0:224]
+    for cy, cx, r in dark:
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] = (60, 35, 170)
+    big = (yy - 110) ** 2 + (xx - 110) ** 2 < 14 ** 2
+    img[big] = (190, 120, 200)
+    found = {(round(c.centroid[0] / 10), round(c.centroid[1] / 10))
+             for c in detect(Image.fromarray(img)).cells}
+    assert found == {(5, 5), (5, 17), (17, 6), (17, 17), (11, 11)}
+    old = detect(Image.fromarray(img), DETECTOR_VERSIONS[1]).cells
+    assert len(old) < 5
+
+
 def test_size_filter_drops_specks_and_smudges():
     det = detect(field([(60, 60, 14), (150, 60, 3), (150, 160, 60)]))
     assert [(round(c.centroid[0]), round(c.centroid[1])) for c in det.cells] == [(60, 60)]

@@ -27,6 +27,20 @@ def test_defaults_leave_the_fingerprint_unchanged_and_options_change_it():
     assert len(prints) == 3
 
 
+def test_the_detector_version_is_recorded_and_old_records_keep_the_first():
+    from featsvm.features.cells import DETECTOR_VERSION
+
+    new = ImageOptions(view="cells").to_dict()
+    assert new["detector"] == DETECTOR_VERSION == 2
+    old = {"view": "cells", "cell_size": 112, "max_cells": 3}  # written before versions
+    assert ImageOptions.from_preprocessing(old).detector == 1
+    assert ImageOptions.from_preprocessing(old).to_dict() == old  # same fingerprint as before
+    assert ImageOptions.from_preprocessing(new).to_dict() == new
+    assert "detector" not in ImageOptions().to_dict()  # the field view has no detector
+    with pytest.raises(UsageError, match="detector version"):
+        ImageOptions(view="cells", detector=9)
+
+
 def test_option_values_are_checked():
     with pytest.raises(UsageError):
         ImageOptions(view="tiles")

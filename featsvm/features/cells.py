@@ -2,12 +2,16 @@
 
 Detection (stain-aware nucleus-colour threshold, scikit-image throughout):
 
-1. *Nucleus colour score*: Romanowsky-stained white-cell nuclei and blast cytoplasm are purple
-   (red and blue high, green low); red cells and background are pink/grey/blue with a green
-   channel close to min(red, blue). The score is ``min(R, B) - G`` on the [0, 1] image, smoothed
-   with a Gaussian (``skimage.filters.gaussian``). It separates white cells from red cells in
-   all four Taleqani colour regimes (purple, grey-blue, steel-blue and pink Pro-B fields), where
-   the hematoxylin channel of ``skimage.color.rgb2hed`` also lights up the dark red cells.
+1. *Nucleus colour score*: Romanowsky-stained white-cell nuclei absorb green far more than
+   blue: dark blue-violet lymphoid nuclei (the hematogones of the benign fields, R low), purple
+   blasts and pink-violet Pro-B cells (R high) all have blue far above green, while red cells
+   and background are pink / grey / grey-blue with blue close to green. The score (detector
+   version 2, ``score = "blue"``) is ``B - G`` on the [0, 1] image, smoothed with a Gaussian
+   (``skimage.filters.gaussian``). Version 1 used ``min(R, B) - G`` ("purple"), which is low
+   for the dark blue-violet nuclei (R low): in benign fields it missed most small dark cells
+   and boxed pale red cells instead (seen in ``featsvm cells --preview`` contact sheets of
+   Taleqani training fields). The hematoxylin channel of ``skimage.color.rgb2hed`` also
+   lights up the dark red cells.
 2. *Adaptive threshold*: ``median + rel_threshold * (p99.5 - median)`` of the score, i.e.
    halfway between the field's typical pixel and its most purple pixels (at least
    ``min_margin`` above the median, so pale fields do not promote red cells); a field whose
@@ -17,6 +21,9 @@ Detection (stain-aware nucleus-colour threshold, scikit-image throughout):
    (``skimage.segmentation.watershed`` seeded by ``skimage.feature.peak_local_max``).
 4. *Size filter*: regions whose area is below ``min_area_frac`` or above ``max_area_frac`` of the
    image area (platelets, debris, the burnt-in scale annotation; huge smudges) are dropped.
+   Version 2 keeps regions from 0.15 % of the field (75 px of 224 x 224, a cell ~10 px
+   across): the small dark lymphoid cells of the squashed 224-px fields are 10-14 px across
+   and version 1's 0.3 % dropped many of them.
    Regions touching the bottom-right annotation corner are dropped too (the scale bar is drawn
    in a colour that can pass the threshold).
 
@@ -29,8 +36,9 @@ fixed number of pixels whatever the camera magnification, and the 4:3 -> square 
 Taleqani release is undone per cell. With ``suppress_background`` the pixels outside the cell
 mask are black, like segmented-cell datasets.
 
-All parameters were chosen by looking at Taleqani training fields only (``featsvm cells
---preview``); nothing was fitted to another lab's images.
+All parameters were chosen by looking at Taleqani fields (``featsvm cells --preview``
+contact sheets of random fields); nothing was fitted to a score, and nothing to another lab's
+images.
 """
 
 from __future__ import annotations
@@ -50,13 +58,17 @@ from featsvm.errors import UsageError
 MAX_CELLS = 12
 
 
+SCORES = ("blue", "purple")
+
+
 @dataclass(frozen=True)
 class DetectorParams:
+    score: str = "blue"  # "blue": B - G (version 2); "purple": min(R, B) - G (version 1)
     smooth_sigma: float = 1.0  # Gaussian sigma (pixels of a 224-px field, scaled with size)
     rel_threshold: float = 0.5  # threshold between median and p99.5 of the nucleus score
     min_contrast: float = 0.06  # p99.5 - median below this: no white cell in the field
     min_margin: float = 0.05  # the threshold is at least this far above the median
-    min_area_frac: float = 0.003  # 150 px of a 224x224 field
+    min_area_frac: float = 0.0015  # 75 px of a 224x224 field (version 1: 0.003)
     max_area_frac: float = 0.15
     open_radius_frac: float = 0.009  # 2 px of a 224-px field
     split_min_distance_frac: float = 0.05  # watershed seeds at least ~11 px apart (224 px)
@@ -64,8 +76,30 @@ class DetectorParams:
     black_frac: float = 0.25  # share of near-black pixels that marks a segmented cell image
     black_level: float = 0.06  # max channel below this is "black"
 
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise UsageError(f"detector score must be one of {', '.join(SCORES)}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Detector versions, recorded in the preprocessing dict of every cell-view cache and run
+# (`featsvm.features.preprocess.ImageOptions.detector`), so that a run made with one version
+# is predicted with it and a changed detector never reuses a cache of the other.
+DETECTOR_VERSIONS: dict[int, DetectorParams] = {
+    1: DetectorParams(score="purple", min_area_frac=0.003),
+    2: DetectorParams(),
+}
+DETECTOR_VERSION = 2  # what new caches and runs use
+
+
+def detector_params(version: int) -> DetectorParams:
+    try:
+        return DETECTOR_VERSIONS[int(version)]
+    except (KeyError, ValueError, TypeError):
+        raise UsageError(f"unknown cell detector version {version!r}; this featsvm knows "
+                         f"{', '.join(map(str, DETECTOR_VERSIONS))}") from None
 
 
 @dataclass(frozen=True)
@@ -96,9 +130,12 @@ def _as_float(rgb: np.ndarray | Image.Image) -> np.ndarray:
     return arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
 
 
-def nucleus_score(rgb: np.ndarray) -> np.ndarray:
-    """min(R, B) - G per pixel of a float RGB image in [0, 1] (purple = high)."""
-    return np.minimum(rgb[..., 0], rgb[..., 2]) - rgb[..., 1]
+def nucleus_score(rgb: np.ndarray, score: str = "blue") -> np.ndarray:
+    """Per pixel of a float RGB image in [0, 1]: ``B - G`` ("blue") or ``min(R, B) - G``
+    ("purple"); white-cell nuclei are high."""
+    if score == "purple":
+        return np.minimum(rgb[..., 0], rgb[..., 2]) - rgb[..., 1]
+    return rgb[..., 2] - rgb[..., 1]
 
 
 def is_segmented(rgb: np.ndarray, params: DetectorParams = DetectorParams()) -> bool:
@@ -130,7 +167,8 @@ def detect(image: np.ndarray | Image.Image, params: DetectorParams = DetectorPar
         cells = [_cell(regions[0], (h, w))] if regions else []
         return Detection(cells, True, 1.0, params.black_level)
 
-    score = filters.gaussian(nucleus_score(rgb), sigma=params.smooth_sigma * scale)
+    score = filters.gaussian(nucleus_score(rgb, params.score),
+                             sigma=params.smooth_sigma * scale)
     med, top = np.percentile(score, [50, 99.5])
     contrast = float(top - med)
     thr = float(med + max(params.rel_threshold * (top - med), params.min_margin))

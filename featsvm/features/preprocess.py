@@ -5,9 +5,10 @@ every fingerprint; only non-default values are written, so the fingerprints of p
 ``field / none / rgb`` caches made before these options existed stay valid.
 
 * ``view = "field"``: the whole image, through the backbone's own transform (resize, crop).
-* ``view = "cells"``: the white cells found by `featsvm.features.cells` (at most ``max_cells``,
-  largest first), each cropped at a normalised scale (``cell_size`` pixels, the cell spanning
-  80 % of it) with the background blacked out; a segmented single-cell image is one cell.
+* ``view = "cells"``: the white cells found by `featsvm.features.cells` (detector version
+  ``detector``, recorded when it is not the first; at most ``max_cells``, largest first),
+  each cropped at a normalised scale (``cell_size`` pixels, the cell spanning 80 % of it)
+  with the background blacked out; a segmented single-cell image is one cell.
   **An image's embedding is the mean of its cells' embeddings** (pooled embedding: one cache
   row per image, so heads, CV and the cache work unchanged). A field where no cell is found
   is embedded whole, resized to ``cell_size`` (`featsvm cells DATA` lists such fields).
@@ -32,13 +33,14 @@ from typing import Any
 import numpy as np
 
 from featsvm.errors import UsageError
+from featsvm.features.cells import DETECTOR_VERSION
 from featsvm.names import COLOURS, STAINS, VIEWS
 
 DEFAULT_CELL_SIZE = 112  # the 224-px Taleqani fields hold cells of ~25-30 px: 112 loses nothing
 DEFAULT_MAX_CELLS = 3
 REFERENCE_IMAGES = 300  # train images whose inputs form the stain reference
 OPTION_KEYS = ("view", "stain", "stain_reference", "colour", "cell_size", "max_cells",
-               "mask_annotation")
+               "mask_annotation", "detector")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class ImageOptions:
     cell_size: int = DEFAULT_CELL_SIZE
     max_cells: int = DEFAULT_MAX_CELLS
     mask_annotation: bool = False
+    detector: int = DETECTOR_VERSION  # cell detector version (featsvm.features.cells)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("view", self.view, VIEWS), ("stain", self.stain, STAINS),
@@ -62,12 +65,17 @@ class ImageOptions:
                              "std) from training images; see featsvm.features.preprocess")
         if self.cell_size < 32 or self.max_cells < 1:
             raise UsageError("cell_size must be >= 32 and max_cells >= 1")
+        from featsvm.features.cells import detector_params
+
+        detector_params(self.detector)  # a known version
 
     def to_dict(self) -> dict[str, Any]:
         """The non-default options (what goes into the preprocessing dict)."""
         out: dict[str, Any] = {}
         if self.view != "field":
             out.update(view=self.view, cell_size=self.cell_size, max_cells=self.max_cells)
+            if self.detector != 1:  # caches of the first detector keep their fingerprints
+                out["detector"] = self.detector
         if self.stain != "none":
             out.update(stain=self.stain,
                        stain_reference=[round(float(v), 4) for v in self.stain_reference or ()])
@@ -85,12 +93,14 @@ class ImageOptions:
                    colour=pre.get("colour", "rgb"),
                    cell_size=int(pre.get("cell_size", DEFAULT_CELL_SIZE)),
                    max_cells=int(pre.get("max_cells", DEFAULT_MAX_CELLS)),
-                   mask_annotation=bool(pre.get("mask_annotation", False)))
+                   mask_annotation=bool(pre.get("mask_annotation", False)),
+                   detector=int(pre.get("detector", 1)))
 
     def describe(self) -> str:
         parts = [f"view {self.view}"]
         if self.view == "cells":
-            parts.append(f"{self.cell_size}-px cells, <= {self.max_cells} per image, mean-pooled")
+            parts.append(f"{self.cell_size}-px cells, <= {self.max_cells} per image, mean-pooled, "
+                         f"detector v{self.detector}")
         if self.stain != "none":
             parts.append(f"stain {self.stain}")
         if self.colour != "rgb":
@@ -107,11 +117,11 @@ def backbone_part(pre: dict[str, Any]) -> dict[str, Any]:
 
 def _inputs(image, opts: ImageOptions) -> tuple[list, bool]:
     """(images to embed, are they cell crops) for one PIL image."""
-    from featsvm.features.cells import cell_crops
+    from featsvm.features.cells import cell_crops, detector_params
 
     if opts.view == "cells":
         crops = cell_crops(image, size=opts.cell_size, suppress_background=True,
-                           max_cells=opts.max_cells)
+                           params=detector_params(opts.detector), max_cells=opts.max_cells)
         return (crops or [image.resize((opts.cell_size, opts.cell_size))]), True
     return [image], False
 
@@ -189,7 +199,8 @@ def reinhard_reference(
     side = reference_path(split_path, view)
     if side.is_file():
         rec = json.loads(side.read_text())
-        if rec.get("split_sha256") == manifest.sha256 and rec.get("cell_size") == cell_size:
+        if (rec.get("split_sha256") == manifest.sha256 and rec.get("cell_size") == cell_size
+                and rec.get("detector", 1) == (DETECTOR_VERSION if view == "cells" else 1)):
             return tuple(rec["lab"])
     if data_dir is None:
         raise UsageError(f"no stain reference {side} for this split yet: run `featsvm extract "
@@ -204,6 +215,7 @@ def reinhard_reference(
     ref = stain.reference_from_images(inputs).to_list()
     write_text_atomic(side, json.dumps({
         "lab": ref, "view": view, "cell_size": cell_size, "split_sha256": manifest.sha256,
+        "detector": DETECTOR_VERSION if view == "cells" else 1,
         "n_train_images": len(train[::step]), "n_inputs": len(inputs),
         "rule": f"every {step}th train image of the manifest",
     }, indent=2) + "\n")
