@@ -146,3 +146,30 @@ def test_transfer_config_loads() -> None:
 
     s = load_study(Path(__file__).resolve().parents[1] / "configs" / "transfer.toml")
     assert "cells+reinhard" in s.study.inputs
+
+
+def test_colour_stats_of_the_cell_view_are_the_cell_pixels_statistics(tmp_path: Path) -> None:
+    """colour_stats --view cells: per crop, the 27 statistics of its non-black pixels, averaged
+    over the field's cells (the shortcut baseline of the cell view); annotation_box refuses."""
+    from test_cells import field
+
+    from featsvm.features.cells import cell_crops
+    from featsvm.features.handcrafted import colour_stats
+
+    img = field([(60, 60, 14), (150, 150, 12)])
+    opts = ImageOptions(view="cells")
+    _, _, pre = describe("colour_stats", "none", options=opts)
+    assert pre.to_json()["view"] == "cells"
+    x = pre.image_transform()(img)
+    assert tuple(x.shape) == (2, 27, 1, 1)
+    crops = cell_crops(img, size=112, max_cells=3)
+    want = np.stack([colour_stats(c, foreground=True) for c in crops])
+    np.testing.assert_allclose(x[:, :, 0, 0].numpy(), want, rtol=1e-6)
+    # the cell's own colour: the purple of the planted cells, not the black around them
+    assert want[:, 0].min() > 60 and want[:, 2].min() > 15  # R mean, R p1 above black
+    plain = np.asarray(crops[0], dtype=float).reshape(-1, 3)
+    assert plain[:, 0].mean() < want[0, 0]  # the plain statistics include the black
+    with pytest.raises(UsageError, match="hand-crafted baseline"):
+        describe("annotation_box", "none", options=opts)
+    with pytest.raises(UsageError, match="hand-crafted baseline"):
+        describe("colour_stats", "none", options=ImageOptions(colour="grey"))

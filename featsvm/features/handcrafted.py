@@ -10,6 +10,10 @@ fingerprints.
   size (0-255 scale): mean, standard deviation (population, ddof 0) and the percentiles
   1, 5, 25, 50, 75, 95, 99 (numpy's default linear interpolation). Order: channel-major,
   ``R_mean, R_std, R_p1 ... R_p99, G_mean ... B_p99`` (`COLOUR_STATS_NAMES`).
+  With the cell view (``--view cells``; `featsvm.features.preprocess`) the same 27 numbers
+  are computed per cell crop over its **non-black pixels** only (the cell; the blacked-out
+  background is left out: max channel >= ``FOREGROUND_LEVEL``) and averaged over the
+  field's cells like a CNN embedding: the shortcut check of the cell view.
 * ``annotation_box`` (2,304 numbers): only the bottom-right scale-annotation box
   (`featsvm.data.annotation.annotation_box`: 25 % of the width x 20 % of the height),
   resized to 32 x 24 pixels (bilinear, PIL) and flattened row-major as RGB values / 255.
@@ -36,6 +40,9 @@ COLOUR_STATS_NAMES = tuple(
     for stat in ("mean", "std", *(f"p{p}" for p in PERCENTILES))
 )
 BOX_SIZE = (32, 24)  # (width, height) the annotation box is resized to
+# a pixel of a cell crop belongs to the cell when its max channel reaches this (0-255 scale;
+# 0.06 x 255, the black level of featsvm.features.cells)
+FOREGROUND_LEVEL = 15.3
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,13 @@ class ImageFeatures:
         return {"name": self.name, "version": self.version, **self.params}
 
 
-def colour_stats(img: Image.Image) -> np.ndarray:
-    """27 colour statistics of the whole image (see the module doc for the order)."""
+def colour_stats(img: Image.Image, foreground: bool = False) -> np.ndarray:
+    """27 colour statistics of the whole image (see the module doc for the order); with
+    `foreground`, of its non-black pixels (all pixels when every one is black)."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+    if foreground:
+        keep = arr.max(axis=1) >= FOREGROUND_LEVEL
+        arr = arr[keep] if keep.any() else arr
     out = []
     for c in range(3):
         v = arr[:, c]
@@ -101,15 +112,18 @@ class FeatureTensor:
     """Transform step: PIL image -> the named features as a float tensor [dim, 1, 1] (4-d
     batches, like images). A class, not a lambda, so that DataLoader workers can pickle it."""
 
-    def __init__(self, name: str) -> None:
-        if name not in REGISTRY:
+    def __init__(self, name: str, foreground: bool = False) -> None:
+        if name not in REGISTRY or (foreground and name != COLOUR_STATS.name):
             from featsvm.errors import PreprocessingError
 
             raise PreprocessingError(f"unknown hand-crafted features {name!r}; this featsvm "
                                      f"knows {', '.join(REGISTRY)}")
         self.name = name
+        self.foreground = foreground  # colour_stats of the non-black pixels (cell crops)
 
     def __call__(self, img: Image.Image) -> Any:
         import torch
 
-        return torch.from_numpy(REGISTRY[self.name].fn(img)).reshape(-1, 1, 1)
+        values = (colour_stats(img, foreground=True) if self.foreground
+                  else REGISTRY[self.name].fn(img))
+        return torch.from_numpy(values).reshape(-1, 1, 1)

@@ -51,6 +51,9 @@ _SCRATCH_KEYS = ("input_size", "resize", "crop", "interpolation", "mean", "std",
 # (size 0, mean 0, std 1). Read and written back as they are; no current code makes them.
 _IMAGE_KEYS = ("input_size", "resize", "interpolation", "crop", "mean", "std")
 _KEYS = {"backbone": _BACKBONE_KEYS, "handcrafted": _HANDCRAFTED_KEYS, "scratch": _SCRATCH_KEYS}
+# image options the colour_stats baseline takes besides the annotation mask: the cell view
+# (the 27 statistics of each cell crop's non-black pixels, averaged over the field's cells)
+CELL_VIEW_KEYS = {"view", "cell_size", "max_cells", "detector"}
 
 
 @dataclass(frozen=True)
@@ -113,11 +116,15 @@ class Preprocessing:
             raise PreprocessingError(f"preprocessing for backbone {self.backbone} needs its "
                                      "embedding layer and dim")
         if kind == "handcrafted":
-            other = sorted(set(self.options.to_dict()) - {"mask_annotation"})
+            cells = self.backbone == "colour_stats"  # the statistics of the cell pixels
+            allowed = {"mask_annotation"} | (CELL_VIEW_KEYS if cells else set())
+            other = sorted(set(self.options.to_dict()) - allowed)
             if other:
-                raise UsageError(f"{self.backbone} is a hand-crafted baseline of the whole "
-                                 f"field: it takes no {', '.join(other)} option (only "
-                                 "--mask-annotation)")
+                raise UsageError(
+                    f"{self.backbone} is a hand-crafted baseline: it takes no "
+                    f"{', '.join(other)} option (only --mask-annotation"
+                    + (", and --view cells: the statistics of the cell pixels)" if cells
+                       else ")"))
 
     # ---------------------------------------------------------------- JSON
 
@@ -201,14 +208,18 @@ class Preprocessing:
         """PIL RGB image -> float tensor [k, C, H, W] (k = 1 for the field view, the number of
         cells for the cells view) with the image options applied (see
         `featsvm.features.preprocess`)."""
+        from torchvision import transforms as T
+
         from featsvm.features.preprocess import image_transform
 
         crop_tf = None
-        if self.kind != "handcrafted":  # baselines: the field view only
-            from torchvision import transforms as T
-
+        if self.kind != "handcrafted":
             crop_tf = T.Compose([T.ToTensor(), T.Normalize(list(self.mean or ()),
                                                            list(self.std or ()))])
+        elif self.options.view == "cells":  # colour_stats of each crop's cell pixels
+            from featsvm.features.handcrafted import FeatureTensor
+
+            crop_tf = T.Compose([FeatureTensor(str(self.backbone), foreground=True)])
         return image_transform(self.options, self.transform(), crop_tf)
 
     def apply_hooks(self, model: Any, skip: tuple[str, ...] = ()) -> Any:
