@@ -94,7 +94,9 @@ class ImageOptions:
                    cell_size=int(pre.get("cell_size", DEFAULT_CELL_SIZE)),
                    max_cells=int(pre.get("max_cells", DEFAULT_MAX_CELLS)),
                    mask_annotation=bool(pre.get("mask_annotation", False)),
-                   detector=int(pre.get("detector", 1)))
+                   # records of the cell view without a version were made by the first
+                   detector=int(pre.get("detector", 1 if pre.get("view") == "cells"
+                                        else DETECTOR_VERSION)))
 
     def describe(self) -> str:
         parts = [f"view {self.view}"]
