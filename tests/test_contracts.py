@@ -46,20 +46,23 @@ GOLDEN = [
     ("colour_stats", None, (), None, "fp32", {"mask_annotation": True},
      "colour_stats-stats-none-fp32-83ed61e7eb72.h5"),
     # cell-view caches of the first cell detector (no detector key in their records)
-    ("alexnet", ALEX_LPIPS, ALEX_MISSING, None, "fp32", {"view": "cells", "detector": 1},
+    ("alexnet", ALEX_LPIPS, ALEX_MISSING, None, "fp32",
+     {"view": "cells", "detector": 1, "max_cells": 3},
      "alexnet-gap-c18dbe1d-fp32-be46e3421d3b.h5"),
     ("alexnet", ALEX_LPIPS, ALEX_MISSING, None, "fp32",
-     {"view": "cells", "stain": "reinhard", "stain_reference": REF, "detector": 1},
+     {"view": "cells", "stain": "reinhard", "stain_reference": REF, "detector": 1,
+      "max_cells": 3},
      "alexnet-gap-c18dbe1d-fp32-a4457e7732f7.h5"),
-    # ... and of detector version 2 (its own fingerprint)
+    # ... and of detector version 2 with 12 cells per field (its own fingerprint)
     ("alexnet", ALEX_LPIPS, ALEX_MISSING, None, "fp32", {"view": "cells"},
-     "alexnet-gap-c18dbe1d-fp32-63f277eb1f51.h5"),
+     "alexnet-gap-c18dbe1d-fp32-36af21e7d23f.h5"),
     ("alexnet", ALEX_LPIPS, ALEX_MISSING, None, "fp32", {"colour": "grey"},
      "alexnet-gap-c18dbe1d-fp32-325766c0fea7.h5"),
     ("alexnet", ALEX_LPIPS, ALEX_MISSING, None, "fp32", {"mask_annotation": True},
      "alexnet-gap-c18dbe1d-fp32-0c26228e32f3.h5"),
     ("vgg16", VGG_KERAS, VGG_MISSING, None, "fp32",
-     {"view": "cells", "colour": "hematoxylin", "mask_annotation": True, "detector": 1},
+     {"view": "cells", "colour": "hematoxylin", "mask_annotation": True, "detector": 1,
+      "max_cells": 3},
      "vgg16-gap-df6e537f-fp32-36ac626bc502.h5"),
     ("alexnet", None, (), "gap", "bf16", {}, "alexnet-gap-random-bf16-fd0e7140b25c.h5"),
     ("alexnet", None, (), None, "fp32", {}, "alexnet-fc7-random-fp32-a38a89c2935e.h5"),
@@ -129,7 +132,8 @@ def test_builders_give_the_old_json() -> None:
     assert basic_cnn_preprocessing(BasicCNNSpec()).to_json() == OLD_BASIC_CNN
     assert preprocessing_for(get_spec("colour_stats"), NO_WEIGHTS).to_json() == OLD_COLOUR_STATS
     alex = _info("alexnet", ALEX_LPIPS, ALEX_MISSING)
-    cells = ImageOptions(view="cells", stain="reinhard", stain_reference=REF, detector=1)
+    cells = ImageOptions(view="cells", stain="reinhard", stain_reference=REF, detector=1,
+                         max_cells=3)
     assert (preprocessing_for(get_spec("alexnet"), alex, None, cells).to_json()
             == OLD_CELLS_REINHARD)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -168,7 +172,7 @@ def test_bad_records_are_refused() -> None:
 def test_image_options_keep_their_json_and_base_drops_them() -> None:
     pre = Preprocessing.from_json(OLD_CELLS_REINHARD)
     assert pre.options == ImageOptions(view="cells", stain="reinhard", stain_reference=REF,
-                                       detector=1)
+                                       detector=1, max_cells=3)
     assert pre.options == ImageOptions.from_preprocessing(OLD_CELLS_REINHARD)
     base = pre.base()
     assert "view" not in base.to_json() and base.options == ImageOptions()

@@ -70,7 +70,7 @@ def test_finetune_on_cells_then_predict_and_evaluate_use_the_cell_view(fields, t
     rec = runs.read_run(res.run_dir)
     pre = rec.config["preprocessing"]
     # the basic CNN's fixed input size sets the crop size; recorded like extract records it
-    assert pre["view"] == "cells" and pre["cell_size"] == 32 and pre["max_cells"] == 3
+    assert pre["view"] == "cells" and pre["cell_size"] == 32 and pre["max_cells"] == 12
     assert "mean of its cells'" in rec.config["inputs"]
     n_img, n_in = rec.config["n_images"], rec.config["n_inputs"]
     assert n_img == {"train": 12, "val": 4, "test": 4}
@@ -119,7 +119,7 @@ def test_cell_inputs_are_decoded_per_cell_with_their_image_label(fields):
     # every input carries its image's label; a field without a cell is one input
     assert torch.equal(images.targets, images.image_targets[images.owner])
     counts = torch.bincount(images.owner, minlength=len(rows))
-    assert int(counts.min()) >= 1 and int(counts.max()) <= 3
+    assert int(counts.min()) >= 1 and int(counts.max()) <= 12
 
 
 def test_cli_finetune_with_cells_stain_and_hed_jitter(fields, tmp_path):

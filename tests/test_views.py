@@ -162,7 +162,7 @@ def test_colour_stats_of_the_cell_view_are_the_cell_pixels_statistics(tmp_path: 
     assert pre.to_json()["view"] == "cells"
     x = pre.image_transform()(img)
     assert tuple(x.shape) == (2, 27, 1, 1)
-    crops = cell_crops(img, size=112, max_cells=3)
+    crops = cell_crops(img, size=112, max_cells=12)
     want = np.stack([colour_stats(c, foreground=True) for c in crops])
     np.testing.assert_allclose(x[:, :, 0, 0].numpy(), want, rtol=1e-6)
     # the cell's own colour: the purple of the planted cells, not the black around them
