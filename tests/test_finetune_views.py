@@ -76,7 +76,10 @@ def test_finetune_on_cells_then_predict_and_evaluate_use_the_cell_view(fields, t
     assert n_img == {"train": 12, "val": 4, "test": 4}
     assert n_in["train"] > n_img["train"]  # fields with two or three cells give more inputs
     # another input, another run: the fingerprint holds the image options
-    plain = ft.fingerprint(TINY, rec.config["split"]["sha256"], rec.config["weights"], data)
+    from featsvm.features.key import WeightsId
+
+    plain = ft.fingerprint(TINY, rec.config["split"]["sha256"],
+                           WeightsId.from_json(rec.config["weights"]), data)
     assert rec.config["fingerprint"] != plain
     # predict (cells -> mean of the cells' probabilities -> the run's temperature) reproduces
     # the run's own test predictions
