@@ -155,3 +155,18 @@ def test_cli_finetune_with_cells_stain_and_hed_jitter(fields, tmp_path):
     with pytest.raises(ConfigError, match="input"):
         ft.finetune_config({"finetune": {"input": "tiles"}})
     assert json.loads((run.path / "config.json").read_text())["n_inputs"]["train"] >= 12
+
+
+def test_finetune_cv_refuses_the_cell_view(fields, tmp_path):
+    from featsvm.cli import main
+
+    data, split = fields
+    result = CliRunner().invoke(main, [
+        "finetune", str(data), "--split", str(split), "--model", "basic-cnn", "--cv", "2",
+        "--view", "cells", "--runs", str(tmp_path / "runs"), "--quiet"])
+    assert result.exit_code == 1 and "whole field only" in result.output
+    with pytest.raises(ft.FinetuneError, match="whole field only"):
+        from featsvm.models.finetune_cv import finetune_cv
+
+        finetune_cv(data, split, dataclasses.replace(TINY, input="cells"), 2,
+                    runs_dir=tmp_path / "runs", progress=False)
