@@ -41,7 +41,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -323,15 +323,26 @@ def run_study(
     config_path: str | os.PathLike[str],
     data_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    backend: str | None = None,
 ) -> StudyResult:
-    """Run (or complete) the study described by `config_path`; see the module docstring."""
-    study = load_study(config_path)
+    """Run (or complete) the study described by `config_path`; see the module docstring.
+    `backend`: where the heads' searches and CV folds run ("local" | "ray"), overriding
+    ``[fit] backend`` / ``[cv] backend`` (it changes no result, so no run's identity)."""
+    study = with_backend(load_study(config_path), backend)
     data = check_data_dir(Path(data_dir) if data_dir is not None else Path(study.study.data))
     runs_dir = Path(study.study.runs)
     runs_dir.mkdir(parents=True, exist_ok=True)
     # one study per runs folder at a time: a second one would fit the same heads again
     with FileLock(runs_dir / STUDY_LOCK, True, _study_busy):
         return StudyRun(study, data, progress).run()
+
+
+def with_backend(study: Study, backend: str | None) -> Study:
+    """`study` with its fits and CV on `backend` (None: as configured)."""
+    if backend is None:
+        return study
+    return replace(study, fit=replace(study.fit, backend=backend),
+                   cv=replace(study.cv, backend=backend))
 
 
 def _study_busy(lock_path: Path, exclusive: bool) -> StudyError:

@@ -199,6 +199,17 @@ def _no_timing(value):
     return value
 
 
+def test_study_backend_option_overrides_fit_and_cv() -> None:
+    from featsvm.study import load_study, with_backend
+
+    study = load_study(REPO / "configs" / "cpu.toml")
+    assert (study.fit.backend, study.cv.backend) == ("local", "local")
+    on_ray = with_backend(study, "ray")
+    assert (on_ray.fit.backend, on_ray.cv.backend) == ("ray", "ray")
+    assert on_ray.fit.to_json() == study.fit.to_json()  # the same runs: found again
+    assert with_backend(study, None) is study
+
+
 def test_nothing_imports_ray_without_engine_ray(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", per_class=2, size=32)
     code = (

@@ -13,12 +13,14 @@ from featsvm.cli import options
 @click.argument("config_file", type=click.Path(path_type=Path))
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Image folder (holding Original/); overrides [study] data.")
+@options.backend(help="Where the heads' grid searches and CV folds run: local processes or "
+                 "joblib's Ray backend (RAY_ADDRESS picks the cluster). Default: [fit] backend.")
 @options.quiet()
-def command(config_file: Path, data_dir: Path | None) -> None:
+def command(config_file: Path, data_dir: Path | None, backend: str | None) -> None:
     """Run the study in CONFIG_FILE, reusing every split, cache and run that already matches."""
     from featsvm.study import run_study, summary_lines
 
-    res = run_study(config_file, data_dir, progress=options.progress())
+    res = run_study(config_file, data_dir, progress=options.progress(), backend=backend)
     click.echo("\n== summary")
     for line in summary_lines(res):
         click.echo(line)
