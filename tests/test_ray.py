@@ -126,6 +126,15 @@ def test_interrupted_run_resumes_with_the_missing_rows(ray_cluster, env, tmp_pat
     assert bad.exit_code != 0 and "need --engine ray" in bad.output
 
 
+def test_more_workers_than_the_cluster_holds_are_refused(ray_cluster, env, tmp_path) -> None:
+    from featsvm.errors import UsageError
+    from featsvm.features.ray_extract import extract_ray
+
+    with pytest.raises(UsageError, match="--workers 3 need 3 CPUs but the Ray cluster has 2"):
+        extract_ray(env["data"], "alexnet", weights="none", layer="gap", cache_dir=tmp_path,
+                    workers=3, progress=False)
+
+
 def test_killed_worker_is_restarted_and_the_cache_is_complete(
         ray_cluster, env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from featsvm.features.ray_extract import RaySource, extract_ray

@@ -140,26 +140,37 @@ class RaySource:
         self.ready_seconds = 0.0  # from the call until every actor had loaded the model
 
     def _n_workers(self, ray: Any) -> int:
-        if self.workers is not None:
-            return self.workers
+        """The number of actors: --workers, else what the cluster holds; refuses more than
+        it holds (the extra actors would wait for resources forever)."""
         res = ray.cluster_resources()
-        if self.gpus_per_worker > 0:
-            n = int(res.get("GPU", 0) // self.gpus_per_worker)
-            if n < 1:
-                raise UsageError(f"the Ray cluster has {res.get('GPU', 0)} GPUs, fewer than "
-                                 f"--gpus-per-worker {self.gpus_per_worker}")
-            return n
-        return max(1, int(res.get("CPU", 1) // self.cpus_per_worker))
+        kind, per = ("GPU", self.gpus_per_worker) if self.gpus_per_worker > 0 else \
+            ("CPU", self.cpus_per_worker)
+        fits = int(res.get(kind, 0) // per)
+        if self.workers is None:
+            if fits < 1:
+                raise UsageError(f"the Ray cluster has {res.get(kind, 0):g} {kind}s, fewer than "
+                                 f"one worker needs ({per:g})")
+            return fits
+        if self.workers > fits:
+            raise UsageError(
+                f"--workers {self.workers} need {self.workers * per:g} {kind}s but the Ray "
+                f"cluster has {res.get(kind, 0):g}: use --workers {max(fits, 1)} or fewer (or "
+                "start more nodes first)")
+        return self.workers
 
-    def _start(self, ray: Any, root: Path, preprocessing: Preprocessing) -> list[Any]:
+    def _start(self, ray: Any, root: Path, preprocessing: Preprocessing,
+               actors: list[Any]) -> None:
+        """Start the actors (appended to `actors`, so that the caller can stop them whatever
+        happens) and wait until each has loaded the model."""
         actor = ray.remote(_Worker).options(
             num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
             max_restarts=self.retries, max_task_retries=self.retries)
         threads = max(1, int(self.cpus_per_worker))
-        actors = [actor.remote(str(root.resolve()), preprocessing, self.backbone, self.weights,
-                               self.weights_dir, self.layer, self.requested_device,
-                               self.precision, self.channels_last, threads)
-                  for _ in range(self._n_workers(ray))]
+        for _ in range(self._n_workers(ray)):
+            actors.append(actor.remote(str(root.resolve()), preprocessing, self.backbone,
+                                       self.weights, self.weights_dir, self.layer,
+                                       self.requested_device, self.precision,
+                                       self.channels_last, threads))
         try:
             self.worker_info = ray.get([a.info.remote() for a in actors])
         except ray.exceptions.RayError as exc:
@@ -177,15 +188,12 @@ class RaySource:
                     "its embeddings would not match the cache's record")
         logger.info("ray: %d workers (%s)", len(actors),
                     ", ".join(f"{i['host']}:{i['pid']} {i['device']}" for i in self.worker_info))
-        return actors
 
     def __call__(self, root: Path, todo: Sequence[ImageRef],
                  preprocessing: Preprocessing) -> Iterator[Batch]:
         ray = require_ray()
-        t0 = time.perf_counter()
-        actors = self._start(ray, root, preprocessing)
-        self.ready_seconds = time.perf_counter() - t0
-        busy = [0] * len(actors)
+        actors: list[Any] = []
+        busy: list[int] = []
         window: deque[tuple[int, Any]] = deque()  # (actor, result ref), submission order
         starts = iter(range(0, len(todo), self.batch_size))
 
@@ -201,6 +209,10 @@ class RaySource:
             return True
 
         try:
+            t0 = time.perf_counter()
+            self._start(ray, root, preprocessing, actors)
+            self.ready_seconds = time.perf_counter() - t0
+            busy.extend([0] * len(actors))
             while len(window) < IN_FLIGHT_PER_WORKER * len(actors) and submit():
                 pass
             while window:
