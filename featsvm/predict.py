@@ -170,7 +170,8 @@ class Predictor:
         if kind == "cv":
             raise PredictError(
                 f"{run_dir} is a cross-validation run: it measures a model but keeps none "
-                f"(its folds' models are discarded). Predict with a `featsvm fit` run of "
+                f"(its folds' models are discarded). Predict with a "
+                f"`featsvm {'fit' if record.config.get('head') else 'finetune'}` run of "
                 f"{record.config.get('model')}"
             )
         raise PredictError(f"{run_dir}: config.json kind {kind!r} is neither 'head' nor "

@@ -148,6 +148,8 @@ def test_cli_and_study_step(planted, tmp_path) -> None:
     assert "2-fold CV over 48 images in 16 groups" in res.output
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert read_run(run_dir).config["kind"] == "cv"
+    res = CliRunner().invoke(main, ["predict", "--run", str(run_dir), str(data)])
+    assert res.exit_code == 1 and "Predict with a `featsvm finetune` run" in res.output
 
 
 STUDY = """
