@@ -72,7 +72,7 @@ from featsvm.models.finetune import (
     fingerprint,
     make_feeder,
 )
-from featsvm.models.networks import FinetuneError, apply_freeze, build_model
+from featsvm.models.networks import FinetuneError, apply_freeze, build_model, normaliser_for
 from featsvm.models.pixels import ImageSet, Normaliser, preload
 from featsvm.names import BASIC_CNN
 
@@ -196,7 +196,7 @@ def finetune_cv(
                     *(t for d in run_dir.glob(f"{FOLD_PREFIX}*/") for t in remove_temp_files(d))]:
             logger.warning("removed %s, left in %s by a save that was killed", tmp.name, run_dir)
         t0 = time.perf_counter()
-        normaliser = Normaliser.probe(probe.transform)
+        normaliser = normaliser_for(probe.preprocessing)  # as finetune.load_images
         all_images, skipped = preload(data_dir, manifest.rows, probe.transform, normaliser,
                                       cfg.workers, progress, desc="decode all")
         preload_seconds = time.perf_counter() - t0
