@@ -16,10 +16,15 @@ HEADS = ("svm", "logreg")  # featsvm.models.heads
 BASIC_CNN = "basic-cnn"  # featsvm.models.basic_cnn
 MODELS = (BASIC_CNN, *BACKBONES)  # what `featsvm finetune` trains
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # what torch computes in (featsvm.device)
+# what --precision offers: auto = bf16 where the CPU has it natively (featsvm.device);
+# int8 = static post-training quantisation, with --engine onnxruntime | openvino only
+PRECISION_CHOICES = ("auto", *PRECISIONS, "int8")
+# what runs a backbone's forward pass: torch in this process, torch in a pool of Ray actors
+# (featsvm.features.ray_extract: the same numbers), or the exported graph in ONNX Runtime /
+# OpenVINO (featsvm.features.engines)
+ENGINES = ("torch", "ray", "onnxruntime", "openvino")
 VIEWS = ("field", "cells")  # featsvm.features.preprocess
 STAINS = ("none", "reinhard")
 COLOURS = ("rgb", "grey", "hematoxylin")
-# where extract runs the network: this process (torch) or a pool of Ray actors (ray)
-ENGINES = ("torch", "ray")
 BACKENDS = ("local", "ray")  # where fit / cv run their joblib work (featsvm.cluster)

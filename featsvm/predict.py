@@ -158,13 +158,18 @@ class Predictor:
         weights_dir: str | os.PathLike[str] | None = None,
         device: str = "auto",
         trust_pickle: bool = False,
+        engine: str | None = None,
     ) -> Predictor:
         """`trust_pickle`: also load a head saved as a pickle by older featsvm versions (runs
-        code from the file: only for run folders you made)."""
+        code from the file: only for run folders you made). `engine`: what runs a head run's
+        backbone (`featsvm.features.engines`); None = what made the run's cache."""
         record = read_run(run_dir)
         kind = record.config.get("kind")
         if kind == "head":
-            return cls._head(record, weights, weights_dir, device, trust_pickle)
+            return cls._head(record, weights, weights_dir, device, trust_pickle, engine)
+        if engine not in (None, "torch"):
+            raise PredictError(f"--engine {engine} runs the backbone of a head run; "
+                               f"{run_dir} is a {kind} run (torch only)")
         if kind == "end_to_end":
             return cls._end_to_end(record, device)
         if kind == "cv":
@@ -180,7 +185,7 @@ class Predictor:
     @classmethod
     def _head(cls, record: RunRecord, weights: str | os.PathLike[str] | None,
               weights_dir: str | os.PathLike[str] | None, device: str,
-              trust_pickle: bool = False) -> Predictor:
+              trust_pickle: bool = False, engine: str | None = None) -> Predictor:
         import torch
 
         from featsvm.device import autocast_context, check_precision, resolve_device
@@ -206,10 +211,11 @@ class Predictor:
             )
         # from the run's record, not from the spec: view (field | cells), stain, colour
         transform = pre.image_transform()
-        dev = resolve_device(device)
-        precision = key.precision
-        check_precision(dev, precision)
+        engine, precision, runner = _engine(cfg, record, key, loaded, engine)
+        dev = resolve_device("cpu" if runner is not None else device)
         embedder = loaded.embedder.to(dev).eval()
+        if runner is None:
+            check_precision(dev, precision)
 
         ood_cfg = cfg.get("ood") or {}
         ood_flag = (load_model(record.path / ood_cfg["file"], ood_cfg.get("sha256"),
@@ -218,10 +224,13 @@ class Predictor:
 
         def embed(images: list[Any]) -> np.ndarray:
             stacks = [transform(im) for im in images]  # [k, 3, H, W] each (k cells or 1)
+            counts = [len(t) for t in stacks]
+            if runner is not None:
+                return pool(runner(torch.cat(stacks).numpy()), counts)
             x = torch.cat(stacks).to(dev)
             with torch.inference_mode(), autocast_context(dev, precision):
                 feats = embedder(x)
-            return pool(feats.float().cpu().numpy(), [len(t) for t in stacks])
+            return pool(feats.float().cpu().numpy(), counts)
 
         def proba(images: list[Any]) -> np.ndarray:
             return head.predict_proba(embed(images))
@@ -234,7 +243,7 @@ class Predictor:
             return transform(im)[0]  # largest cell in the cell view), for featsvm.explain
 
         return cls(record, proba, first, proba_ood if ood_flag is not None else None,
-                   embedder=embedder, head=head, device=dev)
+                   embedder=embedder, head=head, device=dev, compute=f"{engine} {precision}")
 
     @classmethod
     def _end_to_end(cls, record: RunRecord, device: str) -> Predictor:
@@ -274,6 +283,30 @@ class Predictor:
             return inputs(im)[0]  # largest cell in the cell view), for featsvm.explain
 
         return cls(record, proba, first, net=net, normaliser=normaliser, device=dev)
+
+
+def _engine(cfg: dict[str, Any], record: RunRecord, key: Any, loaded: Any,
+            engine: str | None) -> tuple[str, str, Any]:
+    """(engine, precision, runner or None for torch) for a head run's backbone: by default
+    what made the run's cache (its compute tag); another engine runs fp32, except the int8
+    graph of an int8 cache, which any exported engine runs as it is."""
+    from featsvm.features import engines
+
+    run_engine, run_precision = engines.parse_tag(key.precision)
+    engine = engine or run_engine
+    precision = run_precision if engine == run_engine else "fp32"
+    if engine == engines.TORCH:
+        return engine, precision, None
+    graph = None
+    if precision == engines.QUANTISED:  # the very graph the run's cache was made with
+        graph = engines.quantised_model_path(str((cfg.get("cache") or {}).get("path")))
+        if not graph.is_file():
+            raise PredictError(
+                f"{record.path}: its features came from the int8 graph {graph}, which is not "
+                "there; predict from the folder it was made in, or with --engine torch")
+    runner = engines.build_runner(engine, precision, loaded.embedder.eval(),
+                                  engines.input_size(key.preprocessing), quantised_path=graph)
+    return engine, precision, runner
 
 
 def _load_recorded_backbone(
@@ -336,14 +369,23 @@ def predict(
     data_root: str | os.PathLike[str] | None = None,
     progress: bool = True,
     trust_pickle: bool = False,
+    engine: str | None = None,
 ) -> PredictResult:
     """Predict every image in `inputs` (files and folders) with the run at `run_dir`.
 
     `data_root`: report files relative to this folder (e.g. to compare with a run's
     predictions.csv relpaths). `trust_pickle`: see `Predictor.from_run`."""
+    predictor = Predictor.from_run(run_dir, weights, weights_dir, device, trust_pickle, engine)
+    return predict_files(predictor, inputs, batch_size, data_root, progress)
+
+
+def predict_files(predictor: Any, inputs: Sequence[str | os.PathLike[str]],
+                  batch_size: int = 16, data_root: str | os.PathLike[str] | None = None,
+                  progress: bool = True) -> PredictResult:
+    """Predict every image in `inputs` with a loaded `predictor` (a `Predictor`, or anything
+    with its ``record`` and ``predict_with_ood``, e.g. `featsvm.predict_onnx.OnnxPredictor`)."""
     from tqdm import tqdm
 
-    predictor = Predictor.from_run(run_dir, weights, weights_dir, device, trust_pickle)
     files, skipped = collect_inputs(inputs)
     result = PredictResult(run_id=predictor.record.run_id,
                            model=str(predictor.record.config.get("model")), skipped=skipped,

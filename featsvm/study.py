@@ -108,7 +108,7 @@ class ExtractSettings:
     """The ``[extract]`` table: how `featsvm run` calls `featsvm.features.extract.extract`."""
 
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 where the CPU has native bf16, else fp32 (featsvm.device)
     batch_size: int = -1  # -1 = extract's default for the device
     workers: int = -1  # -1 = extract's default for the device
 
@@ -490,6 +490,14 @@ class StudyRun:
         return "done", (f"{s.n_new} new, {s.n_cached} cached, {s.images_per_s:.1f} img/s "
                         f"-> {s.cache_path}{bad}")
 
+    def _cache_tag(self) -> str:
+        """The precision the study's caches are named by (``auto`` resolved once, as extract
+        resolves it)."""
+        from featsvm.features.engines import cache_tag
+
+        ex = self.study.extract
+        return cache_tag("torch", ex.precision, ex.device)
+
     def _feature_key(self, backbone: str, options: Any) -> FeatureKey:
         """The `FeatureKey` of the cache a fit or cv step of `backbone` reads
         (CacheMissingError, naming the extract command, when that cache is absent)."""
@@ -497,7 +505,7 @@ class StudyRun:
         from featsvm.features.cache import locate_cache
 
         args = (self._weights(backbone), self._weights_dir(), self.cfg.layers.get(backbone),
-                self.study.extract.precision, options)
+                self._cache_tag(), options)
         key = feature_key(backbone, *args)
         if not (Path(self.cfg.cache) / key.file_name).is_file():
             locate_cache(self.cfg.cache, backbone, args[0], args[1], args[3], args[2], options)
@@ -517,7 +525,7 @@ class StudyRun:
         rec = fit(backbone, head, self.manifest.path, cache_dir=cfg.cache,
                   weights=self._weights(backbone), weights_dir=self._weights_dir(),
                   runs_dir=self.runs_dir, config=study.fit,
-                  precision=study.extract.precision, layer=cfg.layers.get(backbone),
+                  precision=self._cache_tag(), layer=cfg.layers.get(backbone),
                   progress=self.progress, options=options)
         self.result.run_ids.append(rec.run_id)
         return "done", _headline(rec)
@@ -536,7 +544,7 @@ class StudyRun:
         rec = cross_validate(backbone, head, self.manifest.path, cache_dir=cfg.cache,
                              weights=self._weights(backbone), weights_dir=self._weights_dir(),
                              runs_dir=self.runs_dir, config=study.cv, folds=cfg.cv_folds,
-                             precision=study.extract.precision, layer=cfg.layers.get(backbone),
+                             precision=self._cache_tag(), layer=cfg.layers.get(backbone),
                              progress=self.progress, options=options)
         self.result.run_ids.append(rec.run_id)
         return "done", _headline(rec)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment and install featsvm with its dev tools
-# the web page (serve extra) and Ray (ray extra: `extract --engine ray`, `--backend ray`).
+# the web page (serve extra), Ray (ray extra: `extract --engine ray`, `--backend ray`) and the
+# ONNX engines (onnx extra: `--engine onnxruntime|openvino`, export), so that their tests run.
 # Usage: scripts/setup.sh [PYTHON] [VENV]
 set -euo pipefail
 PYTHON="${1:-python3}"
@@ -13,5 +14,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # Installs the newest torch/torchvision pip may take (torch 2.13.0 is excluded in pyproject:
 # its CPU-only wheel breaks torchvision). Re-running only installs what changed.
-"$VENV/bin/python" -m pip install -q -e ".[dev,serve,ray]" 2> >(grep -v "^WARNING: Location" >&2)
+"$VENV/bin/python" -m pip install -q -e ".[dev,serve,ray,onnx]" 2> >(grep -v "^WARNING: Location" >&2)
 "$VENV/bin/python" -c "import featsvm, torch, torchvision; print(f'featsvm {featsvm.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}')"

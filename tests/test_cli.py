@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from featsvm.cli import main, options
-from featsvm.names import DEVICES, FEATURES, PRECISIONS
+from featsvm.names import DEVICES, FEATURES, PRECISION_CHOICES
 
 
 def test_help_imports_neither_torch_nor_sklearn() -> None:
@@ -83,7 +83,7 @@ def test_quiet_and_verbose_exclude_each_other(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "exclude each other" in res.output
 
 
-SHARED = {"--backbone": FEATURES, "--device": DEVICES, "--precision": PRECISIONS}
+SHARED = {"--backbone": FEATURES, "--device": DEVICES, "--precision": PRECISION_CHOICES}
 
 
 def test_shared_options_are_the_same_everywhere() -> None:

@@ -62,18 +62,20 @@ def summary(metrics: dict[str, Any]) -> str:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="TOML file: its [fit] section with [cv] overrides (e.g. a smaller grid).")
 @options.precision(help="Precision the cache was extracted with.")
+@options.engine(help="Engine the cache was extracted with.")
 @options.image_options(made=" the cache was extracted with")
 @options.backend()
 @options.quiet()
 def command(
     backbone: str, head: str, folds: int, split_path: Path, layer: str | None,
     weights: str | None, weights_dir: str | None, cache_dir: str, runs_dir: Path,
-    config_path: Path | None, precision: str, view: str, stain: str, colour: str,
+    config_path: Path | None, precision: str, engine: str, view: str, stain: str, colour: str,
     mask_annotation: bool, backend: str | None,
 ) -> None:
     """Score every image of the split manifest out of fold: K grouped, stratified folds, the
     head tuned inside each fold's training part, metrics over the pooled predictions with
     95 % CIs by bootstrap over duplicate groups. Writes a run record of kind 'cv'."""
+    from featsvm.features.engines import cache_tag
     from featsvm.features.preprocess import resolve_options
     from featsvm.models.cv import cross_validate, load_cv_head_config
 
@@ -86,8 +88,8 @@ def command(
                            mask_annotation=mask_annotation)
     rec = cross_validate(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
                          weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, folds=folds,
-                         precision=precision, layer=layer, progress=options.progress(),
-                         options=prep)
+                         precision=cache_tag(engine, precision), layer=layer,
+                         progress=options.progress(), options=prep)
     c = rec.config
     pooled = rec.metrics["pooled"]
     click.echo(f"{c['model']}  ({c['weights']['label']}); {folds}-fold CV over "

@@ -41,7 +41,8 @@ from featsvm.names import COLOURS, STAINS, VIEWS
 @click.option("--colour", default="rgb", show_default=True, type=click.Choice(COLOURS),
               help="grey / hematoxylin: colour-free input, to measure what colour carries.")
 @click.option("--split", "split_path", default=None, type=click.Path(dir_okay=False),
-              help="Split manifest (needed by --stain reinhard for its reference).")
+              help="Split manifest (needed by --stain reinhard for its reference, and by "
+              "--precision int8, calibrated on its train images).")
 @click.option("--mask-annotation", is_flag=True,
               help="Fill the burnt-in scale-annotation box (bottom-right 25 % x 20 %) with the "
               "image's median colour first (part of the cache fingerprint).")
@@ -66,9 +67,20 @@ def command(data_dir, backbone, weights, weights_dir, cache_dir, device, precisi
             raise click.UsageError("--address and --gpus-per-worker need --engine ray")
         from featsvm.features.extract import extract
 
-        s = extract(data_dir, backbone, workers=workers, **common)
+        split_rows = None
+        if precision == "int8" and split_path is not None:  # int8: calibrated on train rows
+            from featsvm.data.manifest import read_manifest
+
+            split_rows = read_manifest(split_path).rows
+        s = extract(data_dir, backbone, workers=workers, engine=engine, split_rows=split_rows,
+                    **common)
     click.echo(f"cache:     {s.cache_path}")
     click.echo(f"backbone:  {s.backbone} layer {s.layer} ({s.dim}-d), {s.precision} on {s.device}")
+    probe = (getattr(s, "precision_choice", None) or {}).get("cpu_probe")
+    if probe is not None:
+        click.echo(f"precision: auto -> {s.precision_choice['resolved']} (CPU "
+                   + ("has native bf16: " + ", ".join(probe["bf16_flags"]) if probe["native_bf16"]
+                      else "has no native bf16") + ")")
     click.echo(f"input:     {prep.describe()}")
     click.echo(f"weights:   {s.weights_label}"
                + (f" (sha256 {s.weights_sha256[:12]}…)" if s.weights_sha256 else ""))

@@ -55,18 +55,20 @@ def results_table(metrics: dict[str, Any]) -> str:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="TOML file with a [fit] section (grids; defaults: configs/heads.toml).")
 @options.precision(help="Precision the cache was extracted with.")
+@options.engine(help="Engine the cache was extracted with.")
 @click.option("--layer", default=None, help="Embedding layer the cache was extracted at.")
 @options.image_options(made=" the cache was extracted with")
 @options.backend()
 @options.quiet()
 def command(
     backbone: str, head: str, weights: str | None, weights_dir: str | None, cache_dir: str,
-    split_path: Path, runs_dir: Path, config_path: Path | None, precision: str,
+    split_path: Path, runs_dir: Path, config_path: Path | None, precision: str, engine: str,
     layer: str | None, view: str, stain: str, colour: str, mask_annotation: bool,
     backend: str | None,
 ) -> None:
     """Tune HEAD by grouped CV on the train split of the cached BACKBONE embeddings, calibrate
     on val (SVM), score val and test once, and write a run record under --runs."""
+    from featsvm.features.engines import cache_tag
     from featsvm.features.preprocess import resolve_options
     from featsvm.models.fit import fit
     from featsvm.models.heads import load_head_config
@@ -79,8 +81,9 @@ def command(
     prep = resolve_options(view, stain, colour, split_path,
                            mask_annotation=mask_annotation)
     rec = fit(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
-              weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, precision=precision,
-              layer=layer, progress=options.progress(), options=prep)
+              weights_dir=weights_dir, runs_dir=runs_dir, config=cfg,
+              precision=cache_tag(engine, precision), layer=layer, progress=options.progress(),
+              options=prep)
     cfg_json = rec.config
     click.echo(f"{cfg_json['model']}  ({cfg_json['weights']['label']})")
     if cfg_json.get("not_imagenet_from"):

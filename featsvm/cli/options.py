@@ -18,7 +18,16 @@ from typing import Any
 
 import click
 
-from featsvm.names import BACKENDS, COLOURS, DEVICES, ENGINES, FEATURES, PRECISIONS, STAINS, VIEWS
+from featsvm.names import (
+    BACKENDS,
+    COLOURS,
+    DEVICES,
+    ENGINES,
+    FEATURES,
+    PRECISION_CHOICES,
+    STAINS,
+    VIEWS,
+)
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 QUIET_KEY = "featsvm.quiet"  # click's ctx.meta: quiet was asked for (group or command)
@@ -48,8 +57,17 @@ device = _shared(
     "--device", default="auto", show_default=True, type=click.Choice(DEVICES),
     help="Where to run the network.")
 precision = _shared(
-    "--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
-    help="Floating-point precision of the network (fp16 is refused on the CPU; use bf16).")
+    "--precision", default="fp32", show_default=True, type=click.Choice(PRECISION_CHOICES),
+    help="Numerical precision of the network: auto = bf16 where the CPU has native bf16 "
+    "(probed once, recorded), else fp32; fp16 is refused on the CPU; int8 (static, calibrated "
+    "on train images) needs --engine onnxruntime or openvino.")
+# One --engine for every command that runs a backbone; its choices are names.ENGINES (add a
+# new engine's name there and its runner to featsvm.features.engines).
+engine = _shared(
+    "--engine", default="torch", show_default=True, type=click.Choice(ENGINES),
+    help="What runs the backbone: torch = this process; ray = a pool of Ray actors (pip "
+    "install 'featsvm[ray]'; docs/scale-out.md); onnxruntime / openvino = the exported graph "
+    "(pip install 'featsvm[onnx]'; docs/engines.md; part of the cache fingerprint).")
 cache = _shared(
     "--cache", "cache_dir", default="cache", show_default=True,
     type=click.Path(file_okay=False),
@@ -57,10 +75,6 @@ cache = _shared(
 runs = _shared(
     "--runs", "runs_dir", default=Path("runs"), show_default=True,
     type=click.Path(file_okay=False, path_type=Path), help="Folder of run records.")
-engine = _shared(
-    "--engine", default="torch", show_default=True, type=click.Choice(ENGINES),
-    help="Where the network runs: torch = this process; ray = a pool of Ray actors (pip install "
-    "'featsvm[ray]'; see docs/scale-out.md).")
 backend = _shared(
     "--backend", default=None, type=click.Choice(BACKENDS),
     help="Where grid-search candidates and CV folds run: local processes or joblib's Ray "

@@ -22,6 +22,10 @@ from featsvm.cli import options
                  "path.")
 @options.weights_dir()
 @options.device()
+@options.engine(default=None, show_default=False,
+                help="What runs a head run's backbone: torch, onnxruntime or openvino (optional "
+                "extra featsvm[onnx]). Default: the engine and precision the run's cache was "
+                "made with (an int8 cache: its own quantised graph).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--trust-pickle", is_flag=True,
               help="Also load a head saved as a pickle (model.joblib) by older featsvm versions: "
@@ -29,14 +33,14 @@ from featsvm.cli import options
 @options.quiet()
 def command(run_dir: Path, inputs: tuple[Path, ...], out_csv: Path | None,
             data_root: Path | None, weights: str | None, weights_dir: str | None,
-            device: str, batch_size: int, trust_pickle: bool) -> None:
+            device: str, engine: str | None, batch_size: int, trust_pickle: bool) -> None:
     """Predict the class of every image in INPUTS (files or folders) with the run RUN_DIR."""
     from featsvm.labels import LABELS
     from featsvm.predict import predict, write_predictions_csv
 
     res = predict(run_dir, inputs, weights=weights, weights_dir=weights_dir, device=device,
                   batch_size=batch_size, data_root=data_root,
-                  progress=options.progress(), trust_pickle=trust_pickle)
+                  progress=options.progress(), trust_pickle=trust_pickle, engine=engine)
     click.echo(f"run {res.run_id} ({res.model}): {len(res.predictions)} image(s)")
     if res.threshold is None:
         click.echo("this run has no abstention threshold (made before featsvm chose one on "

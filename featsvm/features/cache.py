@@ -143,15 +143,19 @@ def extract_command(
     if weights_dir is not None:
         parts += ["--weights-dir", os.fspath(weights_dir)]
     parts += ["--cache", os.fspath(cache_dir)]
-    if precision != "fp32":
-        parts += ["--precision", precision]
+    if precision != "fp32":  # a compute tag: fp32 / bf16, or <engine>-<precision>
+        from featsvm.features.engines import parse_tag
+
+        engine, precision = parse_tag(precision)
+        parts += ["--precision", precision] if precision != "fp32" else []
+        parts += ["--engine", engine] if engine != "torch" else []
     if layer is not None:
         parts += ["--layer", layer]
     opts = options.to_dict() if options is not None else {}
     for key in ("view", "stain", "colour"):
         if key in opts:
             parts += [f"--{key}", str(opts[key])]
-    if "stain" in opts:
+    if "stain" in opts or precision == "int8":  # int8: calibrated on the split's train rows
         parts += ["--split", "SPLIT_CSV"]
     if opts.get("mask_annotation"):
         parts += ["--mask-annotation"]
@@ -548,6 +552,11 @@ class CacheWriter:
         self._sha.update(sha256)
         self._rows_to_go = max(0, self._rows_to_go - k)
 
+    def attr(self, key: str) -> Any:
+        """An attribute of the file (None when absent)."""
+        value = self._file.attrs.get(key)
+        return value.decode() if isinstance(value, bytes) else value
+
     def note(self, key: str, value: Any) -> None:
         """Record an informational attribute (e.g. the extraction speed) and flush it."""
         try:
@@ -606,6 +615,9 @@ class CachedFeatures:
             "n_rows": len(self),
             "created": self.attrs.get("created"),
             "extract_command": self.attrs.get("extract_command"),
+            # how the precision was chosen (auto: the CPU probe) and the engine's details
+            **{key: json.loads(self.attrs[key]) for key in ("precision_choice", "engine")
+               if isinstance(self.attrs.get(key), str) and self.attrs[key].startswith("{")},
         }
 
     @property

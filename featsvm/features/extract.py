@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from featsvm import __version__
 from featsvm.data.dataset import decode_rgb, read_image_bytes, scan
-from featsvm.device import autocast_context, check_precision, resolve_device
+from featsvm.device import autocast_context, check_precision, precision_record, resolve_device
 from featsvm.errors import UsageError
+from featsvm.features import engines
 from featsvm.features.backbones import BackboneSpec, describe, load_backbone
 from featsvm.features.cache import CacheWriter, extract_command
 from featsvm.features.key import FeatureKey, WeightsId
@@ -73,7 +74,7 @@ class ExtractSummary:
     dim: int
     weights_label: str
     weights_sha256: str | None
-    precision: str
+    precision: str  # the compute tag: fp32 / bf16 (torch) or <engine>-<precision>
     device: str
     n_total: int  # image records considered
     n_new: int  # embeddings computed and written in this run
@@ -83,6 +84,8 @@ class ExtractSummary:
     seconds: float = 0.0  # whole call, scan included
     compute_seconds: float = 0.0  # decode + forward + write of the new images
     images_per_s: float = 0.0  # n_new / compute_seconds
+    precision_choice: dict[str, Any] = field(default_factory=dict)  # requested / resolved
+    engine: str = engines.TORCH
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -152,19 +155,22 @@ def extract(
     channels_last: bool = True,
     options: ImageOptions | None = None,
     source: BatchSource | None = None,
+    engine: str = engines.TORCH,
+    split_rows: Sequence[Any] | None = None,
+    calibration_images: int = engines.DEFAULT_CALIBRATION_IMAGES,
 ) -> ExtractSummary:
     """Embed every image of `data_dir` (or the given `records`, relative to it) with
     `backbone` into its cache file; return what was done. See the module doc. `options`:
     view / stain / colour (`featsvm.features.preprocess`), part of the fingerprint.
     `source`: compute the embeddings there instead of in this process (same cache file,
-    same rows in the same order); `device`, `batch_size` and `workers` are then its own."""
+    same rows in the same order); `device`, `batch_size` and `workers` are then its own.
+    `precision` auto: see `featsvm.device`; `engine`, and int8 calibrated on
+    `calibration_images` TRAIN rows of `split_rows`: see `featsvm.features.engines`."""
     t0 = time.perf_counter()
     root = Path(data_dir)
-    dev = resolve_device(device if source is None else "cpu")  # a source checks its own
-    if source is None:
-        check_precision(dev, precision)
-    if batch_size is not None and batch_size < 1:
-        raise UsageError("batch_size must be at least 1")
+    dev, choice, tag = _compute(device if source is None else "cpu", precision, engine,
+                                bool(split_rows), batch_size, check=source is None)
+    precision = choice["resolved"]
     skipped: list[tuple[str, str]] = []
     if records is None:
         found = scan(root)
@@ -172,17 +178,19 @@ def extract(
         skipped.extend(found.skipped)
 
     spec, info, pre = describe(backbone, weights, weights_dir, layer, options)
+    engines.check_network(spec, engine)
     batch_size = default_batch_size(dev, spec) if batch_size is None else batch_size
-    key = FeatureKey(backbone, WeightsId.from_info(info), precision, pre)
+    key = FeatureKey(backbone, WeightsId.from_info(info), tag, pre)
     path = Path(cache_dir) / key.file_name
     attrs = {  # besides key.cache_attrs(), which CacheWriter stores
         "weights_source": info.source,
+        "precision_choice": choice,
         "featsvm_version": __version__,
         "torch_version": torch.__version__,
         "versions": json.dumps(versions(), sort_keys=True),
         "created": now_iso(),
         "extract_command": extract_command(
-            root, backbone, weights, weights_dir, cache_dir, precision, layer, options
+            root, backbone, weights, weights_dir, cache_dir, tag, layer, options
         ),
     }
     with CacheWriter(path, key, attrs) as writer:
@@ -192,8 +200,10 @@ def extract(
         if todo and source is not None:
             n_new = commit(writer, todo, source(root, todo, pre), skipped, progress, backbone)
         elif todo:
+            calib = _calibration(root, precision, split_rows, calibration_images, pre, writer)
             n_new = _run(writer, root, todo, backbone, weights, weights_dir, layer, dev,
-                         precision, batch_size, workers, progress, channels_last, skipped, pre)
+                         precision, batch_size, workers, progress, channels_last, skipped, pre,
+                         engine, calib)
         compute = time.perf_counter() - t1
         device_name = str(dev) if source is None else source.device
         if n_new and compute > 0:  # the report's "extraction images/s" column reads this
@@ -201,12 +211,79 @@ def extract(
             writer.note("images_per_s_device", device_name)
     return ExtractSummary(
         cache_path=path, backbone=backbone, layer=key.layer, dim=key.dim,
-        weights_label=info.label, weights_sha256=info.sha256, precision=precision,
+        weights_label=info.label, weights_sha256=info.sha256, precision=tag,
         device=device_name, n_total=len(records), n_new=n_new, n_cached=n_cached,
         n_duplicates=n_dup, skipped=sorted(skipped), seconds=time.perf_counter() - t0,
         compute_seconds=compute if todo else 0.0,
         images_per_s=n_new / compute if n_new and compute > 0 else 0.0,
+        precision_choice=choice, engine=engine,
     )
+
+
+def _calibration(root: Path, precision: str, split_rows: Sequence[Any] | None, n: int,
+                 pre: Preprocessing, writer: CacheWriter) -> list[np.ndarray] | None:
+    """int8: batches of `n` TRAIN images of the split (int8 calibration), refusing a cache
+    whose quantised graph was calibrated on other images; other precisions: None."""
+    from featsvm.features.quantise import calibration_digest, calibration_rows
+
+    if precision != engines.QUANTISED:
+        return None
+    rows = calibration_rows(split_rows or (), n)
+    if not rows:
+        raise UsageError("the split manifest has no train rows to calibrate int8 on")
+    digest = calibration_digest(r.sha256 for r in rows)
+    before = writer.attr("int8_calibration_sha256")
+    if before and before != digest:
+        raise UsageError(
+            f"{writer.path} was computed with an int8 graph calibrated on other train images "
+            f"(calibration sha256 {before[:12]}…, now {digest[:12]}…); use another --cache")
+    writer.note("int8_calibration_sha256", digest)
+    files = _ImageFiles(root, rows, pre)
+    stacks = [x for _i, x, err in (files[i] for i in range(len(files))) if err is None]
+    if not stacks:
+        raise UsageError("no calibration image could be read")
+    batch = torch.cat(stacks).numpy()
+    return [batch[i:i + 8] for i in range(0, len(batch), 8)]
+
+
+def _compute(device: str, precision: str, engine: str, has_split: bool,
+             batch_size: int | None, check: bool = True
+             ) -> tuple[torch.device, dict[str, Any], str]:
+    """(device, precision record, compute tag) for an extract call; refuses what cannot run
+    (`check` False: a batch source checks its own device and precision)."""
+    if batch_size is not None and batch_size < 1:
+        raise UsageError("batch_size must be at least 1")
+    dev = resolve_device(device)
+    if engine != engines.TORCH and dev.type != "cpu":
+        if device != "auto":
+            raise UsageError(f"--engine {engine} runs on the CPU here; use --device cpu")
+        dev = resolve_device("cpu")
+    choice = precision_record(dev, engines.engine_precision(engine, precision))
+    if engine == engines.TORCH and check:
+        check_precision(dev, choice["resolved"])
+    tag = engines.compute_tag(engine, choice["resolved"])
+    if choice["resolved"] == engines.QUANTISED and not has_split:
+        raise UsageError("int8 is calibrated on training images: give the split manifest "
+                         "(--split) whose TRAIN rows to calibrate on")
+    return dev, choice, tag
+
+
+def _embedder(backbone: str, weights: str | os.PathLike[str] | None,
+              weights_dir: str | os.PathLike[str] | None, layer: str | None, engine: str,
+              dev: torch.device, precision: str, channels_last: bool,
+              preprocessing: Preprocessing, writer: CacheWriter,
+              calibration: list[np.ndarray] | None) -> Any:
+    """(images, cells per image) -> one float32 row per image, computed by `engine`: torch
+    (`Embedder`), or the exported graph in onnxruntime / openvino (engine details noted in the
+    cache)."""
+    if engine == engines.TORCH:
+        return Embedder(backbone, weights, weights_dir, layer, dev, precision, channels_last)
+    loaded = load_backbone(backbone, weights, weights_dir, layer)
+    runner = engines.build_runner(
+        engine, precision, loaded.embedder, engines.input_size(preprocessing), calibration,
+        engines.quantised_model_path(writer.path) if calibration is not None else None)
+    writer.note("engine", runner.info)
+    return lambda xs, counts: pool(runner(xs.numpy()), counts)
 
 
 def _partition(records: Sequence[ImageRef], writer: CacheWriter
@@ -307,8 +384,11 @@ def _run(
     channels_last: bool,
     skipped: list[tuple[str, str]],
     preprocessing: Preprocessing,
+    engine: str = engines.TORCH,
+    calibration: list[np.ndarray] | None = None,
 ) -> int:
-    embed = Embedder(backbone, weights, weights_dir, layer, dev, precision, channels_last)
+    embed = _embedder(backbone, weights, weights_dir, layer, engine, dev, precision,
+                      channels_last, preprocessing, writer, calibration)
     n_workers = default_workers(dev) if workers is None else workers
     loader = DataLoader(
         _ImageFiles(root, todo, preprocessing),

@@ -232,6 +232,10 @@ def fingerprint(cfg: FinetuneConfig, split_sha256: str, weights: WeightsId,
         settings.pop(key)
     if not settings.get("stain_jitter"):  # off: fingerprints of earlier runs stay valid
         settings.pop("stain_jitter", None)
+    if settings.get("precision") == "auto":  # what it means here, as `finetune` resolves it
+        from featsvm.device import resolve_device, resolve_precision
+
+        settings["precision"] = resolve_precision(resolve_device(cfg.device), "auto")
     content: dict[str, Any] = {"settings": settings, "split": split_sha256,
                                "weights": weights.to_json(),
                                "data_dir": str(Path(data_dir).resolve())}
@@ -576,13 +580,15 @@ def finetune(
     match). `max_epochs_this_call` stops after that many epochs in this call, leaving a
     resumable checkpoint (time-sliced training; tests use it to simulate an interruption).
     """
-    from featsvm.device import check_precision, resolve_device
+    from featsvm.device import check_precision, resolve_device, resolve_precision
 
     cfg = cfg.validate()
     data_dir = Path(data_dir)
     manifest: Manifest = read_manifest(split)
     device = resolve_device(cfg.device)
     check_precision(device, cfg.precision)
+    if cfg.precision == "auto":  # bf16 where the CPU has it natively (featsvm.device)
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(device, cfg.precision))
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
 
