@@ -10,9 +10,12 @@ from featsvm.cli import options
 
 
 @click.command("predict")
-@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
+@click.option("--run", "run_dir", default=None, type=click.Path(path_type=Path),
               help="Run folder (runs/<run-id>) whose model to use (checked against its "
               "config.json; loading runs no code).")
+@click.option("--onnx", "onnx_model", default=None, type=click.Path(path_type=Path),
+              help="Instead of --run: a model written by `featsvm export`, run with ONNX "
+              "Runtime only (no torch; optional extra featsvm[onnx]).")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_csv", type=click.Path(path_type=Path), default=None,
               help="Also write the table as CSV here.")
@@ -31,16 +34,28 @@ from featsvm.cli import options
               help="Also load a head saved as a pickle (model.joblib) by older featsvm versions: "
               "loading it runs code from the file, so only for run folders you made.")
 @options.quiet()
-def command(run_dir: Path, inputs: tuple[Path, ...], out_csv: Path | None,
+def command(run_dir: Path | None, onnx_model: Path | None, inputs: tuple[Path, ...],
+            out_csv: Path | None,
             data_root: Path | None, weights: str | None, weights_dir: str | None,
             device: str, engine: str | None, batch_size: int, trust_pickle: bool) -> None:
-    """Predict the class of every image in INPUTS (files or folders) with the run RUN_DIR."""
+    """Predict the class of every image in INPUTS (files or folders) with the run RUN_DIR
+    (or the exported model ONNX_MODEL)."""
     from featsvm.labels import LABELS
-    from featsvm.predict import predict, write_predictions_csv
+    from featsvm.predict import write_predictions_csv
 
-    res = predict(run_dir, inputs, weights=weights, weights_dir=weights_dir, device=device,
-                  batch_size=batch_size, data_root=data_root,
-                  progress=options.progress(), trust_pickle=trust_pickle, engine=engine)
+    if (run_dir is None) == (onnx_model is None):
+        raise click.UsageError("give exactly one of --run RUN_DIR and --onnx MODEL")
+    if onnx_model is not None:
+        from featsvm.predict_onnx import predict_onnx
+
+        res = predict_onnx(onnx_model, inputs, batch_size=batch_size, data_root=data_root,
+                           progress=options.progress())
+    else:
+        from featsvm.predict import predict
+
+        res = predict(run_dir, inputs, weights=weights, weights_dir=weights_dir, device=device,
+                      batch_size=batch_size, data_root=data_root,
+                      progress=options.progress(), trust_pickle=trust_pickle, engine=engine)
     click.echo(f"run {res.run_id} ({res.model}): {len(res.predictions)} image(s)")
     if res.threshold is None:
         click.echo("this run has no abstention threshold (made before featsvm chose one on "
