@@ -74,16 +74,15 @@ class Backbone:
     def __init__(self, name: str, args: argparse.Namespace, manifest: Any) -> None:
         from featsvm.features.backbones import load_backbone
         from featsvm.features.cache import locate_cache, read_cache
-        from featsvm.features.preprocess import image_transform
 
         self.name = name
         self.loaded = load_backbone(name, weights_dir=args.weights_dir, layer=LAYERS[name])
         self.pre = self.loaded.preprocessing
-        self.transform = image_transform(self.pre)
+        self.transform = self.pre.image_transform()
         self.cache = read_cache(locate_cache(args.cache, name, weights_dir=args.weights_dir,
                                              layer=LAYERS[name]))
         self.batch = self.loaded.spec.cpu_batch_size
-        self.size = int(self.pre["crop"])
+        self.size = int(self.pre.crop)
 
     def tensors(self, blobs: list[bytes]) -> torch.Tensor:
         from featsvm.data.dataset import decode_rgb
@@ -178,7 +177,7 @@ def bench_backbone(name: str, args: argparse.Namespace, manifest: Any, data: Pat
     ref = bb.cache.lookup([r.sha256 for r in parity_rows])
     heads = _heads(bb, manifest, args)
     ref_pred = {h: m.predict_proba(ref).argmax(1) for h, m in heads.items()}
-    out: dict[str, Any] = {"layer": LAYERS[name], "dim": int(bb.pre["dim"]),
+    out: dict[str, Any] = {"layer": LAYERS[name], "dim": int(bb.pre.dim),
                            "batch_size": bb.batch, "n_speed": len(speed),
                            "n_parity": len(parity), "calibration_images": len(calib_rows),
                            "load_before": _load(), "configs": {}}

@@ -63,7 +63,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     if predictor.kind != "head":
         raise PredictError(f"{run_dir}: export handles head runs (backbone + SVM / logistic "
                            f"head); this is a {predictor.kind} run")
-    pre = predictor.preprocessing
+    pre = predictor.preprocessing.to_json()  # the JSON form: what predict --onnx reads
     check_exportable(pre)
     model = _joined(predictor.parts["embedder"], predictor.parts["head"], pre)
     meta = {
@@ -125,7 +125,7 @@ def _parity(model_bytes: bytes, predictor: Any, data_dir: str | os.PathLike[str]
     from featsvm.features.onnx_input import prepare_batch
 
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    pre = predictor.preprocessing
+    pre = predictor.preprocessing.to_json()
 
     def onnx_proba(images: list[Any]) -> np.ndarray:
         out = [session.run(None, {"image": prepare_batch(images[i:i + 16], pre)})[0]

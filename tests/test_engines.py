@@ -15,7 +15,7 @@ from featsvm.data.dataset import scan
 from featsvm.data.manifest import ManifestRow, read_manifest, write_manifest
 from featsvm.errors import DeviceError, UsageError
 from featsvm.features import engines
-from featsvm.features.cache import extract_command, file_name, read_cache
+from featsvm.features.cache import extract_command, read_cache
 from featsvm.features.extract import extract
 
 
@@ -85,12 +85,16 @@ def test_auto_is_recorded_in_the_cache(cpu_flags, env: dict[str, Path], tmp_path
 
 
 def test_engine_and_quantisation_are_in_the_fingerprint() -> None:
-    pre = {"layer": "gap", "dim": 256}
+    from featsvm.features.backbones import describe
+    from featsvm.features.key import FeatureKey, WeightsId
+
+    pre = describe("alexnet", "none", layer="gap")[2]
     tags = [engines.compute_tag(e, p) for e, p in (
         ("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
         ("openvino", "fp32"), ("openvino", "int8"))]
     assert tags[:2] == ["fp32", "bf16"]  # torch caches keep their names
-    assert len({file_name("alexnet", "ab" * 32, pre, t) for t in tags}) == len(tags)
+    keys = [FeatureKey("alexnet", WeightsId("w", "ab" * 32), t, pre) for t in tags]
+    assert len({k.file_name for k in keys}) == len({k.fingerprint for k in keys}) == len(tags)
     assert all(engines.parse_tag(engines.compute_tag(e, p)) == (e, p)
                for e, p in (("torch", "bf16"), ("onnxruntime", "int8"), ("openvino", "fp32")))
     cmd = extract_command("DATA", "alexnet", cache_dir="c", precision="onnxruntime-int8")

@@ -132,7 +132,7 @@ def test_numpy_preprocessing_matches_the_torch_transform(backbone: str, size: tu
     rng = np.random.default_rng(sum(size))
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     want = make_transform(pre)(image).numpy()
-    got = prepare(image, pre)
+    got = prepare(image, pre.to_json())
     assert got.shape == want.shape and got.dtype == np.float32
     assert np.abs(got - want).max() < 1e-5
 
