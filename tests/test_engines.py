@@ -192,3 +192,33 @@ def test_openvino_runner_matches_torch() -> None:
     run = engines.build_runner("openvino", "fp32", lb.embedder, 224)
     assert run.info["inference_precision"] == "f32"
     assert _cos(run(x), ref).min() > 0.9999
+
+
+def test_predict_runs_the_engine_the_cache_was_made_with(env: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """A head trained on int8 onnxruntime features: predict runs that very int8 graph by
+    default (same probabilities as the run's predictions.csv); --engine torch runs fp32."""
+    pytest.importorskip("onnxruntime")
+    from featsvm.models.fit import fit
+    from featsvm.models.heads import HeadConfig
+    from featsvm.predict import predict
+    from featsvm.runs import read_run
+
+    man = read_manifest(env["split"])
+    extract(env["data"], "alexnet", weights="none", layer="gap", cache_dir=tmp_path / "c",
+            device="cpu", progress=False, workers=0, engine="onnxruntime", precision="int8",
+            split_rows=man.rows)
+    cfg = HeadConfig(cv_folds=2, logreg_C=(1.0,), class_weight=("none",), n_boot=10, n_jobs=1)
+    rec = fit("alexnet", "logreg", env["split"], cache_dir=tmp_path / "c", weights="none",
+              layer="gap", runs_dir=tmp_path / "runs", config=cfg, progress=False,
+              precision=engines.cache_tag("onnxruntime", "int8"))
+    assert rec.config["cache"]["precision"] == "onnxruntime-int8"
+    assert rec.config["cache"]["engine"]["quantisation"]["calibration_images"] == 8
+    own = read_run(rec.path).predictions()
+    files = [env["data"] / r for r in own.relpath]
+    res = predict(rec.path, files, data_root=env["data"], progress=False)
+    got = np.array([p.proba for p in res.predictions])
+    assert [p.file for p in res.predictions] == own.relpath
+    assert np.abs(got - own.proba).max() < 1e-5
+    fp32 = predict(rec.path, files, data_root=env["data"], progress=False, engine="torch")
+    assert np.abs(np.array([p.proba for p in fp32.predictions]) - own.proba).max() > 0

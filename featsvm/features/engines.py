@@ -33,6 +33,9 @@ from featsvm.errors import DeviceError, UsageError
 from featsvm.names import ENGINES, PRECISIONS
 
 TORCH = "torch"
+# engines that run the torch module itself (same numbers, same caches as torch): their compute
+# tag is the plain precision. An engine that only distributes torch work adds its name here.
+TORCH_NUMERICS = {TORCH}
 ENGINE_PRECISIONS = {  # what each non-torch engine computes in
     "onnxruntime": ("fp32", "int8"),
     "openvino": ("fp32", "bf16", "int8"),
@@ -44,7 +47,7 @@ DEFAULT_CALIBRATION_IMAGES = 64  # train images whose activations set the int8 r
 def compute_tag(engine: str, precision: str) -> str:
     """The cache's name for how its embeddings were computed (see the module doc)."""
     check_engine(engine, precision)
-    return precision if engine == TORCH else f"{engine}-{precision}"
+    return precision if engine in TORCH_NUMERICS else f"{engine}-{precision}"
 
 
 def parse_tag(tag: str) -> tuple[str, str]:
@@ -60,7 +63,7 @@ def check_engine(engine: str, precision: str) -> None:
     before: it means bf16 or fp32 of torch)."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
-    if engine == TORCH:
+    if engine in TORCH_NUMERICS:
         if precision == QUANTISED:
             raise DeviceError("int8 needs --engine onnxruntime or --engine openvino (torch "
                               "runs fp32 or bf16)")
