@@ -35,7 +35,7 @@ from featsvm.names import ENGINES, PRECISIONS
 TORCH = "torch"
 # engines that run the torch module itself (same numbers, same caches as torch): their compute
 # tag is the plain precision. An engine that only distributes torch work adds its name here.
-TORCH_NUMERICS = {TORCH}
+TORCH_NUMERICS = {TORCH, "ray"}  # ray: featsvm.features.ray_extract
 ENGINE_PRECISIONS = {  # what each non-torch engine computes in
     "onnxruntime": ("fp32", "int8"),
     "openvino": ("fp32", "bf16", "int8"),
