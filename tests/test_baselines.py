@@ -61,8 +61,8 @@ def test_annotation_box_geometry_and_pixels() -> None:
     img = Image.fromarray(arr, "RGB")
     assert crop_annotation(img).size == (10, 8)
     v = annotation_box_pixels(img)
-    assert v.shape == (32 * 24 * 3,) and v.dtype == np.float32
-    np.testing.assert_allclose(v.reshape(24, 32, 3), np.broadcast_to([1.0, 0.0, 0.2], (24, 32, 3)),
+    assert v.shape == (16 * 12 * 3,) and v.dtype == np.float32
+    np.testing.assert_allclose(v.reshape(12, 16, 3), np.broadcast_to([1.0, 0.0, 0.2], (12, 16, 3)),
                                atol=1e-6)
 
 
@@ -88,7 +88,7 @@ def test_baselines_need_no_weights_and_embed_like_a_backbone(tmp_path: Path) -> 
     lb = load_backbone("annotation_box", weights_dir=tmp_path / "nowhere")
     img = _two_tone(40, 40)
     x = make_transform(lb.preprocessing)(img)
-    assert tuple(x.shape) == (2304, 1, 1)
+    assert tuple(x.shape) == (576, 1, 1)
     emb = lb.embedder(x[None])
     np.testing.assert_allclose(emb.numpy()[0], annotation_box_pixels(img))
 
@@ -96,7 +96,7 @@ def test_baselines_need_no_weights_and_embed_like_a_backbone(tmp_path: Path) -> 
 def test_extract_baselines_into_their_own_caches(tiny_dataset: Path, tmp_path: Path) -> None:
     records = scan(tiny_dataset).records
     names = set()
-    for backbone, dim in (("colour_stats", 27), ("annotation_box", 2304)):
+    for backbone, dim in (("colour_stats", 27), ("annotation_box", 576)):
         s = extract(tiny_dataset, backbone, weights_dir=tmp_path / "nowhere",
                     cache_dir=tmp_path / "cache", device="cpu", workers=0, progress=False,
                     records=records)

@@ -42,7 +42,7 @@ GOLDEN = [
      "inception_v3-mixed_6c-9705e770-fp32-1168e511c376.h5"),
     ("colour_stats", None, (), None, "fp32", {}, "colour_stats-stats-none-fp32-fe53e49c7ec9.h5"),
     ("annotation_box", None, (), None, "fp32", {},
-     "annotation_box-pixels-none-fp32-7ec7a32996e4.h5"),
+     "annotation_box-pixels-none-fp32-ee2f7795ed3a.h5"),  # 16x12 box (was 7ec7a32996e4 at 32x24)
     ("colour_stats", None, (), None, "fp32", {"mask_annotation": True},
      "colour_stats-stats-none-fp32-83ed61e7eb72.h5"),
     # cell-view caches of the first cell detector (no detector key in their records)
