@@ -14,7 +14,8 @@ Precision policy:
 * ``auto`` (`resolve_precision`): on the CPU ``bf16`` where the CPU has native bf16
   instructions (x86 ``avx512_bf16`` / ``amx_bf16``, Arm ``bf16``; `probe_cpu`, done once per
   process and recorded by whoever resolves it), ``fp32`` otherwise; on CUDA ``bf16`` where the
-  GPU supports it; ``fp32`` on MPS.
+  GPU supports it; ``fp32`` on MPS. A caller passes ``bf16_ok=False`` for a network whose
+  bf16 features are measurably worse (a backbone spec's ``auto_bf16``): auto is then fp32.
 """
 
 from __future__ import annotations
@@ -89,10 +90,13 @@ def probe_cpu() -> CpuProbe:
                     source=str(CPUINFO) if flags else "no CPU flag list here")
 
 
-def resolve_precision(device: torch.device | str, precision: str) -> str:
-    """The precision `auto` stands for on `device` (see the module doc); others unchanged."""
+def resolve_precision(device: torch.device | str, precision: str, bf16_ok: bool = True) -> str:
+    """The precision `auto` stands for on `device` (see the module doc); others unchanged.
+    `bf16_ok` False: the network keeps fp32 under auto (its bf16 features fall short)."""
     if precision != AUTO:
         return precision
+    if not bf16_ok:
+        return "fp32"
     device = torch.device(device)
     if device.type == "cpu":
         return "bf16" if probe_cpu().native_bf16 else "fp32"
@@ -101,13 +105,17 @@ def resolve_precision(device: torch.device | str, precision: str) -> str:
     return "fp32"
 
 
-def precision_record(device: torch.device | str, requested: str) -> dict[str, Any]:
+def precision_record(device: torch.device | str, requested: str, bf16_ok: bool = True
+                     ) -> dict[str, Any]:
     """What a cache or run record keeps about a precision choice: the request, what it
-    resolved to and, for ``auto`` on a CPU, the probe behind it."""
+    resolved to and, for ``auto`` on a CPU, the probe behind it (and whether the network
+    itself kept fp32)."""
     out: dict[str, Any] = {"requested": requested,
-                           "resolved": resolve_precision(device, requested)}
+                           "resolved": resolve_precision(device, requested, bf16_ok)}
     if requested == AUTO and torch.device(device).type == "cpu":
         out["cpu_probe"] = probe_cpu().to_json()
+    if requested == AUTO and not bf16_ok:
+        out["network_keeps_fp32"] = True  # its bf16 features fall short (backbone spec)
     return out
 
 

@@ -42,7 +42,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,6 +62,9 @@ from featsvm.evaluation.metrics import N_BOOT
 from featsvm.fileio import write_json_atomic, write_text_atomic
 from featsvm.labels import label_for_folder, normalise_name
 from featsvm.runs import read_run
+
+if TYPE_CHECKING:
+    from featsvm.predict import EmbeddingMemo
 
 __all__ = ["CSV_COLUMNS", "EXTERNAL_DIR", "ExternalSet", "evaluate", "evaluate_set",
            "external_sets", "is_current", "ood_unavailable", "parse_class_map",
@@ -219,9 +222,11 @@ def evaluate(
     n_boot: int = N_BOOT,
     seed: int = 0,
     progress: bool = True,
+    memo: EmbeddingMemo | None = None,
 ) -> EvaluateResult:
     """Classify every labelled image under `dirs` with the run and write
-    ``<run>/external/<name>/{predictions.csv,metrics.json}`` (module docstring)."""
+    ``<run>/external/<name>/{predictions.csv,metrics.json}`` (module docstring). `memo`: a
+    `featsvm.predict.EmbeddingMemo` shared by the runs evaluated on the same images."""
     from featsvm.predict import predict
 
     if not dirs:
@@ -237,7 +242,7 @@ def evaluate(
     by_path = {str(f.path): (f, s) for f, s in zip(files, subjects_all, strict=True)}
     res = predict(record.path, [f.path for f in files], weights=weights,
                   weights_dir=weights_dir, device=device, batch_size=batch_size,
-                  progress=progress)
+                  progress=progress, memo=memo)
     threshold = (record.config.get("abstention") or {}).get("threshold")
     rows = [(by_path[p.file][0], by_path[p.file][1], p) for p in res.predictions]
     if not rows:

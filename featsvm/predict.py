@@ -111,6 +111,39 @@ def collect_inputs(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Path]
 # ---------------------------------------------------------------- models
 
 
+class EmbeddingMemo:
+    """Image embeddings already computed in this process, by (the run's feature cache name,
+    engine and precision, a hash of the decoded pixels). Head runs that share a backbone
+    cache (the SVM and logistic heads of one study) then embed each image once: `featsvm run`
+    passes one memo to every evaluation of an ``[[external]]`` set. Only rows the same
+    network and preprocessing computed are reused, so results do not change."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str], np.ndarray] = {}
+        self.hits = 0
+
+    @staticmethod
+    def _image_id(image: Any) -> str:
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{image.mode}{image.size}".encode())
+        h.update(image.tobytes())
+        return h.hexdigest()
+
+    def embed(self, model: str, images: list[Any],
+              compute: Callable[[list[Any]], np.ndarray]) -> np.ndarray:
+        """Rows of `images` for `model` (a string naming network + preprocessing), calling
+        `compute` only on those not seen before."""
+        keys = [(model, self._image_id(im)) for im in images]
+        todo = [i for i, k in enumerate(keys) if k not in self._rows]
+        if todo:
+            for i, row in zip(todo, compute([images[i] for i in todo]), strict=True):
+                self._rows[keys[i]] = row
+        self.hits += len(images) - len(todo)
+        return np.stack([self._rows[k] for k in keys])
+
+
 class Predictor:
     """A loaded run: call `predict_proba(images)` on a list of PIL RGB images.
 
@@ -159,14 +192,16 @@ class Predictor:
         device: str = "auto",
         trust_pickle: bool = False,
         engine: str | None = None,
+        memo: EmbeddingMemo | None = None,
     ) -> Predictor:
         """`trust_pickle`: also load a head saved as a pickle by older featsvm versions (runs
         code from the file: only for run folders you made). `engine`: what runs a head run's
-        backbone (`featsvm.features.engines`); None = what made the run's cache."""
+        backbone (`featsvm.features.engines`); None = what made the run's cache. `memo`: share
+        a head run's image embeddings with other runs of the same cache (`EmbeddingMemo`)."""
         record = read_run(run_dir)
         kind = record.config.get("kind")
         if kind == "head":
-            return cls._head(record, weights, weights_dir, device, trust_pickle, engine)
+            return cls._head(record, weights, weights_dir, device, trust_pickle, engine, memo)
         if engine not in (None, "torch"):
             raise PredictError(f"--engine {engine} runs the backbone of a head run; "
                                f"{run_dir} is a {kind} run (torch only)")
@@ -185,7 +220,8 @@ class Predictor:
     @classmethod
     def _head(cls, record: RunRecord, weights: str | os.PathLike[str] | None,
               weights_dir: str | os.PathLike[str] | None, device: str,
-              trust_pickle: bool = False, engine: str | None = None) -> Predictor:
+              trust_pickle: bool = False, engine: str | None = None,
+              memo: EmbeddingMemo | None = None) -> Predictor:
         import torch
 
         from featsvm.device import autocast_context, check_precision, resolve_device
@@ -222,7 +258,7 @@ class Predictor:
                                trust_pickle=trust_pickle)
                     if ood_cfg.get("file") else None)
 
-        def embed(images: list[Any]) -> np.ndarray:
+        def compute(images: list[Any]) -> np.ndarray:
             stacks = [transform(im) for im in images]  # [k, 3, H, W] each (k cells or 1)
             counts = [len(t) for t in stacks]
             if runner is not None:
@@ -231,6 +267,12 @@ class Predictor:
             with torch.inference_mode(), autocast_context(dev, precision):
                 feats = embedder(x)
             return pool(feats.float().cpu().numpy(), counts)
+
+        def embed(images: list[Any]) -> np.ndarray:
+            if memo is None:
+                return compute(images)
+            return memo.embed(f"{key.file_name} {engine} {precision} {dev.type}", images,
+                              compute)
 
         def proba(images: list[Any]) -> np.ndarray:
             return head.predict_proba(embed(images))
@@ -370,12 +412,14 @@ def predict(
     progress: bool = True,
     trust_pickle: bool = False,
     engine: str | None = None,
+    memo: EmbeddingMemo | None = None,
 ) -> PredictResult:
     """Predict every image in `inputs` (files and folders) with the run at `run_dir`.
 
     `data_root`: report files relative to this folder (e.g. to compare with a run's
-    predictions.csv relpaths). `trust_pickle`: see `Predictor.from_run`."""
-    predictor = Predictor.from_run(run_dir, weights, weights_dir, device, trust_pickle, engine)
+    predictions.csv relpaths). `trust_pickle`, `memo`: see `Predictor.from_run`."""
+    predictor = Predictor.from_run(run_dir, weights, weights_dir, device, trust_pickle, engine,
+                                   memo)
     return predict_files(predictor, inputs, batch_size, data_root, progress)
 
 

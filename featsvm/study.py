@@ -490,13 +490,13 @@ class StudyRun:
         return "done", (f"{s.n_new} new, {s.n_cached} cached, {s.images_per_s:.1f} img/s "
                         f"-> {s.cache_path}{bad}")
 
-    def _cache_tag(self) -> str:
-        """The precision the study's caches are named by (``auto`` resolved once, as extract
+    def _cache_tag(self, backbone: str) -> str:
+        """The precision `backbone`'s cache is named by (``auto`` resolved as extract
         resolves it)."""
         from featsvm.features.engines import cache_tag
 
         ex = self.study.extract
-        return cache_tag("torch", ex.precision, ex.device)
+        return cache_tag("torch", ex.precision, ex.device, backbone)
 
     def _feature_key(self, backbone: str, options: Any) -> FeatureKey:
         """The `FeatureKey` of the cache a fit or cv step of `backbone` reads
@@ -505,7 +505,7 @@ class StudyRun:
         from featsvm.features.cache import locate_cache
 
         args = (self._weights(backbone), self._weights_dir(), self.cfg.layers.get(backbone),
-                self._cache_tag(), options)
+                self._cache_tag(backbone), options)
         key = feature_key(backbone, *args)
         if not (Path(self.cfg.cache) / key.file_name).is_file():
             locate_cache(self.cfg.cache, backbone, args[0], args[1], args[3], args[2], options)
@@ -525,7 +525,7 @@ class StudyRun:
         rec = fit(backbone, head, self.manifest.path, cache_dir=cfg.cache,
                   weights=self._weights(backbone), weights_dir=self._weights_dir(),
                   runs_dir=self.runs_dir, config=study.fit,
-                  precision=self._cache_tag(), layer=cfg.layers.get(backbone),
+                  precision=self._cache_tag(backbone), layer=cfg.layers.get(backbone),
                   progress=self.progress, options=options)
         self.result.run_ids.append(rec.run_id)
         return "done", _headline(rec)
@@ -544,7 +544,8 @@ class StudyRun:
         rec = cross_validate(backbone, head, self.manifest.path, cache_dir=cfg.cache,
                              weights=self._weights(backbone), weights_dir=self._weights_dir(),
                              runs_dir=self.runs_dir, config=study.cv, folds=cfg.cv_folds,
-                             precision=self._cache_tag(), layer=cfg.layers.get(backbone),
+                             precision=self._cache_tag(backbone),
+                             layer=cfg.layers.get(backbone),
                              progress=self.progress, options=options)
         self.result.run_ids.append(rec.run_id)
         return "done", _headline(rec)
@@ -587,10 +588,12 @@ class StudyRun:
         """Evaluate every model of the study on one ``[[external]]`` set (evaluation only:
         nothing is fitted or chosen on it); runs already evaluated on it are skipped."""
         from featsvm.evaluate import evaluate_set, is_current
+        from featsvm.predict import EmbeddingMemo
 
         if not Path(ext.path).is_dir():
             raise StudyError(f"[[external]] {ext.name}: folder {ext.path} not found")
         done, kept, aucs = 0, 0, []
+        memo = EmbeddingMemo()  # the heads of one backbone embed each image once
         for run_id in self.result.run_ids:
             run_dir = self.runs_dir / run_id
             kind = read_run(run_dir).config.get("kind")
@@ -600,7 +603,8 @@ class StudyRun:
                 kept += 1
                 continue
             res = evaluate_set(run_dir, ext, weights_dir=self._weights_dir(),
-                               device=self.study.extract.device, progress=self.progress)
+                               device=self.study.extract.device, progress=self.progress,
+                               memo=memo)
             done += 1
             auc = res.metrics.get("roc_auc")
             aucs.append(f"{res.model} {'n/a' if auc is None else f'{auc:.3f}'}")

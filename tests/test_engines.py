@@ -84,6 +84,30 @@ def test_auto_is_recorded_in_the_cache(cpu_flags, env: dict[str, Path], tmp_path
     assert plain.cache_path == s.cache_path and plain.n_cached == 2  # the same features
 
 
+def test_auto_keeps_fp32_for_a_network_whose_bf16_falls_short(
+        cpu_flags, env: dict[str, Path], tmp_path: Path) -> None:
+    """On a native-bf16 CPU auto gives bf16 to AlexNet, but EfficientNet-Lite0 (bf16 cosine
+    below 0.999) and the hand-crafted baselines keep fp32, recorded as such; fit/cv look for
+    the same tag."""
+    cpu_flags("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16")
+    assert device.resolve_precision("cpu", "auto", bf16_ok=False) == "fp32"
+    assert device.resolve_precision("cpu", "bf16", bf16_ok=False) == "bf16"  # explicit wins
+    assert engines.cache_tag("torch", "auto", backbone="alexnet") == "bf16"
+    assert engines.cache_tag("torch", "auto", backbone="vgg16") == "bf16"
+    assert engines.cache_tag("torch", "auto", backbone="efficientnet_lite0") == "fp32"
+    assert engines.cache_tag("torch", "auto", backbone="colour_stats") == "fp32"
+    records = scan(env["data"]).records[:2]
+    s = extract(env["data"], "efficientnet_lite0", weights="none", cache_dir=tmp_path,
+                device="cpu", precision="auto", progress=False, records=records, workers=0)
+    assert s.precision == "fp32" and "-fp32-" in s.cache_path.name
+    choice = read_cache(s.cache_path).record()["precision_choice"]
+    assert choice["resolved"] == "fp32" and choice["network_keeps_fp32"] is True
+    assert choice["cpu_probe"]["native_bf16"] is True
+    a = extract(env["data"], "alexnet", weights="none", layer="gap", cache_dir=tmp_path,
+                device="cpu", precision="auto", progress=False, records=records, workers=0)
+    assert a.precision == "bf16" and "-bf16-" in a.cache_path.name
+
+
 def test_engine_and_quantisation_are_in_the_fingerprint() -> None:
     from featsvm.features.backbones import describe
     from featsvm.features.key import FeatureKey, WeightsId

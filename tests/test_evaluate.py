@@ -247,3 +247,38 @@ def test_cli_evaluate_errors_are_one_line(head_run: Path, tmp_path: Path) -> Non
     res = CliRunner().invoke(main, ["evaluate", "--run", str(head_run), str(tmp_path),
                                     "--class-map", "lab=benign", "--subject-regex", "UID_(\\d+"])
     assert res.exit_code == 1 and "not a valid regular expression" in res.output
+
+
+def test_heads_of_one_cache_share_embeddings_through_a_memo(head_run: Path,
+                                                             tmp_path: Path) -> None:
+    """`featsvm run` evaluates every head of a backbone on an external set with one
+    EmbeddingMemo: the second head embeds nothing, and its results equal those without it."""
+    from featsvm.evaluate import evaluate
+    from featsvm.models.fit import fit
+    from featsvm.models.heads import HeadConfig
+    from featsvm.predict import EmbeddingMemo
+    from featsvm.runs import PROB_COLUMNS
+
+    root = head_run.parent.parent
+    cfg = HeadConfig(cv_folds=2, svm_kernels=("linear",), svm_linear_C=(1.0,),
+                     class_weight=("none",), n_boot=10, n_jobs=1, target_error=0.5)
+    svm_run = fit("efficientnet_lite0", "svm", root / "split.csv", cache_dir=root / "cache",
+                  weights="none", runs_dir=root / "runs", config=cfg, progress=False).path
+    rng = np.random.default_rng(9)
+    lab = tmp_path / "lab"
+    for folder, idx in (("all", 2), ("hem", 0)):
+        (lab / folder).mkdir(parents=True)
+        for j in range(4):
+            random_cell_image(rng, 48, idx).save(lab / folder / f"c{j}.png")
+    kw = {"class_map": {"all": "malignant", "hem": "benign"}, "n_boot": 10, "progress": False}
+    memo = EmbeddingMemo()
+    shared = [evaluate(run, [lab], name="memo", memo=memo, **kw) for run in (head_run, svm_run)]
+    assert memo.hits == 8  # the SVM run found all 8 images embedded by the logistic run
+    alone = evaluate(svm_run, [lab], name="alone", **kw)
+    probs = []
+    for res in (shared[1], alone):
+        with open(res.out_dir / "predictions.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        probs.append([[float(r[c]) for c in PROB_COLUMNS] for r in rows])
+    assert len(probs[0]) == len(probs[1]) == 8
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-5)

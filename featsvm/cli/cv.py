@@ -88,7 +88,8 @@ def command(
                            mask_annotation=mask_annotation)
     rec = cross_validate(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
                          weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, folds=folds,
-                         precision=cache_tag(engine, precision), layer=layer,
+                         precision=cache_tag(engine, precision, backbone=backbone),
+                         layer=layer,
                          progress=options.progress(), options=prep)
     c = rec.config
     pooled = rec.metrics["pooled"]

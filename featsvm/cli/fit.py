@@ -82,7 +82,8 @@ def command(
                            mask_annotation=mask_annotation)
     rec = fit(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
               weights_dir=weights_dir, runs_dir=runs_dir, config=cfg,
-              precision=cache_tag(engine, precision), layer=layer, progress=options.progress(),
+              precision=cache_tag(engine, precision, backbone=backbone), layer=layer,
+              progress=options.progress(),
               options=prep)
     cfg_json = rec.config
     click.echo(f"{cfg_json['model']}  ({cfg_json['weights']['label']})")

@@ -95,6 +95,10 @@ class BackboneSpec:
     reference: str = ""
     # a hand-crafted, non-torch embedder (shortcut baselines): no weights, no network
     image_features: ImageFeatures | None = None
+    # May `--precision auto` run this network in bf16 on a CPU with native bf16? Only where
+    # bf16 features keep cosine >= 0.999 with fp32 (benchmarks/engines.py); otherwise auto
+    # keeps fp32 for it (featsvm.device.resolve_precision). An explicit bf16 still runs.
+    auto_bf16: bool = True
 
     def layer(self, name: str) -> EmbeddingLayer:
         for lay in self.layers:
@@ -319,6 +323,10 @@ SPECS: dict[str, BackboneSpec] = {
                 ),
             ),
             gflops=0.80,
+            # bf16 features: cosine 0.997 vs fp32 (benchmarks/results/engines.md): the
+            # depthwise convolutions and ReLU6 clipping lose more than VGG16 / InceptionV3 /
+            # AlexNet do, and the network is fast in fp32 anyway.
+            auto_bf16=False,
             reference="Tan & Le 2019 (Lite variant, TensorFlow release)",
         ),
     )
@@ -337,7 +345,7 @@ def _handcrafted(features: ImageFeatures, reference: str) -> BackboneSpec:
         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
         default_weights=NO_WEIGHTS_LABEL, default_url="", library="featsvm",
         classifier_prefixes=(), cpu_batch_size=64, reference=reference,
-        image_features=features,
+        image_features=features, auto_bf16=False,  # no network: precision means nothing
     )
 
 

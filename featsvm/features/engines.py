@@ -98,14 +98,23 @@ def engine_precision(engine: str, precision: str) -> str:
     return "fp32" if engine != TORCH and precision == "auto" else precision
 
 
-def cache_tag(engine: str, precision: str, device: str = "cpu") -> str:
-    """The compute tag of the cache that `featsvm extract --engine E --precision P` writes on
-    `device` (``auto`` resolved as extract resolves it); what fit and cv look for."""
+def cache_tag(engine: str, precision: str, device: str = "cpu", backbone: str | None = None
+              ) -> str:
+    """The compute tag of the cache that `featsvm extract --backbone B --engine E
+    --precision P` writes on `device` (``auto`` resolved as extract resolves it, for the
+    backbone's `auto_bf16`); what fit and cv look for."""
     if engine == TORCH:
         from featsvm.device import resolve_device, resolve_precision
 
-        precision = resolve_precision(resolve_device(device), precision)
+        precision = resolve_precision(resolve_device(device), precision, auto_bf16(backbone))
     return compute_tag(engine, engine_precision(engine, precision))
+
+
+def auto_bf16(backbone: str | None) -> bool:
+    """May ``auto`` pick bf16 for `backbone` (its spec's `auto_bf16`; True when unnamed)?"""
+    from featsvm.features.backbones import get_spec
+
+    return backbone is None or get_spec(backbone).auto_bf16
 
 
 @dataclass

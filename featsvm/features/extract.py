@@ -169,7 +169,8 @@ def extract(
     t0 = time.perf_counter()
     root = Path(data_dir)
     dev, choice, tag = _compute(device if source is None else "cpu", precision, engine,
-                                bool(split_rows), batch_size, check=source is None)
+                                bool(split_rows), batch_size, check=source is None,
+                                bf16_ok=engines.auto_bf16(backbone))
     precision = choice["resolved"]
     skipped: list[tuple[str, str]] = []
     if records is None:
@@ -247,10 +248,11 @@ def _calibration(root: Path, precision: str, split_rows: Sequence[Any] | None, n
 
 
 def _compute(device: str, precision: str, engine: str, has_split: bool,
-             batch_size: int | None, check: bool = True
+             batch_size: int | None, check: bool = True, bf16_ok: bool = True
              ) -> tuple[torch.device, dict[str, Any], str]:
     """(device, precision record, compute tag) for an extract call; refuses what cannot run
-    (`check` False: a batch source checks its own device and precision)."""
+    (`check` False: a batch source checks its own device and precision; `bf16_ok`: the
+    backbone's `auto_bf16`)."""
     if batch_size is not None and batch_size < 1:
         raise UsageError("batch_size must be at least 1")
     dev = resolve_device(device)
@@ -258,7 +260,7 @@ def _compute(device: str, precision: str, engine: str, has_split: bool,
         if device != "auto":
             raise UsageError(f"--engine {engine} runs on the CPU here; use --device cpu")
         dev = resolve_device("cpu")
-    choice = precision_record(dev, engines.engine_precision(engine, precision))
+    choice = precision_record(dev, engines.engine_precision(engine, precision), bf16_ok)
     if engine == engines.TORCH and check:
         check_precision(dev, choice["resolved"])
     tag = engines.compute_tag(engine, choice["resolved"])
