@@ -81,9 +81,9 @@ class StudyConfig:
     # per-backbone --weights: "none" (random), "default" (library download) or a file path
     weights: dict[str, str] = field(default_factory=dict)
     layers: dict[str, str] = field(default_factory=dict)  # per-backbone embedding layer
-    # inputs of the heads: "field", "cells", "cells+reinhard", "cells+grey", ... (view, then
-    # stain / colour; featsvm.features.preprocess.parse_input). Reinhard references come from
-    # the split's train images.
+    # inputs of the heads: "field", "cells", "cells+reinhard", "cells+grey", "cells+lowres",
+    # ... (view, then stain / colour / lowres; featsvm.features.preprocess.parse_input).
+    # Reinhard references come from the split's train images.
     inputs: tuple[str, ...] = ("field",)
     finetune: bool = True  # train the [finetune] models
     # pooled grouped K-fold CV of every backbone x head over all images (0 = none)
@@ -454,9 +454,9 @@ class StudyRun:
 
     def _options(self, spec: str) -> Any:
         """ImageOptions of a study input (a Reinhard reference from the split's train images)."""
-        from featsvm.features.preprocess import parse_input, resolve_options
+        from featsvm.features.preprocess import input_options
 
-        return resolve_options(*parse_input(spec), self.manifest.path, self.data)
+        return input_options(spec, self.manifest.path, self.data)
 
     # ---- the steps
 

@@ -56,6 +56,9 @@ GOLDEN = [
     # ... and of detector version 2 with 12 cells per field (its own fingerprint)
     ("alexnet", ALEX_LPIPS, ALEX_MISSING, None, "fp32", {"view": "cells"},
      "alexnet-gap-c18dbe1d-fp32-36af21e7d23f.h5"),
+    # ... resolution-normalised (cells+lowres; "cell_resolution" only when on)
+    ("alexnet", ALEX_LPIPS, ALEX_MISSING, None, "fp32", {"view": "cells", "cell_resolution": 32},
+     "alexnet-gap-c18dbe1d-fp32-e23192294094.h5"),
     ("alexnet", ALEX_LPIPS, ALEX_MISSING, None, "fp32", {"colour": "grey"},
      "alexnet-gap-c18dbe1d-fp32-325766c0fea7.h5"),
     ("alexnet", ALEX_LPIPS, ALEX_MISSING, None, "fp32", {"mask_annotation": True},

@@ -130,7 +130,7 @@ def test_study_inputs_are_checked_on_load(tmp_path: Path) -> None:
     from featsvm.features.preprocess import input_name, parse_input
     from featsvm.study import load_study
 
-    assert parse_input("cells+reinhard+grey") == ("cells", "reinhard", "grey")
+    assert parse_input("cells+reinhard+grey") == ("cells", "reinhard", "grey", 0)
     assert input_name(ImageOptions(view="cells", colour="grey")) == "cells+grey"
     good = tmp_path / "good.toml"
     good.write_text('[study]\ninputs = ["field", "cells+reinhard"]\n')

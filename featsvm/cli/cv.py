@@ -70,7 +70,7 @@ def command(
     backbone: str, head: str, folds: int, split_path: Path, layer: str | None,
     weights: str | None, weights_dir: str | None, cache_dir: str, runs_dir: Path,
     config_path: Path | None, precision: str, engine: str, view: str, stain: str, colour: str,
-    mask_annotation: bool, backend: str | None,
+    mask_annotation: bool, cell_resolution: int, backend: str | None,
 ) -> None:
     """Score every image of the split manifest out of fold: K grouped, stratified folds, the
     head tuned inside each fold's training part, metrics over the pooled predictions with
@@ -85,7 +85,7 @@ def command(
 
         cfg = dataclasses.replace(cfg, backend=backend)
     prep = resolve_options(view, stain, colour, split_path,
-                           mask_annotation=mask_annotation)
+                           mask_annotation=mask_annotation, cell_resolution=cell_resolution)
     rec = cross_validate(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
                          weights_dir=weights_dir, runs_dir=runs_dir, config=cfg, folds=folds,
                          precision=cache_tag(engine, precision, backbone=backbone),

@@ -46,14 +46,16 @@ from featsvm.names import COLOURS, STAINS, VIEWS
 @click.option("--mask-annotation", is_flag=True,
               help="Fill the burnt-in scale-annotation box (bottom-right 25 % x 20 %) with the "
               "image's median colour first (part of the cache fingerprint).")
+@options.cell_resolution()
 @options.quiet()
 def command(data_dir, backbone, weights, weights_dir, cache_dir, device, precision, batch_size,
             workers, engine, address, gpus_per_worker, layer, view, stain, colour, split_path,
-            mask_annotation) -> None:
+            mask_annotation, cell_resolution) -> None:
     """Embed every image of DATA_DIR with BACKBONE into CACHE (only images not cached yet)."""
     from featsvm.features.preprocess import resolve_options
 
-    prep = resolve_options(view, stain, colour, split_path, data_dir, mask_annotation)
+    prep = resolve_options(view, stain, colour, split_path, data_dir, mask_annotation,
+                           cell_resolution)
     common = dict(weights=weights, weights_dir=weights_dir, cache_dir=cache_dir, device=device,
                   precision=precision, batch_size=batch_size, layer=layer,
                   progress=options.progress(), options=prep)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -61,7 +61,8 @@ def command(
     data_dir: Path, split_path: Path, model: str | None, weights: str | None,
     weights_dir: str | None, epochs: int | None, batch_size: int | None, lr: float | None,
     freeze: str | None, cache_frozen: bool | None, view: str, stain: str, colour: str,
-    mask_annotation: bool, stain_jitter: float | None, seed: int | None, cv_folds: int | None,
+    mask_annotation: bool, cell_resolution: int, stain_jitter: float | None, seed: int | None,
+    cv_folds: int | None,
     device: str | None, precision: str | None,
     runs_dir: Path, config_path: Path | None, resume_dir: Path | None, no_resume: bool,
 ) -> None:
@@ -80,18 +81,15 @@ def command(
         cfg = base.for_model(model, epochs=epochs, batch_size=batch_size, lr=lr, freeze=freeze,
                              cache_frozen=cache_frozen, seed=seed, device=device,
                              precision=precision, stain_jitter=stain_jitter)
-        prep = None  # the config's input, unless an image option is given here
-        if (view, stain, colour, mask_annotation) != ("field", "none", "rgb", False):
-            from featsvm.features.preprocess import resolve_options
-
-            prep = resolve_options(view, stain, colour, split_path, data_dir, mask_annotation)
+        prep = _image_options(view, stain, colour, mask_annotation, cell_resolution,
+                              split_path, data_dir)
         resume: Path | bool = resume_dir if resume_dir is not None else not no_resume
         if cv_folds is not None:
             if prep is not None:
                 from featsvm.errors import UsageError
 
                 raise UsageError("finetune --cv trains on the whole field only: leave out "
-                                 "--view/--stain/--colour/--mask-annotation")
+                                 "--view/--stain/--colour/--mask-annotation/--cell-resolution")
             _cross_validate(data_dir, split_path, cfg, cv_folds, weights, weights_dir, runs_dir,
                             resume)
             return
@@ -137,6 +135,19 @@ def command(
         click.echo(line)
     if result.skipped:
         click.echo(f"{len(result.skipped)} image(s) skipped (listed in config.json 'skipped')")
+
+
+def _image_options(view: str, stain: str, colour: str, mask_annotation: bool,
+                   cell_resolution: int, split_path: Path, data_dir: Path) -> Any:
+    """The image options given on the command line; None (the config's ``input``) when none
+    is."""
+    if (view, stain, colour, mask_annotation, cell_resolution) == ("field", "none", "rgb",
+                                                                    False, 0):
+        return None
+    from featsvm.features.preprocess import resolve_options
+
+    return resolve_options(view, stain, colour, split_path, data_dir, mask_annotation,
+                           cell_resolution)
 
 
 def _cross_validate(data_dir: Path, split_path: Path, cfg: FinetuneConfig, folds: int,

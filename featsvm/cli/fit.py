@@ -64,7 +64,7 @@ def command(
     backbone: str, head: str, weights: str | None, weights_dir: str | None, cache_dir: str,
     split_path: Path, runs_dir: Path, config_path: Path | None, precision: str, engine: str,
     layer: str | None, view: str, stain: str, colour: str, mask_annotation: bool,
-    backend: str | None,
+    cell_resolution: int, backend: str | None,
 ) -> None:
     """Tune HEAD by grouped CV on the train split of the cached BACKBONE embeddings, calibrate
     on val (SVM), score val and test once, and write a run record under --runs."""
@@ -79,7 +79,7 @@ def command(
 
         cfg = dataclasses.replace(cfg, backend=backend)
     prep = resolve_options(view, stain, colour, split_path,
-                           mask_annotation=mask_annotation)
+                           mask_annotation=mask_annotation, cell_resolution=cell_resolution)
     rec = fit(backbone, head, split_path, cache_dir=cache_dir, weights=weights,
               weights_dir=weights_dir, runs_dir=runs_dir, config=cfg,
               precision=cache_tag(engine, precision, backbone=backbone), layer=layer,

@@ -79,6 +79,13 @@ backend = _shared(
     "--backend", default=None, type=click.Choice(BACKENDS),
     help="Where grid-search candidates and CV folds run: local processes or joblib's Ray "
     "backend (RAY_ADDRESS picks the cluster). Default: [fit] backend of --config, else local.")
+cell_resolution = _shared(
+    "--cell-resolution", default=0, show_default=True, type=click.IntRange(0), metavar="N",
+    help="With --view cells: resolution normalisation, each cell's crop window reduced to at "
+    "most N x N native pixels (area averaging) before the resize to the crop size, so that "
+    "no cell carries more detail than a Taleqani cell; 0 = off. The study input token "
+    "cells+lowres uses the measured Taleqani median (featsvm.features.cells.NATIVE_CELL_PX, "
+    "32). Part of the cache fingerprint.")
 split = _shared(
     "--split", "split_path", default=Path("split.csv"), show_default=True,
     type=click.Path(dir_okay=False, path_type=Path),
@@ -106,9 +113,9 @@ def progress() -> bool:
 
 
 def image_options(made: str = "", help_by_option: dict[str, str] | None = None) -> Decorator:
-    """``--view``, ``--stain``, ``--colour`` and ``--mask-annotation``: how images become
-    features (part of every cache fingerprint). `made` = "the cache was extracted with" for
-    commands that read a cache; `help_by_option` replaces a help text."""
+    """``--view``, ``--stain``, ``--colour``, ``--mask-annotation`` and ``--cell-resolution``:
+    how images become features (part of every cache fingerprint). `made` = "the cache was
+    extracted with" for commands that read a cache; `help_by_option` replaces a help text."""
     texts = {
         "view": f"Input view{made} (field | cells).",
         "stain": f"Stain handling{made}.",
@@ -127,6 +134,7 @@ def image_options(made: str = "", help_by_option: dict[str, str] | None = None) 
             click.option("--colour", default="rgb", show_default=True,
                          type=click.Choice(COLOURS), help=texts["colour"]),
             click.option("--mask-annotation", is_flag=True, help=texts["mask"]),
+            cell_resolution(),
         )):
             f = deco(f)
         return f

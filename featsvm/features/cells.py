@@ -56,6 +56,14 @@ from featsvm.errors import UsageError
 
 # Upper bound of cells pooled per field (largest first): bounds the cost of a crowded field.
 MAX_CELLS = 12
+# The detail of a typical Taleqani training cell: the median crop-window side in native pixels
+# (bbox max side / fill 0.8) of the <= MAX_CELLS cells the cell view crops, measured on 300
+# seeded TRAIN fields of the real split (2,439 crops; detector v2): median 32.5 px (p25 28.8,
+# p75 37.5; benign 27.5, blasts 31-34), rounded half-to-even to 32. Chosen on training fields
+# only, never on another lab's images: `benchmarks/cell_resolution.py` (results in
+# benchmarks/results/cell_resolution.json). The resolution of ``cells+lowres``
+# (`featsvm.features.preprocess.ImageOptions.cell_resolution`, `crop_cell`'s `resolution`).
+NATIVE_CELL_PX = 32
 
 
 SCORES = ("blue", "purple")
@@ -208,11 +216,14 @@ def crop_cell(
     fill: float = 0.8,
     suppress_background: bool = True,
     dilate: float = 0.08,
+    resolution: int = 0,
 ) -> Image.Image:
     """The cell at a normalised scale: its bounding box becomes `fill` of a `size` x `size`
     crop in both axes (cell diameter -> ``fill * size`` pixels). Outside the image the crop is
     black; with `suppress_background` so is everything outside the (slightly dilated) cell
-    mask."""
+    mask. With `resolution` > 0 the crop window (native pixels) is first reduced to at most
+    `resolution` pixels per side (`limit_resolution`), so that the crop carries no more
+    detail than a cell spanning that many pixels."""
     from scipy import ndimage as ndi
     from skimage import morphology
 
@@ -237,7 +248,31 @@ def crop_cell(
     pad_b, pad_r = max(0, bottom - h), max(0, right - w)
     padded = np.pad(rgb, ((pad_t, pad_b), (pad_l, pad_r), (0, 0)))
     win = padded[top + pad_t:bottom + pad_t, left + pad_l:right + pad_l]
-    return Image.fromarray(win).resize((size, size), Image.Resampling.BILINEAR)
+    crop = Image.fromarray(win)
+    if resolution:
+        crop = limit_resolution(crop, resolution)
+    return crop.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def limit_resolution(window: Image.Image, resolution: int) -> Image.Image:
+    """Resolution normalisation of a crop window: reduced to at most `resolution` pixels per
+    side (never enlarged: a window already that small passes unchanged; the final resize to
+    the crop size enlarges it).
+
+    The filter is PIL's ``BOX``: each output pixel is the plain average of the native pixels
+    it covers (fractional coverage weighted), which is what a camera with coarser pixels would
+    record, so a large sharp cell becomes the cell a lower-magnification camera would have
+    seen. Unlike ``LANCZOS`` it has no negative lobes, so the hard edge between the cell and
+    the blacked-out background gets no ringing halo that training crops never have.
+    (``reducing_gap`` is only a speed shortcut for large reductions, not needed for crops of
+    a few hundred pixels.)"""
+    if resolution < 1:
+        raise UsageError(f"cell resolution must be positive, got {resolution}")
+    w, h = window.size
+    target = (min(w, resolution), min(h, resolution))
+    if target == (w, h):
+        return window
+    return window.resize(target, Image.Resampling.BOX)
 
 
 def cell_crops(
@@ -246,10 +281,13 @@ def cell_crops(
     suppress_background: bool = True,
     params: DetectorParams = DetectorParams(),
     max_cells: int = MAX_CELLS,
+    resolution: int = 0,
 ) -> list[Image.Image]:
-    """Crops of the (largest `max_cells`) cells of an image; empty when none was found."""
+    """Crops of the (largest `max_cells`) cells of an image; empty when none was found
+    (`resolution`: `crop_cell`'s resolution normalisation, 0 = off)."""
     det = detect(image, params)
-    return [crop_cell(image, c, size, suppress_background=suppress_background)
+    return [crop_cell(image, c, size, suppress_background=suppress_background,
+                      resolution=resolution)
             for c in det.cells[:max_cells]]
 
 

@@ -12,6 +12,12 @@ every fingerprint; only non-default values are written, so the fingerprints of p
   **An image's embedding is the mean of its cells' embeddings** (pooled embedding: one cache
   row per image, so heads, CV and the cache work unchanged). A field where no cell is found
   is embedded whole, resized to ``cell_size`` (`featsvm cells DATA` lists such fields).
+* ``cell_resolution`` (cell view; 0 = off): *resolution normalisation*. Each crop window
+  (native pixels) is first reduced to at most ``cell_resolution`` pixels per side with an
+  area-averaging filter (`featsvm.features.cells.limit_resolution`), then resized to
+  ``cell_size`` as always, so a cell from a high-magnification camera (e.g. single-cell
+  images ~250 px across) carries no more detail than a Taleqani cell (224-px fields, crop
+  windows of ~32 px: `featsvm.features.cells.NATIVE_CELL_PX`, what ``cells+lowres`` uses).
 * ``stain = "reinhard"``: Reinhard normalisation of each input (crop or field) to
   ``stain_reference`` (Lab mean and std), computed from the TRAIN images of a split manifest
   only (`reinhard_reference`), stored in the preprocessing dict.
@@ -28,12 +34,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from featsvm.errors import UsageError
-from featsvm.features.cells import DETECTOR_VERSION
+from featsvm.features.cells import DETECTOR_VERSION, NATIVE_CELL_PX
 from featsvm.names import COLOURS, STAINS, VIEWS
 
 DEFAULT_CELL_SIZE = 112  # the 224-px Taleqani fields hold cells of ~25-30 px: 112 loses nothing
@@ -44,7 +50,9 @@ DEFAULT_CELL_SIZE = 112  # the 224-px Taleqani fields hold cells of ~25-30 px: 1
 DEFAULT_MAX_CELLS = 12
 REFERENCE_IMAGES = 300  # train images whose inputs form the stain reference
 OPTION_KEYS = ("view", "stain", "stain_reference", "colour", "cell_size", "max_cells",
-               "mask_annotation", "detector")
+               "mask_annotation", "detector", "cell_resolution")
+MIN_CELL_RESOLUTION = 8
+LOWRES = "lowres"  # input token: cell_resolution = NATIVE_CELL_PX ("lowres<N>": N pixels)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class ImageOptions:
     max_cells: int = DEFAULT_MAX_CELLS
     mask_annotation: bool = False
     detector: int = DETECTOR_VERSION  # cell detector version (featsvm.features.cells)
+    cell_resolution: int = 0  # crop windows reduced to <= this many px per side (0 = off)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("view", self.view, VIEWS), ("stain", self.stain, STAINS),
@@ -69,6 +78,10 @@ class ImageOptions:
                              "std) from training images; see featsvm.features.preprocess")
         if self.cell_size < 32 or self.max_cells < 1:
             raise UsageError("cell_size must be >= 32 and max_cells >= 1")
+        if self.cell_resolution and (self.cell_resolution < MIN_CELL_RESOLUTION
+                                     or self.view != "cells"):
+            raise UsageError(f"cell resolution {self.cell_resolution}: 0 (off) or >= "
+                             f"{MIN_CELL_RESOLUTION} pixels, with the cell view only")
         from featsvm.features.cells import detector_params
 
         detector_params(self.detector)  # a known version
@@ -80,6 +93,8 @@ class ImageOptions:
             out.update(view=self.view, cell_size=self.cell_size, max_cells=self.max_cells)
             if self.detector != 1:  # caches of the first detector keep their fingerprints
                 out["detector"] = self.detector
+            if self.cell_resolution:  # only when on: every other cache keeps its fingerprint
+                out["cell_resolution"] = self.cell_resolution
         if self.stain != "none":
             out.update(stain=self.stain,
                        stain_reference=[round(float(v), 4) for v in self.stain_reference or ()])
@@ -100,13 +115,16 @@ class ImageOptions:
                    mask_annotation=bool(pre.get("mask_annotation", False)),
                    # records of the cell view without a version were made by the first
                    detector=int(pre.get("detector", 1 if pre.get("view") == "cells"
-                                        else DETECTOR_VERSION)))
+                                        else DETECTOR_VERSION)),
+                   cell_resolution=int(pre.get("cell_resolution", 0)))
 
     def describe(self) -> str:
         parts = [f"view {self.view}"]
         if self.view == "cells":
             parts.append(f"{self.cell_size}-px cells, <= {self.max_cells} per image, mean-pooled, "
                          f"detector v{self.detector}")
+            if self.cell_resolution:
+                parts.append(f"resolution-normalised to {self.cell_resolution} px")
         if self.stain != "none":
             parts.append(f"stain {self.stain}")
         if self.colour != "rgb":
@@ -127,7 +145,8 @@ def _inputs(image, opts: ImageOptions) -> tuple[list, bool]:
 
     if opts.view == "cells":
         crops = cell_crops(image, size=opts.cell_size, suppress_background=True,
-                           params=detector_params(opts.detector), max_cells=opts.max_cells)
+                           params=detector_params(opts.detector), max_cells=opts.max_cells,
+                           resolution=opts.cell_resolution)
         return (crops or [image.resize((opts.cell_size, opts.cell_size))]), True
     return [image], False
 
@@ -235,9 +254,12 @@ def resolve_options(
     split_path: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     mask_annotation: bool = False,
+    cell_resolution: int = 0,
 ) -> ImageOptions:
     """ImageOptions from command-line values; `reinhard` takes its reference from the split's
-    train images (computed with `data_dir`, or read from the file a previous extract wrote)."""
+    train images (computed with `data_dir`, or read from the file a previous extract wrote).
+    The reference is that of the plain view (`cell_resolution` changes the detail of a crop,
+    not its colour)."""
     ref = None
     if stain == "reinhard":
         if split_path is None:
@@ -245,30 +267,64 @@ def resolve_options(
                              "train images)")
         ref = reinhard_reference(split_path, data_dir, view)
     return ImageOptions(view=view, stain=stain, stain_reference=ref, colour=colour,
-                        mask_annotation=mask_annotation)
+                        mask_annotation=mask_annotation, cell_resolution=cell_resolution)
 
 
-def parse_input(spec: str) -> tuple[str, str, str]:
-    """(view, stain, colour) of a study input name such as ``field``, ``cells``,
-    ``cells+reinhard`` or ``cells+grey`` (view first, then any of a stain and a colour)."""
+class InputSpec(NamedTuple):
+    """The parts of a study input name (`parse_input`); keyword arguments of
+    `resolve_options`."""
+
+    view: str
+    stain: str = "none"
+    colour: str = "rgb"
+    cell_resolution: int = 0
+
+
+def parse_input(spec: str) -> InputSpec:
+    """(view, stain, colour, cell_resolution) of a study input name such as ``field``,
+    ``cells``, ``cells+reinhard``, ``cells+grey`` or ``cells+lowres+reinhard`` (view first,
+    then any of a stain, a colour and ``lowres``: the cell view's resolution normalisation
+    to `NATIVE_CELL_PX`, or ``lowres<N>`` to N pixels)."""
     view, *rest = spec.split("+")
-    stain, colour = "none", "rgb"
+    stain, colour, resolution = "none", "rgb", 0
     for part in rest:
         if part in STAINS:
             stain = part
         elif part in COLOURS:
             colour = part
+        elif part == LOWRES:
+            resolution = NATIVE_CELL_PX
+        elif part.startswith(LOWRES) and part[len(LOWRES):].isdigit():
+            resolution = int(part[len(LOWRES):])
         else:
             raise UsageError(f"input {spec!r}: {part!r} is neither a stain ({', '.join(STAINS)}) "
-                             f"nor a colour ({', '.join(COLOURS)})")
+                             f"nor a colour ({', '.join(COLOURS)}) nor {LOWRES}[N] (cell "
+                             "resolution)")
     if view not in VIEWS:
         raise UsageError(f"input {spec!r} must start with a view: {', '.join(VIEWS)}")
-    return view, stain, colour
+    if resolution and (view != "cells" or resolution < MIN_CELL_RESOLUTION):
+        raise UsageError(f"input {spec!r}: {LOWRES} is for the cells view, with N >= "
+                         f"{MIN_CELL_RESOLUTION}")
+    return InputSpec(view, stain, colour, resolution)
+
+
+def input_options(
+    spec: str,
+    split_path: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> ImageOptions:
+    """The `ImageOptions` of a study / ``[finetune] input`` name (`parse_input`, then
+    `resolve_options`)."""
+    return resolve_options(**parse_input(spec)._asdict(), split_path=split_path,
+                           data_dir=data_dir)
 
 
 def input_name(options: ImageOptions) -> str:
     """The inverse of `parse_input` (``field`` for the defaults)."""
     parts = [options.view]
+    if options.cell_resolution:
+        parts.append(LOWRES if options.cell_resolution == NATIVE_CELL_PX
+                     else f"{LOWRES}{options.cell_resolution}")
     if options.stain != "none":
         parts.append(options.stain)
     if options.colour != "rgb":

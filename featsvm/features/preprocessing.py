@@ -53,7 +53,7 @@ _IMAGE_KEYS = ("input_size", "resize", "interpolation", "crop", "mean", "std")
 _KEYS = {"backbone": _BACKBONE_KEYS, "handcrafted": _HANDCRAFTED_KEYS, "scratch": _SCRATCH_KEYS}
 # image options the colour_stats baseline takes besides the annotation mask: the cell view
 # (the 27 statistics of each cell crop's non-black pixels, averaged over the field's cells)
-CELL_VIEW_KEYS = {"view", "cell_size", "max_cells", "detector"}
+CELL_VIEW_KEYS = {"view", "cell_size", "max_cells", "detector", "cell_resolution"}
 
 
 @dataclass(frozen=True)

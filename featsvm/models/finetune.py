@@ -136,7 +136,9 @@ class FinetuneConfig:
     # "field" (the whole image), "cells" (each white cell cropped on black; the network is
     # trained on cells carrying their image's label and an image's probabilities are the mean
     # of its cells'), "+reinhard" (stain-normalised to the split's train images), "+grey" /
-    # "+hematoxylin" (colour-free). Part of the preprocessing record and the fingerprint.
+    # "+hematoxylin" (colour-free), "+lowres" (cells: resolution-normalised crops,
+    # featsvm.features.cells.NATIVE_CELL_PX). Part of the preprocessing record and the
+    # fingerprint.
     input: str = "field"
     select_metric: str = "macro_f1"
     patience: int = 5  # epochs without val improvement before stopping; 0 = never stop early
@@ -636,9 +638,9 @@ def image_options(cfg: FinetuneConfig, split: str | os.PathLike[str],
                   data_dir: str | os.PathLike[str] | None) -> Any:
     """The `ImageOptions` of ``cfg.input`` (a Reinhard reference from the split's train
     images, computed once and kept next to the manifest)."""
-    from featsvm.features.preprocess import parse_input, resolve_options
+    from featsvm.features.preprocess import input_options
 
-    return resolve_options(*parse_input(cfg.input), split, data_dir)
+    return input_options(cfg.input, split, data_dir)
 
 
 def run_folder(resume: str | os.PathLike[str] | bool, runs_dir: Path, fp: str,
