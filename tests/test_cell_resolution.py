@@ -127,6 +127,10 @@ def test_study_and_finetune_accept_the_token(tmp_path: Path) -> None:
     cfg.write_text('[study]\ninputs = ["cells", "cells+lowres+reinhard"]\n')
     assert load_study(cfg).study.inputs == ("cells", "cells+lowres+reinhard")
     assert FinetuneConfig(input="cells+lowres").validate().input == "cells+lowres"
+    from featsvm.models.finetune import image_options
+
+    opts = image_options(FinetuneConfig(input="cells+lowres"), tmp_path / "split.csv", None)
+    assert opts == ImageOptions(view="cells", cell_resolution=NATIVE_CELL_PX)
     with pytest.raises(ConfigError, match="lowres"):
         FinetuneConfig(input="field+lowres").validate()
 

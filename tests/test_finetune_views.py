@@ -136,6 +136,7 @@ def test_cli_finetune_with_cells_stain_and_hed_jitter(fields, tmp_path):
     result = CliRunner().invoke(main, [
         "finetune", str(data), "--split", str(split), "--model", "basic-cnn", "--epochs", "1",
         "--view", "cells", "--stain", "reinhard", "--colour", "grey", "--stain-jitter", "0.05",
+        "--cell-resolution", "16",
         "--runs", str(tmp_path / "runs"), "--config", str(toml), "--quiet", "--device", "cpu",
     ])
     assert result.exit_code == 0, result.output
@@ -143,10 +144,11 @@ def test_cli_finetune_with_cells_stain_and_hed_jitter(fields, tmp_path):
     (run,), _ = runs.list_runs(tmp_path / "runs")
     pre = run.config["preprocessing"]
     assert pre["view"] == "cells" and pre["stain"] == "reinhard" and pre["colour"] == "grey"
+    assert pre["cell_resolution"] == 16 and "resolution-normalised to 16 px" in result.output
     # the Reinhard reference comes from the split's train images, as extract takes it
     ref = resolve_options("cells", "reinhard", "rgb", split)
     assert pre["stain_reference"] == [round(v, 4) for v in ref.stain_reference]
-    assert run.config["finetune"]["input"] == "cells+reinhard+grey"
+    assert run.config["finetune"]["input"] == "cells+lowres16+reinhard+grey"
     assert run.config["finetune"]["stain_jitter"] == 0.05
     assert "HED stain jitter 0.05" in run.config["augmentation"]
     # a config's [finetune] input is checked like the study's inputs
