@@ -145,7 +145,8 @@ def test_transfer_config_loads() -> None:
     from featsvm.study import load_study
 
     s = load_study(Path(__file__).resolve().parents[1] / "configs" / "transfer.toml")
-    assert "cells+reinhard" in s.study.inputs
+    assert {"field", "cells", "cells+lowres", "cells+lowres+reinhard"} <= set(s.study.inputs)
+    assert s.study.cv_folds == 10 and [e.name for e in s.external] == ["cnmc-2019-sample"]
 
 
 def test_colour_stats_of_the_cell_view_are_the_cell_pixels_statistics(tmp_path: Path) -> None:
