@@ -21,8 +21,10 @@ Measured (``runs/<id>/external/<name>/metrics.json``, computed by
   probability is the confidence; `featsvm.evaluation.calibration`), and of the four classes
   when the folders give subtypes;
 * the share of images the run's out-of-distribution flag calls unlike its training images
-  (``ood`` block: rate with CI, per true class, next to the run's in-lab test rate); runs
-  without a flag say ``available: false`` and why (end-to-end runs have none);
+  (``ood`` block: rate with CI, per true class, next to the run's in-lab test rate; head
+  runs flag on the backbone's embedding, end-to-end runs on the network's penultimate
+  layer); runs without a flag (made by older featsvm versions) say ``available: false``
+  and why;
 * 95 % percentile-bootstrap CIs. Cells of one person are not independent: with a
   ``subject_regex`` the bootstrap resamples **subjects** (group 1 of the regex, else the whole
   match, searched in each file's path); without one it resamples images, and the output says
@@ -314,14 +316,13 @@ def _ood_metrics(record: Any, rows: Sequence[tuple[LabelledFile, str, Any]]
 
 def ood_unavailable(record: Any) -> str:
     """Why a run has no out-of-distribution flag ("" when it has one)."""
-    kind = record.config.get("kind")
-    if kind == "end_to_end":
-        return ("not available for end-to-end runs: featsvm finetune fits no "
-                "out-of-distribution flag (only head runs do, on their backbone's embedding)")
-    if not (record.config.get("ood") or {}).get("file"):
-        return ("not available: this run was made without an out-of-distribution flag "
-                "(before featsvm fitted one, or its split has no val images)")
-    return ""
+    if (record.config.get("ood") or {}).get("file"):
+        return ""
+    if record.config.get("kind") == "end_to_end":
+        return ("not available: this end-to-end run was made before featsvm finetune fitted "
+                "an out-of-distribution flag (retrain it to get one)")
+    return ("not available: this run was made without an out-of-distribution flag "
+            "(before featsvm fitted one, or its split has no val images)")
 
 
 def is_current(run_dir: str | os.PathLike[str], ext: ExternalSet) -> bool:

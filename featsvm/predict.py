@@ -15,6 +15,13 @@ before it is loaded, and
   rounded to uint8 after the transform, then normalised; with the cell view, the mean of the
   probabilities of the image's cells).
 
+Out-of-distribution flag: a run whose ``config.json`` holds an ``ood`` block with a file
+(``ood.skops``, `featsvm.evaluation.ood.OODFlag`) flags ``ood = 1`` for every image whose
+embedding is further from the run's training images than its val-chosen threshold: the
+backbone's embedding for a head run, the penultimate-layer embedding (input of the final
+linear classifier, captured in the same forward pass as the probabilities; the mean over the
+cells in the cell view) for an end-to-end run. Runs made without one leave ``ood`` empty.
+
 A file that cannot be read or decoded is reported by name and skipped; the others are
 predicted.
 
@@ -157,7 +164,7 @@ class Predictor:
         self.record = record
         self._proba_fn = proba_fn
         self.transform = transform
-        self._ood_fn = ood_fn  # head runs with an OOD flag: images -> (proba, flags)
+        self._ood_fn = ood_fn  # runs with an OOD flag: images -> (proba, flags)
         self.parts = parts
 
     @property
@@ -229,7 +236,7 @@ class Predictor:
         from featsvm.features.preprocess import pool
 
         cfg = record.config
-        from featsvm.models.modelfile import load_head, load_model
+        from featsvm.models.modelfile import load_head
 
         head = load_head(record, trust_pickle)  # sidecar + config.json sha256, no pickle
         if "layer" not in (cfg.get("preprocessing") or {}):
@@ -253,10 +260,7 @@ class Predictor:
         if runner is None:
             check_precision(dev, precision)
 
-        ood_cfg = cfg.get("ood") or {}
-        ood_flag = (load_model(record.path / ood_cfg["file"], ood_cfg.get("sha256"),
-                               trust_pickle=trust_pickle)
-                    if ood_cfg.get("file") else None)
+        ood_flag = _load_ood_flag(record, trust_pickle)
 
         def compute(images: list[Any]) -> np.ndarray:
             stacks = [transform(im) for im in images]  # [k, 3, H, W] each (k cells or 1)
@@ -293,10 +297,16 @@ class Predictor:
 
         from featsvm.device import check_precision, resolve_device
         from featsvm.evaluation.calibration import apply_temperature
-        from featsvm.models.networks import load_finetuned, normaliser_for, predict_proba
+        from featsvm.models.networks import (
+            capture_embeddings,
+            load_finetuned,
+            normaliser_for,
+            predict_proba,
+        )
         from featsvm.models.pixels import pool_rows
 
         net, transform, cfg = load_finetuned(record.path)  # checks the sidecar first
+        ood_flag = _load_ood_flag(record)
         dev = resolve_device(device)
         precision = str(cfg.get("precision") or "fp32")
         check_precision(dev, precision)
@@ -310,21 +320,45 @@ class Predictor:
             x = transform(im)
             return x if x.dim() == 4 else x.unsqueeze(0)
 
-        def proba(images: list[Any]) -> np.ndarray:
+        def forward(images: list[Any], embed: bool) -> tuple[np.ndarray, np.ndarray | None]:
             # as in training: transform, keep as uint8, normalise per batch; with the cell
-            # view an image's probabilities are the mean of its cells'
+            # view an image's probabilities (and embedding) are the mean of its cells'
             stacks = [normaliser.to_uint8(inputs(im)) for im in images]
             owner = np.repeat(np.arange(len(stacks)), [len(t) for t in stacks])
-            p = predict_proba(net, torch.cat(stacks), normaliser, dev, precision,
-                              batch_size=max(1, len(owner)))
+            with capture_embeddings(net, embed) as emb:
+                p = predict_proba(net, torch.cat(stacks), normaliser, dev, precision,
+                                  batch_size=max(1, len(owner)))
             p = pool_rows(p, owner, len(stacks))
             # the run's temperature (fitted on its val split), as its predictions.csv has it
-            return p if temperature is None else apply_temperature(p, float(temperature))
+            p = p if temperature is None else apply_temperature(p, float(temperature))
+            if not embed:
+                return p, None
+            return p, pool_rows(torch.cat(emb).double().numpy(), owner, len(stacks))
+
+        def proba(images: list[Any]) -> np.ndarray:
+            return forward(images, False)[0]
+
+        def proba_ood(images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+            p, emb = forward(images, True)  # the embedding of the same forward pass
+            return p, ood_flag.flag(emb)
 
         def first(im: Any) -> Any:  # one tensor [3, H, W] per image (the field, or its
             return inputs(im)[0]  # largest cell in the cell view), for featsvm.explain
 
-        return cls(record, proba, first, net=net, normaliser=normaliser, device=dev)
+        return cls(record, proba, first, proba_ood if ood_flag is not None else None,
+                   net=net, normaliser=normaliser, device=dev)
+
+
+def _load_ood_flag(record: RunRecord, trust_pickle: bool = False) -> Any:
+    """The run's OOD flag (`featsvm.evaluation.ood.OODFlag`, checked against its sidecar and
+    the sha256 config.json records), or None for a run made without one."""
+    from featsvm.models.modelfile import load_model
+
+    ood_cfg = record.config.get("ood") or {}
+    if not ood_cfg.get("file"):
+        return None
+    return load_model(record.path / ood_cfg["file"], ood_cfg.get("sha256"),
+                      trust_pickle=trust_pickle)
 
 
 def _engine(cfg: dict[str, Any], record: RunRecord, key: Any, loaded: Any,

@@ -233,6 +233,15 @@ def test_finetuning_a_backbone_end_to_end_with_the_frozen_trunk_cache(tiny_split
         proba = torch.softmax(model(x), 1).numpy()
     np.testing.assert_allclose(apply_temperature(proba, c["calibration"]["temperature"]),
                                test.proba, atol=1e-4)
+    # the OOD flag: train embeddings from the cache (identity view), val / test from the
+    # prediction pass; predict, running the whole network on the raw images, flags the test
+    # images as the run recorded (same penultimate-layer embedding)
+    from featsvm.predict import predict
+
+    ood = c["ood"]
+    assert "1280-d" in ood["embedding"] and (res.run_dir / ood["file"]).is_file()
+    got = predict(res.run_dir, [data / p for p in test.relpath], progress=False)
+    assert np.mean([p.ood for p in got.predictions]) == pytest.approx(ood["rate_test"])
 
 
 def test_trunk_split_composes_to_the_model():

@@ -88,8 +88,13 @@ def test_finetune_on_cells_then_predict_and_evaluate_use_the_cell_view(fields, t
                   progress=False)
     by = {p.file: p.proba for p in got.predictions}
     np.testing.assert_allclose(np.stack([by[r] for r in own.relpath]), own.proba, atol=2e-5)
+    # its OOD flag is fitted on the mean of the cells' penultimate-layer embeddings, and
+    # predict pools them the same way: the run's own test images flag at its recorded rate
+    ood = rec.config["ood"]
+    assert "mean over the image's cells" in ood["embedding"]
+    assert np.mean([p.ood for p in got.predictions]) == pytest.approx(ood["rate_test"])
     # evaluate on segmented single cells (one cell on black each): one input per image, and
-    # the OOD rate is said to be unavailable for an end-to-end run
+    # the OOD rate of the run's flag
     lab = tmp_path / "lab"
     for folder, s in (("all", "1"), ("hem", "H2")):
         (lab / folder).mkdir(parents=True)
@@ -103,8 +108,8 @@ def test_finetune_on_cells_then_predict_and_evaluate_use_the_cell_view(fields, t
     out = evaluate(res.run_dir, [lab], class_map={"all": "malignant", "hem": "benign"},
                    subject_regex=r"UID_(H?\d+)_", n_boot=10, progress=False)
     assert out.metrics["n_images"] == 6
-    assert out.metrics["ood"]["available"] is False
-    assert "end-to-end" in out.metrics["ood"]["reason"]
+    assert out.metrics["ood"]["available"] is True
+    assert out.metrics["ood"]["in_lab_test_rate"] == ood["rate_test"]
 
 
 def test_cell_inputs_are_decoded_per_cell_with_their_image_label(fields):

@@ -9,13 +9,21 @@ off the training subspace is flagged even when its projection looks ordinary.
 Threshold: the ``quantile`` (default 95 %) of the scores of held-out in-lab images (the val
 split), so by construction about 5 % of in-lab images are flagged; an external image is
 flagged ``ood`` when its score is above it. The threshold is chosen on in-lab data only.
+
+`fit_ood_flag` is what every run that keeps a model fits: head runs (``featsvm fit``, on the
+backbone's embedding) and end-to-end runs (``featsvm finetune``, on the network's
+penultimate-layer embedding, the input of its final linear classifier). Both save it as
+``OOD_FILE`` in the run folder with the same ``config.json`` ``ood`` block (`ood_record`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+OOD_FILE = "ood.skops"  # the flag in a run folder (skops, with a sha256 sidecar)
 
 
 @dataclass
@@ -38,8 +46,12 @@ class OODFlag:
         z = pca.transform(xs)
         cov = LedoitWolf().fit(z)
         resid = self._residual(xs, pca)
+        # floor: a train set that the kept components span exactly (n_train - 1 <= the
+        # components) has residuals of ~1e-30, and dividing by them made every other image's
+        # score astronomical; 1e-6 of the standardised total variance is far below any
+        # real run's median residual
         self.fitted_ = {"scaler": scaler, "pca": pca, "cov": cov,
-                        "resid_scale": float(np.median(resid)) or 1.0,
+                        "resid_scale": max(float(np.median(resid)), 1e-6 * xs.shape[1]),
                         "maha_scale": float(np.median(cov.mahalanobis(z))) or 1.0}
         return self
 
@@ -67,3 +79,20 @@ class OODFlag:
         if self.threshold is None:
             raise RuntimeError("OODFlag.calibrate on held-out in-lab images first")
         return self.score(x) > self.threshold
+
+
+def fit_ood_flag(train: np.ndarray, val: np.ndarray, test: np.ndarray
+                 ) -> tuple[OODFlag | None, dict[str, Any] | None]:
+    """OOD flag fitted on the train embeddings, threshold at 95 % of val, and the ``ood``
+    block of config.json (without ``file`` / ``sha256``, which saving adds) with the share of
+    in-lab test images flagged. (None, None) without val images or with <= 2 train images."""
+    if len(val) == 0 or len(train) <= 2:
+        return None, None
+    flag = OODFlag().fit(train).calibrate(val)
+    return flag, {
+        "method": "Mahalanobis (Ledoit-Wolf) on the PCA of the standardised embedding "
+                  "+ PCA residual, fitted on train",
+        "n_components": int(flag.fitted_["pca"].n_components_),
+        "quantile": flag.quantile, "threshold": flag.threshold, "threshold_from": "val",
+        "rate_test": float(flag.flag(test).mean()) if len(test) else None,
+    }

@@ -17,8 +17,13 @@ What it does, in order:
    accuracy), stops early after ``patience`` epochs without improvement, and writes a
    resumable checkpoint and ``history.csv``;
 5. reloads the best weights, predicts val and test, scores them with
-   `evaluation.metrics.score_predictions` (the same function ``fit`` uses), and writes the run
-   record (`featsvm.runs`): ``model.pt`` + sha256 sidecar, predictions, metrics, config last.
+   `evaluation.metrics.score_predictions` (the same function ``fit`` uses), fits the
+   out-of-distribution flag on the network's penultimate-layer embedding (`fit_ood`: the
+   same `evaluation.ood` flag and ``config.json`` ``ood`` block as head runs; val and test
+   embeddings come from the prediction pass, train costs one more un-augmented pass), and
+   writes the run record (`featsvm.runs`): ``model.pt`` and ``ood.skops`` + sha256 sidecars,
+   predictions, metrics, config last. A resumed run ends the same way (the flag is fitted
+   once, on the best weights); ``finetune --cv`` keeps no model and fits no flag.
 
 **Freezing** (``freeze``): ``"none"`` trains everything; ``"all"`` trains only the new head;
 ``"auto"`` freezes all but the backbone's last block (see ``LAST_TRAINABLE``; the CPU
@@ -78,6 +83,7 @@ from featsvm.models.networks import (
     FinetuneError,
     apply_freeze,
     build_model,
+    capture_embeddings,
     normaliser_for,
     split_trunk,
 )
@@ -331,7 +337,9 @@ class CachedFeeder:
         return self._prep(views[v, idx])
 
     def eval(self, split: str, sl: slice) -> torch.Tensor:
-        return self._prep(self.feats[split][sl])
+        feats = self.feats[split]
+        # train holds [V, N, ...]: view 0 is the images as they are
+        return self._prep((feats[0] if split == "train" else feats)[sl])
 
 
 @torch.no_grad()
@@ -390,16 +398,27 @@ def cache_trunk(
 
 
 @torch.no_grad()
-def _predict(feeder: PixelFeeder | CachedFeeder, split: str, n: int) -> np.ndarray:
+def _forward(feeder: PixelFeeder | CachedFeeder, split: str, n: int, embed: bool = False
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Softmax probabilities of a split's `n` inputs and, with `embed`, their
+    penultimate-layer embeddings from the same pass (`networks.capture_embeddings`)."""
     from featsvm.device import autocast_context
 
     feeder.net.eval()
     out = []
-    for sl in batches(n, feeder.cfg.eval_batch_size):
-        with autocast_context(feeder.device, feeder.cfg.precision):
-            logits = feeder.net(feeder.eval(split, sl))
-        out.append(torch.softmax(logits.float(), dim=1).cpu().double())
-    return torch.cat(out).numpy() if out else np.zeros((0, len(LABELS)))
+    with capture_embeddings(feeder.net, embed) as emb:
+        for sl in batches(n, feeder.cfg.eval_batch_size):
+            with autocast_context(feeder.device, feeder.cfg.precision):
+                logits = feeder.net(feeder.eval(split, sl))
+            out.append(torch.softmax(logits.float(), dim=1).cpu().double())
+    proba = torch.cat(out).numpy() if out else np.zeros((0, len(LABELS)))
+    if not embed:
+        return proba, None
+    return proba, torch.cat(emb).double().numpy() if emb else np.zeros((0, 0))
+
+
+def _predict(feeder: PixelFeeder | CachedFeeder, split: str, n: int) -> np.ndarray:
+    return _forward(feeder, split, n)[0]
 
 
 def _predict_images(feeder: PixelFeeder | CachedFeeder, split: str, images: ImageSet
@@ -407,6 +426,15 @@ def _predict_images(feeder: PixelFeeder | CachedFeeder, split: str, images: Imag
     """Probabilities per image of a split: the mean over its inputs (cells) when an image
     gives several (`ImageSet.pool`)."""
     return images.pool(_predict(feeder, split, images.n_inputs))
+
+
+def _forward_images(feeder: PixelFeeder | CachedFeeder, split: str, images: ImageSet
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, penultimate-layer embeddings) per image of a split, both pooled the
+    same way over an image's inputs (the mean over its cells in the cell view)."""
+    proba, emb = _forward(feeder, split, images.n_inputs, embed=True)
+    assert emb is not None
+    return images.pool(proba), images.pool(emb) if len(emb) else emb
 
 
 def _val_scores(proba: np.ndarray, targets: torch.Tensor) -> dict[str, float]:
@@ -952,19 +980,23 @@ class Training:
 def write_record(training: Training, manifest: Manifest, built: Any, images: TrainImages,
                  data_dir: str, frozen_until: str | None, augmentation: str) -> runs.RunRecord:
     """Reload the best weights, predict val and test, fit the temperature on val, score them
-    (with calibration and abstention blocks), and write the run record: ``model.pt`` + sha256
-    sidecar, predictions, metrics, config last."""
+    (with calibration and abstention blocks), fit the OOD flag (`fit_ood`), and write the run
+    record: ``model.pt`` + sha256 sidecar, ``ood.skops`` + sidecar, predictions, metrics,
+    config last."""
     cfg, st, run_dir = training.cfg, training.state, training.run_dir
     assert st.best_state is not None
     training.model.load_state_dict({k: v.to(training.device) for k, v in st.best_state.items()})
     tp = time.perf_counter()
     eval_rows: list[ManifestRow] = []
     probas: list[np.ndarray] = []
+    embeddings: dict[str, np.ndarray] = {}
     for name in ("val", "test"):
-        probas.append(_predict_images(training.feeder, name, images.sets[name]))
+        p, embeddings[name] = _forward_images(training.feeder, name, images.sets[name])
+        probas.append(p)
         eval_rows.extend(images.sets[name].rows)
     raw = np.concatenate(probas) if probas else np.zeros((0, len(LABELS)))
     predict_seconds = time.perf_counter() - tp
+    ood, ood_seconds = fit_ood(training, images, embeddings)
     temperature, proba, calib, selective, abstention = calibrate_and_abstain(raw, eval_rows,
                                                                              cfg)
     metrics = fm.score_predictions(manifest, eval_rows, proba, n_boot=cfg.n_boot, seed=cfg.seed)
@@ -978,7 +1010,8 @@ def write_record(training: Training, manifest: Manifest, built: Any, images: Tra
     }, model_path)
     runs.write_sidecar(model_path)
     config = _record_config(training, manifest, built, images, predict_seconds)
-    config.update({"data_dir": data_dir, "freeze_until": frozen_until,
+    config["timing"]["ood_seconds"] = round(ood_seconds, 2)
+    config.update({"data_dir": data_dir, "freeze_until": frozen_until, "ood": ood,
                    "augmentation": augmentation, "abstention": abstention,
                    "calibration": {
                        "method": "temperature" if temperature is not None else "none",
@@ -988,6 +1021,35 @@ def write_record(training: Training, manifest: Manifest, built: Any, images: Tra
                                "applies it); val metrics are in-sample for T, test is untouched",
                    }})
     return runs.finish_run(run_dir, config, metrics, eval_rows, proba)
+
+
+def fit_ood(training: Training, images: TrainImages, embeddings: dict[str, np.ndarray]
+            ) -> tuple[dict[str, Any] | None, float]:
+    """The run's out-of-distribution flag, as head runs fit theirs
+    (`featsvm.evaluation.ood.fit_ood_flag`: fitted on the train images' embeddings, threshold
+    at 95 % of val, in-lab test rate), on the network's penultimate-layer embedding (the
+    input of its final linear classifier; the mean over an image's cells in the cell view).
+    `embeddings` holds val and test from the prediction pass; train costs one more forward
+    pass in eval mode, un-augmented (with the frozen-trunk cache only the trainable rest runs,
+    on the cached identity view). Saved as ``ood.skops``; returns (config.json ``ood`` block
+    or None, seconds)."""
+    from featsvm.evaluation.ood import fit_ood_flag
+    from featsvm.models.modelfile import save_ood_flag
+
+    t0 = time.perf_counter()
+    _, train = _forward_images(training.feeder, "train", images.sets["train"])
+    flag, info = fit_ood_flag(train, embeddings["val"], embeddings["test"])
+    if info is not None:
+        info["embedding"] = (f"penultimate layer ({train.shape[1]}-d input of the final linear "
+                             "classifier)" + ("; mean over the image's cells"
+                                              if images.sets["train"].owner is not None
+                                              else ""))
+    ood = save_ood_flag(training.run_dir, flag, info)
+    seconds = time.perf_counter() - t0
+    if ood is not None:
+        logger.info("OOD flag: threshold %.3f (95 %% of val); %.1f %% of test images flagged; "
+                    "%.1f s", ood["threshold"], 100 * (ood["rate_test"] or 0.0), seconds)
+    return ood, seconds
 
 
 def calibrate_and_abstain(raw: np.ndarray, eval_rows: list[ManifestRow], cfg: FinetuneConfig

@@ -20,6 +20,8 @@ run record, so that the report's pooled-CV table shows fine-tuned models beside 
    `featsvm.models.cv.cv_metrics` (group-bootstrap CIs, per-fold metrics and spread); the run
    record has kind ``cv``, ``predictions.csv`` with a fold column and ``folds.json`` as its
    "model file" (no deployable model is kept: use ``featsvm finetune`` without ``--cv``).
+   No out-of-distribution flag either: nothing is predicted with a cv run, so there is no
+   embedding to flag (a ``featsvm finetune`` run fits one on its own network).
 
 Images are decoded once for all folds. Cost: K trainings on (K-1)/K x 8/9 of the images each,
 i.e. about 0.89 x K times one ``featsvm finetune`` run on an 80/10/10 split.

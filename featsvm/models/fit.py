@@ -30,6 +30,7 @@ import numpy as np
 from featsvm.data.manifest import Manifest, read_manifest
 from featsvm.errors import CoverageError, FitError, ManifestError, UsageError
 from featsvm.evaluation.metrics import score_predictions
+from featsvm.evaluation.ood import fit_ood_flag
 from featsvm.evaluation.trust import run_blocks
 from featsvm.models.heads import (
     FittedHead,
@@ -40,11 +41,9 @@ from featsvm.models.heads import (
     needs_calibration,
     temperature_of,
 )
-from featsvm.models.modelfile import MODEL_FILE, save_model
+from featsvm.models.modelfile import MODEL_FILE, save_model, save_ood_flag
 from featsvm.names import HEADS
 from featsvm.runs import RunRecord, finish_run, new_run_dir, now_iso, versions
-
-OOD_FILE = "ood.skops"
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +133,10 @@ def fit(
     metrics["calibration"], metrics["selective"], abstention = trust_blocks(
         fitted, feats, rows, proba, cfg)
 
-    ood_flag, ood_info = fit_ood_flag(feats, rows)
+    ood_flag, ood_info = fit_ood_flag(feats["train"], feats["val"], feats["test"])
     run_dir = new_run_dir(runs_dir, backbone, head)
     model_sha = save_model(run_dir, fitted, MODEL_FILE)
-    if ood_flag is not None and ood_info is not None:
-        ood_info |= {"file": OOD_FILE, "sha256": save_model(run_dir, ood_flag, OOD_FILE)}
+    ood_info = save_ood_flag(run_dir, ood_flag, ood_info)
     timing: dict[str, Any] = {
         "fit_seconds": fit_seconds, **fitted.timing, "predict_seconds": predict_seconds,
         "load_seconds": t_loaded - t_start, "total_seconds": time.perf_counter() - t_start,
@@ -152,23 +150,6 @@ def fit(
     record = finish_run(run_dir, config_json, metrics, scored, proba)
     logger.info("run record: %s", Path(run_dir))
     return record
-
-
-def fit_ood_flag(feats: dict[str, np.ndarray], rows: dict[str, list[Any]]
-                 ) -> tuple[Any, dict[str, Any] | None]:
-    """OOD flag fitted on the train embeddings, threshold at 95 % of val (None without val)."""
-    from featsvm.evaluation.ood import OODFlag
-
-    if not rows["val"] or len(rows["train"]) <= 2:
-        return None, None
-    flag = OODFlag().fit(feats["train"]).calibrate(feats["val"])
-    return flag, {
-        "method": "Mahalanobis (Ledoit-Wolf) on the PCA of the standardised embedding "
-                  "+ PCA residual, fitted on train",
-        "n_components": int(flag.fitted_["pca"].n_components_),
-        "quantile": flag.quantile, "threshold": flag.threshold, "threshold_from": "val",
-        "rate_test": float(flag.flag(feats["test"]).mean()),
-    }
 
 
 def fit_and_calibrate(feats: dict[str, np.ndarray], rows: dict[str, list[Any]], head: str,

@@ -2,11 +2,12 @@
 
 A head (`featsvm.models.heads.FittedHead` around a scikit-learn pipeline, possibly calibrated)
 is saved with skops (``model.skops``, a zip of JSON and numpy arrays, maintained by the
-scikit-learn developers); so is the OOD flag of a head run (``ood.skops``). Loading rebuilds
-only the types skops trusts by default (public scikit-learn estimators, numpy, builtins) and
-the ones in TRUSTED_TYPES below; a file that names any other type is refused (RunRecordError
-naming it), so a run folder someone sent you cannot execute code when you load it. Add a new
-head or calibrator class to TRUSTED_TYPES, in this one place.
+scikit-learn developers); so is the OOD flag of a run (``ood.skops``, head and end-to-end
+runs). Loading rebuilds only the types skops trusts by default (public scikit-learn
+estimators, numpy, builtins) and the ones in TRUSTED_TYPES below; a file that names any
+other type is refused (RunRecordError naming it), so a run folder someone sent you cannot
+execute code when you load it. Add a new head or calibrator class to TRUSTED_TYPES, in this
+one place.
 
 Before loading, the file is checked against its sha256 sidecar *and* against the sha256 that
 config.json records (`featsvm.runs.recorded_sha256`): whoever swaps the model must also edit
@@ -51,6 +52,18 @@ def save_model(run_dir: str | os.PathLike[str], obj: Any, name: str = MODEL_FILE
         sio.dump(obj, tmp)
         _check_types(tmp, sio.get_untrusted_types(file=tmp), "save")
     return write_sidecar(path)
+
+
+def save_ood_flag(run_dir: str | os.PathLike[str], flag: Any, info: dict[str, Any] | None
+                  ) -> dict[str, Any] | None:
+    """Save a run's OOD flag (`featsvm.evaluation.ood.fit_ood_flag`) as ``OOD_FILE`` with its
+    sidecar; returns the config.json ``ood`` block with ``file`` and ``sha256`` added (None
+    when there is no flag). The one place head and end-to-end runs write it."""
+    from featsvm.evaluation.ood import OOD_FILE
+
+    if flag is None or info is None:
+        return None
+    return {**info, "file": OOD_FILE, "sha256": save_model(run_dir, flag, OOD_FILE)}
 
 
 def _check_types(path: Path, found: list[str], what: str) -> None:

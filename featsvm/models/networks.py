@@ -1,5 +1,7 @@
 """The end-to-end networks: building one (basic CNN or pretrained backbone + new head),
-freezing its leading layers, cutting off the frozen trunk, and reloading a finished run.
+freezing its leading layers, cutting off the frozen trunk, reading the penultimate-layer
+embedding (`capture_embeddings`: the input of the final linear classifier, which the OOD flag
+of an end-to-end run is fitted on), and reloading a finished run.
 
 Pretrained models reuse `featsvm.features.backbones.load_backbone` (the same specs and weight
 resolution as ``extract``; no second copy of model code).
@@ -7,9 +9,10 @@ resolution as ``extract``; no second copy of model code).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -197,6 +200,41 @@ def split_trunk(model: nn.Module) -> tuple[nn.Sequential, nn.Module]:
     if cut == 0:
         raise FinetuneError("cache_frozen needs frozen leading layers: set freeze (e.g. auto)")
     return nn.Sequential(*stages[:cut]), nn.Sequential(*stages[cut:], model.head)  # type: ignore[union-attr]
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The network's final linear classifier: the last ``nn.Linear`` registered in `model`.
+    Every network here registers its classifier last (`BasicCNN.classifier` after its
+    features, `FinetuneModel.head` after the embedder, the trunk-split ``rest`` ends with the
+    head), and a test checks that the layer's output is the network's logits."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is None:
+        raise FinetuneError(f"{type(model).__name__} has no linear classifier")
+    return last
+
+
+@contextlib.contextmanager
+def capture_embeddings(model: nn.Module, on: bool = True) -> Iterator[list[torch.Tensor]]:
+    """Inside the block every forward pass of `model` appends the input of its final linear
+    classifier (the penultimate-layer embedding, [N, D] float32 on the CPU) to the yielded
+    list: the embedding comes from the same pass as the logits, at no extra cost. `on` False:
+    nothing is captured (the list stays empty)."""
+    out: list[torch.Tensor] = []
+    if not on:
+        yield out
+        return
+
+    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        out.append(args[0].detach().float().flatten(1).cpu())
+
+    handle = final_linear(model).register_forward_pre_hook(hook)
+    try:
+        yield out
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
