@@ -126,6 +126,8 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(tiny_split, tmp_pat
     assert resumed.run_dir == part.run_dir and resumed.resumed_from_epoch == 1
     assert resumed.record.config["resumed"] is True
     assert resumed.record.metrics == full.record.metrics
+    # the OOD flag is fitted once at the end, on the best weights: the same as uninterrupted
+    assert resumed.record.config["ood"]["threshold"] == full.record.config["ood"]["threshold"]
     a, b = _state(full.run_dir), _state(resumed.run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _history(full.run_dir)]
@@ -299,6 +301,7 @@ def test_cli_and_config_files(tiny_split, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     assert "test (n=8): accuracy" in result.output
+    assert "OOD flag: threshold" in result.output
     (run,), _ = runs.list_runs(tmp_path / "runs")
     assert run.config["finetune"]["epochs"] == 1 and run.config["finetune"]["batch_size"] == 8
     bad = CliRunner().invoke(main, [

@@ -129,9 +129,10 @@ def command(
             f"{fmt('binary.specificity', b['specificity'])}, precision "
             f"{fmt('binary.precision', b['precision'])}"
         )
+    from featsvm.evaluation.ood import summary_line
     from featsvm.evaluation.trust import summary_lines
 
-    for line in summary_lines(rec.metrics):
+    for line in filter(None, [*summary_lines(rec.metrics), summary_line(rec.config.get("ood"))]):
         click.echo(line)
     if result.skipped:
         click.echo(f"{len(result.skipped)} image(s) skipped (listed in config.json 'skipped')")

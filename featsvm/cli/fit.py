@@ -92,10 +92,10 @@ def command(
     click.echo(f"hyperparameters: {cfg_json['hyperparameters']}  "
                f"(CV {cfg_json['cv']['scoring']} {cfg_json['cv']['best_score']:.4f})")
     click.echo(results_table(rec.metrics) + "   (%, 95 % CI over duplicate groups)")
-    ood = cfg_json.get("ood")
-    if ood:
-        click.echo(f"OOD flag: threshold {ood['threshold']:.3f} (95 % of val); "
-                   f"{100 * ood['rate_test']:.1f} % of test images flagged")
+    from featsvm.evaluation.ood import summary_line
+
+    if cfg_json.get("ood"):
+        click.echo(summary_line(cfg_json["ood"]))
     from featsvm.evaluation.trust import summary_lines
 
     for line in summary_lines(rec.metrics):

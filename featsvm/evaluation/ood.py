@@ -96,3 +96,12 @@ def fit_ood_flag(train: np.ndarray, val: np.ndarray, test: np.ndarray
         "quantile": flag.quantile, "threshold": flag.threshold, "threshold_from": "val",
         "rate_test": float(flag.flag(test).mean()) if len(test) else None,
     }
+
+
+def summary_line(block: dict[str, Any] | None) -> str:
+    """One line about a run's ``ood`` block for the CLI ("" when the run has no flag)."""
+    if not block:
+        return ""
+    rate = block.get("rate_test")
+    return (f"OOD flag: threshold {block['threshold']:.3f} (95 % of val); "
+            + ("no test images" if rate is None else f"{100 * rate:.1f} % of test images flagged"))
