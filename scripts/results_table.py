@@ -2,6 +2,7 @@
 
     python scripts/results_table.py REPORT_DIR [--doc docs/results.md] [--readme README.md]
     python scripts/results_table.py REPORT_DIR --check    # exit 1 when the docs are stale
+    python scripts/results_table.py report-transfer/ --doc docs/transfer.md --no-readme
 
 From the files `featsvm report` (or `featsvm run`) writes into REPORT_DIR:
 
@@ -175,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("report_dir", type=Path, help="a folder written by featsvm report / run")
     p.add_argument("--doc", type=Path, default=Path("docs/results.md"))
     p.add_argument("--readme", type=Path, default=Path("README.md"))
+    p.add_argument("--no-readme", action="store_true",
+                   help="only the --doc file (e.g. docs/transfer.md from another study)")
     p.add_argument("--check", action="store_true", help="only say whether the docs are stale")
     args = p.parse_args(argv)
     for needed in (TABLE_MD, TABLE_JSON):
@@ -183,16 +186,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     report = args.report_dir
+    paths = [args.doc] if args.no_readme else [args.doc, args.readme]
     try:
-        fresh = [
-            update(args.doc, {"results-cv": cv_block(report), "results-test": heldout_block(report),
-                              "results-external": external_block(report)}, args.check),
-            update(args.readme, {"headline-table": headline_block(report)}, args.check),
-        ]
+        fresh = [update(args.doc, {"results-cv": cv_block(report),
+                                   "results-test": heldout_block(report),
+                                   "results-external": external_block(report)}, args.check)]
+        if not args.no_readme:
+            fresh.append(update(args.readme, {"headline-table": headline_block(report)},
+                                args.check))
     except MarkerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for path, ok in zip((args.doc, args.readme), fresh, strict=True):
+    for path, ok in zip(paths, fresh, strict=True):
         state = "up to date" if ok else ("STALE" if args.check else "updated")
         print(f"{path}: {state}")
     return 1 if args.check and not all(fresh) else 0

@@ -113,14 +113,19 @@ def test_missing_tables_and_markers_are_said(report_dir: Path, tmp_path: Path) -
     readme.write_text("# no markers\n", encoding="utf-8")
     assert rt.main([str(bare), "--doc", str(doc), "--readme", str(readme)]) == 2
     assert rt.main([str(tmp_path / "nowhere"), "--doc", str(doc), "--readme", str(readme)]) == 2
+    # --no-readme: only the doc (another study's page, e.g. docs/transfer.md)
+    assert rt.main([str(bare), "--doc", str(doc), "--readme", str(readme), "--no-readme"]) == 0
+    assert readme.read_text(encoding="utf-8") == "# no markers\n"
 
 
 def test_the_repository_docs_carry_every_marker() -> None:
     """docs/results.md and README.md hold the blocks the script fills (generated, never typed)."""
     doc = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    transfer = (ROOT / "docs" / "transfer.md").read_text(encoding="utf-8")
     for name in BLOCKS_DOC:
         assert rt.begin(name) in doc and rt.end(name) in doc
+        assert rt.begin(name) in transfer and rt.end(name) in transfer  # configs/transfer.toml
     assert rt.begin("headline-table") in readme and rt.end("headline-table") in readme
     assert len(readme.splitlines()) <= 200
     # paths of our machines only in the "Developing featsvm" section
