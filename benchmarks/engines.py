@@ -238,7 +238,8 @@ def markdown(res: dict[str, Any]) -> str:
                   + " |", "|---" * (4 + 2 * len(res["heads"])) + "|"]
         for key, c in b["configs"].items():
             if "error" in c:
-                lines.append(f"| {key} | failed: {c['error'][:80]} |")
+                why = " ".join(c["error"].split())  # one table row, whatever the message
+                lines.append(f"| {key} | failed: {why[:160]} |")
                 continue
             cells = [f"{c['images_per_s']:.2f}", f"{c.get('vs_naive', 1.0):.2f}x",
                      f"{c['cosine_min']:.5f} / {c['cosine_mean']:.5f}" if "cosine_min" in c
