@@ -213,7 +213,8 @@ def dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     """`mask` dilated by a disk of `radius` (``skimage.morphology.disk``: the lattice points
     with x^2 + y^2 <= radius^2), computed as "Euclidean distance to the mask <= radius" with
     one distance transform: the same pixels as ``scipy.ndimage.binary_dilation`` with that
-    disk, in time independent of the radius (a 450-px single-cell image: ~0.5 s -> ~10 ms)."""
+    disk, in time independent of the radius (measured: a whole crop of a 450-px single-cell
+    image 0.62 s -> 0.07 s)."""
     from scipy import ndimage as ndi
 
     if not mask.any():
