@@ -315,3 +315,33 @@ def test_time_budget_stops_training_between_epochs(tiny_split, tmp_path):
     res = _run(tiny_split, tmp_path, dataclasses.replace(TINY, max_train_minutes=1e-6))
     assert res.finished and res.epochs_done == 1
     assert res.record.config["stopped_by_budget"] is True
+
+
+def test_cached_views_carry_the_stain_jitter_and_view_0_stays_plain() -> None:
+    """With the frozen-trunk cache, views 1.. of the train images are stain-jittered when
+    stain_jitter > 0 (and augment is on); view 0, val and test, and the flips/rotations drawn
+    for the views are those of a run without jitter."""
+    gen = torch.Generator().manual_seed(0)
+    pix = (torch.rand(6, 3, 8, 8, generator=gen) * 200 + 40).to(torch.uint8)  # stained, no black
+    rows = [ManifestRow(f"a/{i}.png", f"{i:064x}", "benign", i, "train") for i in range(6)]
+    sets = {name: px.ImageSet(rows, pix.clone(), torch.zeros(6, dtype=torch.int64))
+            for name in ("train", "val", "test")}
+    norm = px.Normaliser((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    plain_cfg = dataclasses.replace(TINY, cache_frozen=True, cache_views=3, augment=True)
+
+    def cached(cfg: ft.FinetuneConfig) -> dict[str, torch.Tensor]:
+        return ft.cache_trunk(torch.nn.Identity(), sets, norm, cfg, torch.device("cpu"),
+                              progress=False)
+
+    plain = cached(plain_cfg)
+    jit = cached(dataclasses.replace(plain_cfg, stain_jitter=0.2))
+    off = cached(dataclasses.replace(plain_cfg, stain_jitter=0.2, augment=False))
+    assert torch.equal(plain["train"][0], jit["train"][0])
+    assert torch.equal(plain["val"], jit["val"]) and torch.equal(plain["test"], jit["test"])
+    for v in (1, 2):
+        assert not torch.allclose(plain["train"][v], jit["train"][v], atol=1e-3)
+        # same flip/rotation: the jitter changes colours, not where the pixels are
+        mean_plain = plain["train"][v].mean(dim=1)
+        mean_jit = jit["train"][v].mean(dim=1)
+        assert torch.corrcoef(torch.stack([mean_plain.flatten(), mean_jit.flatten()]))[0, 1] > 0.9
+    assert torch.equal(off["train"], plain["train"])

@@ -156,7 +156,8 @@ class FinetuneConfig:
     # Frozen-trunk cache (CPU speed-up for freeze != "none"): run the frozen leading layers
     # once per image and train only the rest on the stored outputs. Augmentation then has to
     # happen before the trunk, so it is limited to `cache_views` precomputed dihedral views
-    # per train image (1 = none; up to 8) and there is no colour jitter.
+    # per train image (1 = none; up to 8), views 1.. stain-jittered when stain_jitter > 0;
+    # there is no colour jitter.
     cache_frozen: bool = False
     cache_views: int = 1
     cache_max_gb: float = 4.0
@@ -352,7 +353,8 @@ def cache_trunk(
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Frozen-trunk outputs: train [V, N, ...] (view 0 as is, views 1.. a seeded random
-    flip/rotation per image), val and test [N, ...]; computed in eval mode."""
+    flip/rotation per image and, with ``augment`` and ``stain_jitter`` > 0, a seeded HED stain
+    jitter: `featsvm.models.pixels.hed_jitter`), val and test [N, ...]; in eval mode."""
     from featsvm.device import autocast_context
 
     trunk.eval()
@@ -369,6 +371,9 @@ def cache_trunk(
             "module, lower cache_views, raise cache_max_gb, or set cache_frozen = false"
         )
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
+    # a generator of its own: the flips/rotations drawn above stay those of a run without it
+    stain_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 29)
+    jitter = cfg.stain_jitter if cfg.augment else 0.0
     jobs: list[tuple[str, int]] = [("train", v) for v in range(cfg.cache_views)]
     jobs += [("val", 0), ("test", 0)]
     out: dict[str, list[torch.Tensor]] = {"train": [], "val": [], "test": []}
@@ -382,6 +387,8 @@ def cache_trunk(
         for sl in batches(len(pixels), cfg.eval_batch_size):
             x = pixels[sl].float().div_(255.0)
             x = torch.stack([dihedral(img, int(d)) for img, d in zip(x, ds[sl], strict=True)])
+            if view > 0 and jitter > 0:
+                x = hed_jitter(x, stain_gen, jitter)
             x = normaliser(x).to(device)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -756,8 +763,10 @@ def make_feeder(built: Any, images: TrainImages, cfg: FinetuneConfig, device: to
     trunk, rest = split_trunk(model)
     feats = cache_trunk(trunk, images.sets, images.normaliser, cfg, device, progress)
     cache_seconds = time.perf_counter() - tc
+    stain = (f" + HED stain jitter {cfg.stain_jitter:g}"
+             if cfg.augment and cfg.stain_jitter and cfg.cache_views > 1 else "")
     augmentation = (f"{cfg.cache_views} cached view(s) per train image (identity + random "
-                    "flips/90-degree rotations); no colour jitter")
+                    f"flips/90-degree rotations{stain}); no colour jitter")
     logger.info("cached the frozen trunk (%d stages, output %s) in %.0f s", len(list(trunk)),
                 tuple(feats["val"].shape[1:]), cache_seconds)
     return CachedFeeder(rest, feats, cfg, device), augmentation, cache_seconds
