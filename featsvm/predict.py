@@ -155,8 +155,10 @@ class Predictor:
     """A loaded run: call `predict_proba(images)` on a list of PIL RGB images.
 
     `parts` holds the loaded pieces for code that needs more than probabilities
-    (`featsvm.explain`): ``device``; for a head run ``embedder`` and ``head`` (the
-    `FittedHead`); for an end-to-end run ``net`` and ``normaliser``."""
+    (`featsvm.explain`, `featsvm.export`): ``device``; for a head run ``embedder``, ``head``
+    (the `FittedHead`), ``embed`` (images -> the embeddings the head reads, computed as the
+    run's cache was) and ``ood_flag`` (the `OODFlag` or None); for an end-to-end run ``net``
+    and ``normaliser``."""
 
     def __init__(self, record: RunRecord, proba_fn: Callable[[list[Any]], np.ndarray],
                  transform: Callable[[Any], Any],
@@ -289,7 +291,8 @@ class Predictor:
             return transform(im)[0]  # largest cell in the cell view), for featsvm.explain
 
         return cls(record, proba, first, proba_ood if ood_flag is not None else None,
-                   embedder=embedder, head=head, device=dev, compute=f"{engine} {precision}")
+                   embedder=embedder, head=head, device=dev, compute=f"{engine} {precision}",
+                   embed=embed, ood_flag=ood_flag)
 
     @classmethod
     def _end_to_end(cls, record: RunRecord, device: str) -> Predictor:

@@ -4,7 +4,10 @@ with ONNX Runtime, numpy and Pillow only (no torch, no scikit-learn: the optiona
 
 The model's ``featsvm`` metadata holds the preprocessing (`featsvm.features.onnx_input` applies
 it), the labels, the run id and its val-chosen abstention threshold; the graph gives the class
-probabilities. There is no OOD flag (the run's OOD reference is not part of the export).
+probabilities and, when the run had an OOD flag, the flag too: outputs ``ood_score`` and
+``ood`` (`featsvm.evaluation.ood_onnx`: the run's `OODFlag` as ONNX nodes on the same
+features), which fill the ``ood`` column. A model exported from a run without a flag has
+neither output and leaves ``ood`` empty, as `featsvm predict --run` does for that run.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from typing import Any
 import numpy as np
 
 from featsvm.errors import PredictError
+from featsvm.evaluation.ood_onnx import FLAG, SCORE
 from featsvm.labels import LABELS
 from featsvm.predict import PredictResult, predict_files
 
 META_KEY = "featsvm"  # as featsvm.export writes it
+PROBABILITIES = "probabilities"  # the graph's class output (featsvm.export)
 
 
 @dataclass(frozen=True)
@@ -65,16 +70,30 @@ class OnnxPredictor:
     def preprocessing(self) -> dict[str, Any]:
         return dict(self.meta["preprocessing"])
 
-    def predict_proba(self, images: list[Any]) -> np.ndarray:
+    @property
+    def has_ood(self) -> bool:
+        """Does the graph compute the run's OOD flag (outputs ``ood_score`` and ``ood``)?"""
+        return {SCORE, FLAG} <= {o.name for o in self.session.get_outputs()}
+
+    def _run(self, images: list[Any], outputs: list[str]) -> list[np.ndarray]:
         from featsvm.features.onnx_input import prepare_batch
 
+        x = prepare_batch(images, self.preprocessing)
+        return list(self.session.run(outputs, {"image": x}))
+
+    def predict_proba(self, images: list[Any]) -> np.ndarray:
         if not images:
             return np.zeros((0, len(LABELS)))
-        x = prepare_batch(images, self.preprocessing)
-        return np.asarray(self.session.run(None, {"image": x})[0], dtype=np.float64)
+        return np.asarray(self._run(images, [PROBABILITIES])[0], dtype=np.float64)
 
     def predict_with_ood(self, images: list[Any]) -> tuple[np.ndarray, list[bool | None]]:
-        return self.predict_proba(images), [None] * len(images)
+        """Class probabilities and the graph's OOD flag of each image (None without one)."""
+        if not images:
+            return np.zeros((0, len(LABELS))), []
+        if not self.has_ood:
+            return self.predict_proba(images), [None] * len(images)
+        proba, flags = self._run(images, [PROBABILITIES, FLAG])
+        return np.asarray(proba, dtype=np.float64), [bool(v) for v in flags]
 
 
 def predict_onnx(model: str | os.PathLike[str], inputs: Any, batch_size: int = 16,
