@@ -17,8 +17,9 @@ Steps, each reusing what is already on disk with the same fingerprint (and sayin
    (`featsvm.models.finetune_cv`: pooled grouped K-fold CV, the folds of step 3b); skipped when
    a complete CV run with the same fingerprint exists (an unfinished one continues at its fold);
 5. **external**: every run of the study on each ``[[external]]`` set (another lab's labelled
-   folders; `featsvm.evaluate`, evaluation only), skipped for runs already evaluated on it with
-   the same folder, class map, subject regex and threshold;
+   images, labelled by folder names, a label regex on the file path or a labels CSV;
+   `featsvm.evaluate`, evaluation only), skipped for runs already evaluated on it with the same
+   folder, class map, subject regex, label source (regex, or CSV and its sha256) and threshold;
 6. **report** on exactly the runs of this study (`featsvm.evaluation.report`), with the
    calibration, abstention and "Another lab" sections.
 
@@ -30,7 +31,8 @@ Config sections: ``[study]`` (this module: paths, seed, ratios, what to run), ``
 ``[finetune]`` (`featsvm.models.finetune.FinetuneConfig`), ``[report]``
 (`featsvm.evaluation.report.ReportConfig`), ``[split]`` (the split module's own options, if any),
 ``[cv]`` (``[fit]`` keys overriding it inside `featsvm.models.cv`, e.g. a smaller grid),
-``[[external]]`` (`featsvm.evaluate.ExternalSet`: name, path, class_map, subject_regex).
+``[[external]]`` (`featsvm.evaluate.ExternalSet`: name, path, class_map, subject_regex,
+label_regex, labels).
 """
 
 from __future__ import annotations

@@ -282,3 +282,209 @@ def test_heads_of_one_cache_share_embeddings_through_a_memo(head_run: Path,
         probs.append([[float(r[c]) for c in PROB_COLUMNS] for r in rows])
     assert len(probs[0]) == len(probs[1]) == 8
     np.testing.assert_allclose(probs[0], probs[1], atol=1e-5)
+
+
+# ---------------------------------------------------------------- labels outside folder names
+
+
+def _write_cells(rng: np.random.Generator, folder: Path, names_idx: list[tuple[str, int]]
+                 ) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, idx in names_idx:
+        random_cell_image(rng, 48, idx).save(folder / name)
+
+
+def _idb_like(root: Path, seed: int = 11) -> list[tuple[str, int]]:
+    """An ALL-IDB2-like set: one folder, the label in the file name (_1 blast, _0 normal);
+    the same images in class folders as a second copy (all/, hem/)."""
+    rng = np.random.default_rng(seed)
+    names = [(f"Im{i:03d}_1.tif", 2) for i in range(1, 4)] + \
+        [(f"Im{i:03d}_0.tif", 0) for i in range(4, 8)]
+    _write_cells(rng, root / "flat", names)
+    for name, _ in names:
+        folder = root / "folders" / ("all" if name.endswith("_1.tif") else "hem")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes((root / "flat" / name).read_bytes())
+    return names
+
+
+def test_collect_by_regex_labels_from_file_names_and_lists_the_rest(tmp_path: Path) -> None:
+    from featsvm.evaluate import collect_by_regex
+
+    _idb_like(tmp_path)
+    rng = np.random.default_rng(0)
+    _write_cells(rng, tmp_path / "flat", [("Im999.tif", 0), ("Im050_2.tif", 1)])
+    (tmp_path / "flat" / "readme.txt").write_text("not an image")
+    cm = parse_class_map(["1=malignant,0=benign"])
+    files, unlabelled = collect_by_regex([tmp_path / "flat"], r"_(\d)\.tif$", cm)
+    assert [f.label for f in files].count("malignant") == 3
+    assert [f.label for f in files].count("benign") == 4
+    assert files[0].name == "flat/Im001_1.tif"
+    assert unlabelled == [("flat/Im050_2.tif", "class '2' is not in the class map"),
+                          ("flat/Im999.tif", "path does not match the label regex")]
+    # the regex sees the path inside DIR, so a class folder works as well (whole match)
+    files, _ = collect_by_regex([tmp_path / "folders"], r"all|hem",
+                                {"all": "malignant", "hem": "benign"})
+    assert len(files) == 7 and files[0].name == "folders/all/Im001_1.tif"
+    with pytest.raises(UsageError, match=r"no labelled images.*label regex.*e\.g\. 'Im001"):
+        collect_by_regex([tmp_path / "flat"], r"_([ab])\.tif$", cm)
+    with pytest.raises(UsageError, match="not a valid regular expression"):
+        collect_by_regex([tmp_path / "flat"], r"_([01]\.tif$", cm)
+    # folder labels only: the flat folder has no class folders -> the hint names --label-regex
+    with pytest.raises(UsageError, match="--label-regex"):
+        collect_labelled([tmp_path / "flat"], cm)
+
+
+def _csv(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_labels_csv_is_checked_line_by_line(tmp_path: Path) -> None:
+    from featsvm.evaluate import collect_from_csv, read_labels_csv
+
+    _idb_like(tmp_path)
+    cm = {"ALL": "malignant", "HEM": "benign"}
+    # Excel's BOM and semicolons, upper-case header, a blank row, Windows separators
+    sheet = read_labels_csv(_csv(tmp_path / "ok.csv", "\ufeffFile;Label;Subject\n"
+                                 "Im001_1.tif;ALL;P1\n.\\Im002_1.tif;ALL;P1\n;;\n"
+                                 "Im004_0.tif;benign;H1\nIm404_0.tif;HEM;H1\n"), cm)
+    assert sheet.has_subject and len(sheet.sha256) == 64
+    assert [(r.line, r.file, r.label, r.subject) for r in sheet.rows] == [
+        (2, "Im001_1.tif", "malignant", "P1"), (3, "Im002_1.tif", "malignant", "P1"),
+        (5, "Im004_0.tif", "benign", "H1"), (6, "Im404_0.tif", "benign", "H1")]
+    files, unlabelled, not_found = collect_from_csv([tmp_path / "flat"], sheet)
+    assert [(f.name, f.label, f.subject) for f in files] == [
+        ("flat/Im001_1.tif", "malignant", "P1"), ("flat/Im002_1.tif", "malignant", "P1"),
+        ("flat/Im004_0.tif", "benign", "H1")]
+    assert not_found == [("flat/Im404_0.tif",
+                          f"ok.csv line 6: no such file under {tmp_path / 'flat'}")]
+    assert [n for n, _ in unlabelled] == ["flat/Im003_1.tif", "flat/Im005_0.tif",
+                                          "flat/Im006_0.tif", "flat/Im007_0.tif"]
+    assert {why for _, why in unlabelled} == {"not in ok.csv"}
+    # paths are relative to the DIR: the wrong folder is refused, saying so
+    with pytest.raises(UsageError, match="relative to the DIR"):
+        collect_from_csv([tmp_path], sheet)
+    with pytest.raises(UsageError, match="exactly one DIR"):
+        collect_from_csv([tmp_path / "flat", tmp_path / "folders"], sheet)
+    bad = {
+        "file,class\na.tif,ALL\n": "line 1: the header needs the columns file and label",
+        "file,label\na.tif,ALL\nb.tif,blast\n": r"line 3: label 'blast' is neither in the "
+                                                r"class map.*--class-map blast=malignant",
+        "file,label\na.tif,ALL\n./a.tif,HEM\n": "line 3: file 'a.tif' is already on line 2",
+        "file,label\na.tif,\n": "line 2: the label cell is empty",
+        "file,label,subject\na.tif,ALL,\n": "line 2: the subject cell is empty",
+        "file,label\n../a.tif,ALL\n": "line 2: file '../a.tif' must be a path relative",
+        "file,label\n/x/a.tif,ALL\n": "line 2: file '/x/a.tif' must be a path relative",
+        "file,label\n": "no rows after the header",
+    }
+    for text, msg in bad.items():
+        with pytest.raises(UsageError, match=msg):
+            read_labels_csv(_csv(tmp_path / "bad.csv", text), cm)
+    with pytest.raises(UsageError, match="not found"):
+        read_labels_csv(tmp_path / "nope.csv", cm)
+
+
+def test_external_sets_take_a_label_regex_or_a_labels_file() -> None:
+    (s,) = external_sets({"external": [{"name": "idb", "path": "x",
+                                        "label_regex": r"_([01])\.tif$",
+                                        "class_map": {"1": "malignant", "0": "benign"}}]})
+    assert s.label_regex == r"_([01])\.tif$" and s.labels == ""
+    assert external_sets({"external": {"s": {"path": "x", "labels": "l.csv"}}})[0].labels
+    with pytest.raises(ConfigError, match="not both"):
+        external_sets({"external": [{"name": "a", "path": "p", "labels": "l.csv",
+                                     "label_regex": "x"}]})
+    with pytest.raises(UsageError, match="label regex"):
+        external_sets({"external": [{"name": "a", "path": "p", "label_regex": "(x"}]})
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_cli_label_regex_reads_a_flat_folder_like_class_folders(head_run: Path,
+                                                                 tmp_path: Path) -> None:
+    """ALL-IDB2 layout through the CLI: the same counts and numbers as the same images in
+    class folders; the files the regex does not match are counted, listed and warned about."""
+    from featsvm.evaluation import trust_report as trust
+    from featsvm.runs import read_run
+
+    _idb_like(tmp_path)
+    rng = np.random.default_rng(1)
+    _write_cells(rng, tmp_path / "flat", [("Im999.tif", 0)])
+    base = ["evaluate", "--run", str(head_run), "--n-boot", "30", "--quiet"]
+    res = CliRunner().invoke(main, [*base, str(tmp_path / "flat"), "--label-regex",
+                                    r"_([01])\.tif$", "--class-map", "1=malignant,0=benign",
+                                    "--name", "idb"])
+    assert res.exit_code == 0, res.output
+    assert "3 malignant, 4 benign" in res.output
+    assert "warning: 1 image file(s) without a label left out" in res.output
+    assert "flat/Im999.tif (path does not match the label regex)" in res.output
+    flat = _metrics(head_run / "external" / "idb")
+    assert flat["label_regex"] == r"_([01])\.tif$" and flat["labels"] is None
+    assert flat["unlabelled"] == [{"file": "flat/Im999.tif",
+                                   "reason": "path does not match the label regex"}]
+    (tmp_path / "flat" / "Im999.tif").unlink()
+    res = CliRunner().invoke(main, [*base, str(tmp_path / "folders"), "--class-map",
+                                    "all=malignant,hem=benign", "--name", "folders"])
+    assert res.exit_code == 0, res.output
+    folders = _metrics(head_run / "external" / "folders")
+    assert folders["label_regex"] is None and folders["unlabelled"] == []
+    for key in ("n_images", "counts", "n_subjects", "roc_auc", "own_decision", "at_threshold",
+                "calibration", "ood", "ci95", "predicted_malignant_share"):
+        assert flat[key] == folders[key], key
+    # the report's "Another lab" tables read it like any other set
+    rows = trust.external_rows([read_run(head_run)])
+    assert "idb: 7 images" in trust.external_markdown(rows["idb"])
+    # nothing matches: the one-line error with the hint
+    res = CliRunner().invoke(main, [*base, str(tmp_path / "flat"), "--label-regex", "_x",
+                                    "--class-map", "1=malignant"])
+    assert res.exit_code == 1 and "no labelled images" in res.output
+    assert "--label-regex" in res.output and "Traceback" not in res.output
+
+
+def test_labels_csv_with_subjects_gives_a_subject_bootstrap(head_run: Path,
+                                                            tmp_path: Path) -> None:
+    from featsvm.evaluate import ExternalSet, evaluate, evaluate_set, is_current
+
+    _idb_like(tmp_path)
+    rows = ["file,label,subject"] + [
+        f"Im{i:03d}_{c}.tif,{'blast' if c else 'normal'},{s}" for i, c, s in (
+            (1, 1, "P1"), (2, 1, "P1"), (3, 1, "P2"), (4, 0, "H1"), (5, 0, "H1"),
+            (6, 0, "H2"))] + ["Im900_0.tif,normal,H2"]
+    sheet = _csv(tmp_path / "labels.csv", "\n".join(rows) + "\n")
+    cm = {"blast": "malignant", "normal": "benign"}
+    out = evaluate(head_run, [tmp_path / "flat"], class_map=cm, labels_csv=sheet, name="sheet",
+                   n_boot=30, progress=False)
+    m = out.metrics
+    assert m["bootstrap"]["unit"] == "subject" and m["n_subjects"] == 4
+    assert m["counts"] == {"malignant": 3, "benign": 3}
+    assert "subject column" in m["note"]
+    assert m["labels"]["file"] == str(sheet) and m["labels"]["subject_column"] is True
+    assert m["unlabelled"] == [{"file": "flat/Im007_0.tif", "reason": "not in labels.csv"}]
+    assert [r["file"] for r in m["not_found"]] == ["flat/Im900_0.tif"]
+    assert "line 8" in m["not_found"][0]["reason"]
+    with open(out.out_dir / "predictions.csv", newline="") as f:
+        assert [r["subject"] for r in csv.DictReader(f)] == ["P1", "P1", "P2", "H1", "H1",
+                                                              "H2"]
+    # a subject column and a subject regex: which one? refused
+    with pytest.raises(UsageError, match="subject column: leave out --subject-regex"):
+        evaluate(head_run, [tmp_path / "flat"], class_map=cm, labels_csv=sheet,
+                 subject_regex=r"Im(\d)", progress=False)
+    with pytest.raises(UsageError, match="not both"):
+        evaluate(head_run, [tmp_path / "flat"], class_map=cm, labels_csv=sheet,
+                 label_regex="x", progress=False)
+    # the study's skip test sees a changed sheet or regex as a different evaluation
+    ext = ExternalSet("sheet2", str(tmp_path / "flat"), cm, labels=str(sheet))
+    assert not is_current(head_run, ext)
+    evaluate_set(head_run, ext, n_boot=0, progress=False)
+    assert is_current(head_run, ext)
+    sheet.write_text(sheet.read_text().replace("P2", "P3"))
+    assert not is_current(head_run, ext)
+    regex = ExternalSet("idb2", str(tmp_path / "flat"), {"1": "malignant", "0": "benign"},
+                        label_regex=r"_([01])\.tif$")
+    evaluate_set(head_run, regex, n_boot=0, progress=False)
+    assert is_current(head_run, regex)
+    assert not is_current(head_run, ExternalSet(
+        "idb2", regex.path, regex.class_map, label_regex=r"_(1|0)\.tif$"))
+    assert not is_current(head_run, ExternalSet("idb2", regex.path, regex.class_map))

@@ -28,6 +28,16 @@ def _ci(block: dict, key: str) -> str:
 @click.option("--subject-regex", default=None,
               help=r"Regex finding the subject (person) in each file path, group 1 if any, "
                    r"e.g. 'UID_(H?\d+)_'. CIs then resample subjects; without it, images.")
+@click.option("--label-regex", default=None,
+              help=r"Take each image's class from its path inside DIR instead of folder "
+                   r"names: group 1 of this regex (else the whole match), mapped by "
+                   r"--class-map, e.g. '_([01])\.tif$' with --class-map 1=malignant,0=benign "
+                   r"(ALL-IDB2). Images it does not match are left out and listed.")
+@click.option("--labels", "labels_csv", default=None, type=click.Path(path_type=Path),
+              help="Take the classes from a CSV with columns file (path relative to DIR; one "
+                   "DIR), label (mapped by --class-map, or malignant/benign/a subtype) and "
+                   "optionally subject (then no --subject-regex). Images under DIR it does "
+                   "not name are left out and listed.")
 @click.option("--name", default=None,
               help="Name of this external set (default: the first DIR's folder name); results "
                    "go to RUN/external/NAME/.")
@@ -41,7 +51,8 @@ def _ci(block: dict, key: str) -> str:
 @click.option("--seed", default=0, show_default=True, type=int)
 @options.quiet()
 def command(run_dir: Path, dirs: tuple[Path, ...], class_map: tuple[str, ...],
-            subject_regex: str | None, name: str | None, weights: str | None,
+            subject_regex: str | None, label_regex: str | None, labels_csv: Path | None,
+            name: str | None, weights: str | None,
             weights_dir: str | None, device: str, batch_size: int, n_boot: int,
             seed: int) -> None:
     """Evaluate the run RUN_DIR on labelled folders DIRS of another lab (evaluation only:
@@ -49,7 +60,8 @@ def command(run_dir: Path, dirs: tuple[Path, ...], class_map: tuple[str, ...],
     from featsvm.evaluate import evaluate, parse_class_map
 
     res = evaluate(run_dir, dirs, class_map=parse_class_map(class_map),
-                   subject_regex=subject_regex, name=name, weights=weights,
+                   subject_regex=subject_regex, label_regex=label_regex,
+                   labels_csv=labels_csv, name=name, weights=weights,
                    weights_dir=weights_dir, device=device, batch_size=batch_size,
                    n_boot=n_boot, seed=seed, progress=options.progress())
     m = res.metrics
@@ -60,8 +72,8 @@ def command(run_dir: Path, dirs: tuple[Path, ...], class_map: tuple[str, ...],
     click.echo(f"95 % CIs: bootstrap over {m['bootstrap']['unit']}s "
                f"({m['bootstrap']['n_boot']} resamples)"
                + ("" if m["bootstrap"]["unit"] == "subject" else
-                  " - no --subject-regex: cells of one person are treated as independent, "
-                  "so the intervals are too narrow"))
+                  " - no --subject-regex (or subject column): cells of one person are "
+                  "treated as independent, so the intervals are too narrow"))
     auc_ci = (m.get("ci95") or {}).get("roc_auc")
     click.echo("ROC-AUC P(malignant): "
                + ("n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}")
