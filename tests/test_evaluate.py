@@ -247,6 +247,19 @@ def test_cli_evaluate_errors_are_one_line(head_run: Path, tmp_path: Path) -> Non
     res = CliRunner().invoke(main, ["evaluate", "--run", str(head_run), str(tmp_path),
                                     "--class-map", "lab=benign", "--subject-regex", "UID_(\\d+"])
     assert res.exit_code == 1 and "not a valid regular expression" in res.output
+    # labels from a sheet: a bad line is named once, before any image is looked at
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("file,label\nx/a.png,blast\n")
+    res = CliRunner().invoke(main, ["evaluate", "--run", str(head_run), str(tmp_path / "lab"),
+                                    "--labels", str(sheet)])
+    assert res.exit_code == 1 and res.output.count("Error:") == 1
+    assert "labels.csv line 2: label 'blast' is neither in the class map" in res.output
+    res = CliRunner().invoke(main, ["evaluate", "--run", str(head_run), str(tmp_path / "lab"),
+                                    "--labels", str(sheet), "--label-regex", "x"])
+    assert res.exit_code == 1 and "--label-regex or --labels, not both" in res.output
+    res = CliRunner().invoke(main, ["evaluate", "--run", str(head_run), str(tmp_path / "lab"),
+                                    "--labels", str(sheet), "--class-map", "blast=malignant"])
+    assert res.exit_code == 1 and "read relative to the DIR" in res.output
 
 
 def test_heads_of_one_cache_share_embeddings_through_a_memo(head_run: Path,
