@@ -92,3 +92,8 @@ class PreprocessingError(UsageError):
 class ClusterError(FeatsvmError, RuntimeError):
     """A Ray worker that could not start or failed past its retries (the rows computed so far
     stay in the cache: the same command resumes)."""
+
+
+class EnsembleError(FeatsvmError, ValueError):
+    """Runs that cannot be combined into one ensemble (other kinds, images, split or folds);
+    the message names the first difference."""

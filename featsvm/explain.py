@@ -77,6 +77,9 @@ class Explainer:
                  stride: int | None = None, batch_size: int = 32) -> None:
         if method not in METHODS:
             raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if predictor.kind not in ("head", "end_to_end"):
+            raise UsageError(f"{predictor.record.run_id} is a {predictor.kind} run: heatmaps "
+                             "explain one network; explain each of its members")
         self.predictor = predictor
         self.pre = predictor.preprocessing
         crop = int(self.pre.crop or self.pre.input_size or 224)

@@ -22,6 +22,10 @@ backbone's embedding for a head run, the penultimate-layer embedding (input of t
 linear classifier, captured in the same forward pass as the probabilities; the mean over the
 cells in the cell view) for an end-to-end run. Runs made without one leave ``ood`` empty.
 
+An **ensemble** run (``kind = "ensemble"``, `featsvm.ensemble`) loads its member runs as
+above (each checked against the sha256s the ensemble recorded) and returns the mean of their
+probabilities; an image is ``ood = 1`` when any member that has a flag flags it.
+
 A file that cannot be read or decoded is reported by name and skipped; the others are
 predicted.
 
@@ -190,7 +194,7 @@ class Predictor:
         if self._ood_fn is None:
             return self._proba_fn(images), [None] * len(images)
         proba, ood = self._ood_fn(images)
-        return proba, [bool(v) for v in ood]
+        return proba, [None if v is None else bool(v) for v in ood]
 
     @classmethod
     def from_run(
@@ -211,6 +215,9 @@ class Predictor:
         kind = record.config.get("kind")
         if kind == "head":
             return cls._head(record, weights, weights_dir, device, trust_pickle, engine, memo)
+        if kind == "ensemble":
+            return cls._ensemble(record, weights, weights_dir, device, trust_pickle, engine,
+                                 memo)
         if engine not in (None, "torch"):
             raise PredictError(f"--engine {engine} runs the backbone of a head run; "
                                f"{run_dir} is a {kind} run (torch only)")
@@ -293,6 +300,35 @@ class Predictor:
         return cls(record, proba, first, proba_ood if ood_flag is not None else None,
                    embedder=embedder, head=head, device=dev, compute=f"{engine} {precision}",
                    embed=embed, ood_flag=ood_flag)
+
+    @classmethod
+    def _ensemble(cls, record: RunRecord, weights: str | os.PathLike[str] | None,
+                  weights_dir: str | os.PathLike[str] | None, device: str,
+                  trust_pickle: bool = False, engine: str | None = None,
+                  memo: EmbeddingMemo | None = None) -> Predictor:
+        """A soft-vote ensemble (`featsvm.ensemble`): its members' predictors (each checked
+        against the sha256s the ensemble recorded), the mean of their probabilities; OOD
+        when any member with a flag flags the image."""
+        from featsvm.ensemble import CV, any_member_flags, mean_probabilities, member_records
+
+        if record.config.get("members_kind") == CV:
+            raise PredictError(
+                f"{record.path} is an ensemble of cross-validation runs: it measures a model "
+                "but keeps none. Predict with an ensemble of `featsvm fit` / `finetune` runs")
+        members = [cls.from_run(m.path, weights, weights_dir, device, trust_pickle, engine,
+                                memo) for m in member_records(record)]
+
+        def proba(images: list[Any]) -> np.ndarray:
+            return mean_probabilities([m.predict_proba(images) for m in members])
+
+        def proba_ood(images: list[Any]) -> tuple[np.ndarray, list[bool | None]]:
+            outs = [m.predict_with_ood(images) for m in members]
+            return (mean_probabilities([p for p, _ in outs]),
+                    any_member_flags([flags for _, flags in outs]))
+
+        has_flag = any(m._ood_fn is not None for m in members)
+        return cls(record, proba, members[0].transform, proba_ood if has_flag else None,
+                   members=members, device=members[0].parts.get("device"))
 
     @classmethod
     def _end_to_end(cls, record: RunRecord, device: str) -> Predictor:

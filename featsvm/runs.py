@@ -10,7 +10,9 @@ A run folder holds
   ``pooled`` block in the layout of a ``test`` block);
 * a model file (``model.skops`` for heads, see `featsvm.models.modelfile`; ``model.pt`` for
   end-to-end CNNs, loaded with ``torch.load(weights_only=True)``; ``folds.json`` for a
-  cross-validation run, which keeps no deployable model) with a sidecar ``<file>.sha256``;
+  cross-validation run, which keeps no deployable model; ``members.json`` for an ensemble:
+  its member runs with the sha256 of their config.json and model file) with a sidecar
+  ``<file>.sha256``;
   head runs made before skops hold ``model.joblib`` (a pickle, loaded only on request);
 * optionally ``history.csv`` (per-epoch training log).
 
@@ -54,7 +56,9 @@ PREDICTION_COLUMNS = ("relpath", "sha256", "split", "true_label", "pred_label", 
 # Keys every config.json carries, whatever made it.
 REQUIRED_CONFIG_KEYS = (
     "run_id",
-    "kind",  # "head" (head on cached embeddings), "end_to_end" (CNN), "cv" (pooled K-fold)
+    # "head" (head on cached embeddings), "end_to_end" (CNN), "cv" (pooled K-fold),
+    # "ensemble" (mean of other runs' probabilities, `featsvm.ensemble`)
+    "kind",
     "model",  # display name, e.g. "vgg16 + svm" or "basic-cnn"
     "backbone",  # backbone name, or null for basic-cnn
     "head",  # "svm" / "logreg" for heads, null for end-to-end models
@@ -69,10 +73,17 @@ REQUIRED_CONFIG_KEYS = (
     "created",
 )
 
-KINDS = ("head", "end_to_end", "cv")
+KINDS = ("head", "end_to_end", "cv", "ensemble")
 FOLD_COLUMN = "fold"  # cross-validation runs only
 # Artefacts whose sha256 `read_run` checks against config.json every time (small files).
 CHECKED_ON_READ = (PREDICTIONS_FILE, METRICS_FILE, HISTORY_FILE)
+
+
+def is_pooled_cv(config: dict[str, Any]) -> bool:
+    """Whether a run's metrics are pooled out-of-fold predictions (a ``pooled`` block, no
+    deployable model): a ``cv`` run, or an ensemble of cv runs (``members_kind = "cv"``)."""
+    kind = config.get("kind")
+    return kind == "cv" or (kind == "ensemble" and config.get("members_kind") == "cv")
 
 
 def versions() -> dict[str, str]:

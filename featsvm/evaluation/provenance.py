@@ -47,13 +47,14 @@ def weight_provenance(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
     ImageNet feature)."""
     seen: dict[tuple[str, str, str], dict[str, str]] = {}
     layers: dict[tuple[str, str, str], set[str]] = {}
-    for r in runs:
-        c = r.config
+    # an ensemble's weights are its members' (config.json members: backbone, weights, layer)
+    configs = [m for r in runs for m in (r.config.get("members") or [r.config])]
+    for c in configs:
         w = c.get("weights") or {}
         key = (str(c.get("backbone") or c.get("model") or ""), str(w.get("label", "")),
                str(w.get("sha256") or ""))
         pre = c.get("preprocessing") or {}
-        layer = pre.get("layer") if isinstance(pre, dict) else None
+        layer = (pre.get("layer") if isinstance(pre, dict) else None) or c.get("layer")
         layers.setdefault(key, set()).add(
             f"{layer} ({c.get('kind')})" if layer else str(c.get("kind")))
         if key in seen:

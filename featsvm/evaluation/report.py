@@ -69,7 +69,7 @@ from featsvm.evaluation.trust_report import (
     trust_markdown,
 )
 from featsvm.fileio import write_json_atomic, write_text_atomic
-from featsvm.runs import RunRecord, list_runs
+from featsvm.runs import RunRecord, is_pooled_cv, list_runs
 
 __all__ = ["HTML_FILE", "ReportConfig", "ReportResult", "weight_provenance", "write_report"]
 
@@ -155,8 +155,8 @@ def gather(runs_dir: Path, out_dir: Path, data_dir: str | os.PathLike[str] | Non
             + (f" (incomplete folders: {', '.join(incomplete)})" if incomplete else "")
         )
     notes = [f"incomplete or broken run folder skipped: {name}" for name in incomplete]
-    cv_runs = sorted((r for r in runs if r.config.get("kind") == "cv"), key=run_order)
-    runs = [r for r in runs if r.config.get("kind") != "cv"]
+    cv_runs = sorted((r for r in runs if is_pooled_cv(r.config)), key=run_order)
+    runs = [r for r in runs if not is_pooled_cv(r.config)]
     rows = build_table(runs, cfg.split)
     notes += [f"{r.run_id}: metrics.json has no {cfg.split!r} block"
               for r in runs if not r.metrics.get(cfg.split)]

@@ -33,7 +33,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,19 +239,31 @@ def cv_metrics(
     y: Any, groups: Any, res: CVResult, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
     """``{"pooled": block, "folds": [...], "fold_spread": {...}}`` (metrics.json of a CV run)."""
+    extras = {fr.fold: {"best_params": fr.best_params, "inner_cv_score": fr.cv_best_score,
+                        "n_fit": fr.n_fit, "n_calibration": fr.n_calibration,
+                        "seconds": fr.seconds} for fr in res.folds}
+    return pooled_metrics(y, groups, res.proba, res.fold, extras, n_boot=n_boot, seed=seed)
+
+
+def pooled_metrics(
+    y: Any, groups: Any, proba: np.ndarray, fold: Any, fold_extras: Mapping[int, dict[str, Any]],
+    n_boot: int = 1000, seed: int = 0,
+) -> dict[str, Any]:
+    """metrics.json of any pooled out-of-fold predictions (`cv_metrics`; also
+    `featsvm.ensemble`): the pooled block with group-bootstrap CIs (`score_block`), every
+    fold's block (no CIs) with `fold_extras[fold]` added, and the spread over the folds."""
     y = [str(v) for v in y]
     groups = list(groups)
-    pooled = score_block(y, res.proba, groups, n_boot=n_boot, seed=seed)
+    fold = np.asarray(fold)
+    pooled = score_block(y, proba, groups, n_boot=n_boot, seed=seed)
     folds: list[dict[str, Any]] = []
-    for fr in res.folds:
-        idx = np.flatnonzero(res.fold == fr.fold)
-        block = score_block([y[i] for i in idx], res.proba[idx], [groups[i] for i in idx],
+    for k, extra in fold_extras.items():
+        idx = np.flatnonzero(fold == k)
+        block = score_block([y[i] for i in idx], proba[idx], [groups[i] for i in idx],
                             n_boot=0)
         block.pop("ci95", None)
         block.pop("bootstrap", None)
-        folds.append({"fold": fr.fold, **block, "best_params": fr.best_params,
-                      "inner_cv_score": fr.cv_best_score, "n_fit": fr.n_fit,
-                      "n_calibration": fr.n_calibration, "seconds": fr.seconds})
+        folds.append({"fold": k, **block, **extra})
     spread: dict[str, Any] = {}
     for key in SPREAD_KEYS:
         vals = np.array([v for v in (_dotted(f, key) for f in folds) if v is not None], float)

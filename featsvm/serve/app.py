@@ -76,7 +76,9 @@ def load_runs(run_dirs: list[str | Path], weights: str | None = None,
     out = []
     for i, d in enumerate(run_dirs):
         predictor = Predictor.from_run(d, weights, weights_dir, device)
-        explainer = Explainer(predictor, "auto") if heatmaps else None
+        # an ensemble has no single network to explain: its page shows no heatmap
+        explainer = (Explainer(predictor, "auto") if heatmaps and predictor.kind != "ensemble"
+                     else None)
         out.append(LoadedRun(i, Path(d), predictor, explainer))
     return out
 
