@@ -230,8 +230,8 @@ class Predictor:
                 f"`featsvm {'fit' if record.config.get('head') else 'finetune'}` run of "
                 f"{record.config.get('model')}"
             )
-        raise PredictError(f"{run_dir}: config.json kind {kind!r} is neither 'head' nor "
-                           "'end_to_end'")
+        raise PredictError(f"{run_dir}: config.json kind {kind!r} is none of 'head', "
+                           "'end_to_end' and 'ensemble'")
 
     @classmethod
     def _head(cls, record: RunRecord, weights: str | os.PathLike[str] | None,

@@ -142,6 +142,11 @@ def test_predict_on_a_head_ensemble_is_the_mean_of_its_members(tiny: dict[str, P
     for i, rel in enumerate(own.relpath[:5]):
         np.testing.assert_allclose(got[rel].proba, own.proba[i], atol=1e-4)
         assert got[rel].abstain is not None
+    out = tiny["root"] / "ens-preds.csv"
+    cli = CliRunner().invoke(main, ["predict", "--run", str(rec.path), *map(str, files),
+                                    "--out", str(out), "--quiet"])
+    assert cli.exit_code == 0, cli.output
+    assert rec.config["model"] in cli.output and out.is_file()
 
 
 def test_evaluate_on_a_head_ensemble(tiny: dict[str, Path], tmp_path: Path) -> None:
