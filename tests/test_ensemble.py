@@ -19,7 +19,14 @@ from featsvm.evaluation.metrics import score_block
 from featsvm.evaluation.selective import choose_threshold
 from featsvm.labels import LABELS
 from featsvm.predict import PredictError, Predictor
-from featsvm.runs import finish_run, new_run_dir, read_run, versions, write_sidecar
+from featsvm.runs import (
+    finish_run,
+    is_pooled_cv,
+    new_run_dir,
+    read_run,
+    versions,
+    write_sidecar,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +76,7 @@ def test_cv_ensemble_is_the_mean_scored_as_cv_runs_are(tiny: dict[str, Path]) ->
     rec = make_ensemble([tiny["cv_logreg"], tiny["cv_svm"]], runs_dir=tiny["runs"])
     c = rec.config
     assert c["kind"] == "ensemble" and c["members_kind"] == "cv"
+    assert is_pooled_cv(c)  # the report's pooled-CV table, like a cv run
     assert c["combine"] == "mean of class probabilities"
     assert c["model"] == ("ensemble(efficientnet_lite0 + logreg, efficientnet_lite0 + svm)")
     assert [m["run_id"] for m in c["members"]] == [tiny["cv_logreg"].name, tiny["cv_svm"].name]
@@ -99,6 +107,7 @@ def test_head_ensemble_scores_val_and_test_and_chooses_its_own_threshold(
         tiny: dict[str, Path]) -> None:
     rec = make_ensemble([tiny["logreg"], tiny["svm"]], runs_dir=tiny["runs"], name="heads")
     assert rec.run_id.startswith("heads-") and rec.config["members_kind"] == "deployable"
+    assert not is_pooled_cv(rec.config)
     shas, mean = _hand_mean(tiny["logreg"], tiny["svm"])
     np.testing.assert_allclose(_in_order(rec, shas), mean, atol=1e-6)
     pred = read_run(tiny["logreg"]).predictions()
