@@ -162,7 +162,7 @@ class Predictor:
     (`featsvm.explain`, `featsvm.export`): ``device``; for a head run ``embedder``, ``head``
     (the `FittedHead`), ``embed`` (images -> the embeddings the head reads, computed as the
     run's cache was) and ``ood_flag`` (the `OODFlag` or None); for an end-to-end run ``net``
-    and ``normaliser``."""
+    and ``normaliser``; for an ensemble ``members`` (the members' `Predictor`s)."""
 
     def __init__(self, record: RunRecord, proba_fn: Callable[[list[Any]], np.ndarray],
                  transform: Callable[[Any], Any],
