@@ -22,8 +22,9 @@ Members are existing run folders, either
   a flag flags it (`any_member_flags`: a conservative rule, a warning from either model is
   worth showing).
 
-The members must have scored the same images (matched by sha256) of the same split manifest;
-the first image that differs is named. The record (kind ``ensemble``) has the usual files;
+The members must have scored the same images (matched by path and sha256: byte-identical
+files at two paths stay two rows) of the same split manifest; the first image that differs
+is named. The record (kind ``ensemble``) has the usual files;
 its "model file" is ``members.json``: every member's folder, run id, kind, model name and the
 sha256 of its config.json and model file. Loading an ensemble refuses a member whose files no
 longer match those sha256s.
@@ -141,25 +142,30 @@ def members_kind(records: Sequence[RunRecord]) -> str:
     return which
 
 
+def _keys(p: Predictions) -> list[tuple[str, str]]:
+    """(relpath, sha256) of every row: byte-identical files of a release (the same sha256 at
+    two paths, possibly with different labels) stay two rows."""
+    return list(zip(p.relpath, p.sha256, strict=True))
+
+
 def _first_difference(a: RunRecord, pa: Predictions, b: RunRecord, pb: Predictions) -> str:
     """The first image scored by one member and not by the other, as a sentence ("" when
     they score the same images)."""
-    in_b = set(pb.sha256)
-    for rel, sha in zip(pa.relpath, pa.sha256, strict=True):
-        if sha not in in_b:
-            return f"image {rel} (sha256 {sha[:12]}…) is scored by {a.run_id} but not by {b.run_id}"
-    in_a = set(pa.sha256)
-    for rel, sha in zip(pb.relpath, pb.sha256, strict=True):
-        if sha not in in_a:
-            return f"image {rel} (sha256 {sha[:12]}…) is scored by {b.run_id} but not by {a.run_id}"
+    for (x, px), (y, py) in (((a, pa), (b, pb)), ((b, pb), (a, pa))):
+        seen = set(_keys(py))
+        for rel, sha in _keys(px):
+            if (rel, sha) not in seen:
+                return (f"image {rel} (sha256 {sha[:12]}…) is scored by {x.run_id} but not "
+                        f"by {y.run_id}")
     return ""
 
 
 def aligned_probabilities(records: Sequence[RunRecord], cv: bool
                           ) -> tuple[Predictions, list[np.ndarray]]:
     """The first member's predictions (their row order is the ensemble's) and every member's
-    probabilities in that order, matched by image sha256. Refuses members that did not score
-    the same images in the same split, and (`cv`) images held out in different folds."""
+    probabilities in that order, matched by image path and sha256. Refuses members that did
+    not score the same images in the same split, and (`cv`) images held out in different
+    folds."""
     first = records[0]
     base = first.predictions()
     probas = [base.proba]
@@ -168,8 +174,8 @@ def aligned_probabilities(records: Sequence[RunRecord], cv: bool
         diff = _first_difference(first, base, r, p)
         if diff:
             raise EnsembleError(f"the members did not score the same images: {diff}")
-        at = {sha: j for j, sha in enumerate(p.sha256)}
-        order = np.array([at[sha] for sha in base.sha256], dtype=np.int64)
+        at = {key: j for j, key in enumerate(_keys(p))}
+        order = np.array([at[key] for key in _keys(base)], dtype=np.int64)
         for i, j in enumerate(order):
             if p.split[j] != base.split[i]:
                 raise EnsembleError(
@@ -224,13 +230,12 @@ def locate_manifest(records: Sequence[RunRecord], runs_dir: Path) -> Manifest:
 
 
 def _manifest_rows(manifest: Manifest, base: Predictions) -> list[ManifestRow]:
-    by_sha = {r.sha256: r for r in manifest.rows}
-    missing = [rel for rel, sha in zip(base.relpath, base.sha256, strict=True)
-               if sha not in by_sha]
+    by_key = {(r.relpath, r.sha256): r for r in manifest.rows}
+    missing = [rel for rel, sha in _keys(base) if (rel, sha) not in by_key]
     if missing:
         raise EnsembleError(f"image {missing[0]} of the members' predictions is not in the "
                             f"split manifest {manifest.path}")
-    return [by_sha[sha] for sha in base.sha256]
+    return [by_key[key] for key in _keys(base)]
 
 
 # ---------------------------------------------------------------- scoring

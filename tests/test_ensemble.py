@@ -22,6 +22,7 @@ from featsvm.predict import PredictError, Predictor
 from featsvm.runs import (
     finish_run,
     is_pooled_cv,
+    list_runs,
     new_run_dir,
     read_run,
     versions,
@@ -264,3 +265,54 @@ def test_cli_and_report(tmp_path: Path) -> None:
     table = json.loads((rep.out_dir / "table.json").read_text())
     models = [r["model"] for r in table["rows"]]
     assert "ensemble(vgg16 + svm, basic-cnn)" in models
+
+
+def test_the_shortcut_check_sets_an_ensemble_beside_its_members_baselines(tmp_path: Path) -> None:
+    """An ensemble of logistic heads is compared with the logistic colour baseline (paired
+    difference on the same images); one of mixed heads with none."""
+    from featsvm.evaluation.shortcut import shortcut_rows
+
+    data = make_dataset(tmp_path / "data", per_class=6, size=32)
+    split = make_split(data, tmp_path / "split.csv")
+    runs = tmp_path / "runs"
+    a = write_fake_run(runs, split, model="vgg16 + logreg", head="logreg", seed=1)
+    b = write_fake_run(runs, split, model="alexnet + logreg", backbone="alexnet",
+                       head="logreg", seed=2)
+    c = write_fake_run(runs, split, model="alexnet + svm", backbone="alexnet", seed=3)
+    write_fake_run(runs, split, model="colour_stats + logreg", backbone="colour_stats",
+                   head="logreg", seed=4, skill=0.5)
+    same = make_ensemble([a, b], runs, name="same")
+    mixed = make_ensemble([a, c], runs, name="mixed")
+    rows, _ = shortcut_rows(list_runs(runs)[0], "test", n_boot=20)
+    by_id = {r.run_id: r for r in rows}
+    assert by_id[same.run_id].head == "logreg"
+    assert by_id[same.run_id].versus["colour_stats"] is not None
+    assert by_id[mixed.run_id].versus["colour_stats"] is None
+
+
+def test_byte_identical_files_at_two_paths_stay_two_rows(tmp_path: Path) -> None:
+    """The release has byte-identical files at two paths, some with different labels: the
+    ensemble keeps both rows, each with its own path, label and members' probabilities."""
+    import shutil
+
+    data = make_dataset(tmp_path / "data", per_class=6, size=32)
+    folders = sorted(p for p in (data / "Original").iterdir() if p.is_dir())
+    src = next((folders[0]).glob("*-004.jpg"))
+    dst = next((folders[1]).glob("*-005.jpg"))
+    shutil.copyfile(src, dst)  # the same bytes, another class, both in test
+    split = make_split(data, tmp_path / "split.csv")
+    man = read_manifest(split)
+    runs = tmp_path / "runs"
+    a = write_fake_run(runs, split, model="vgg16 + logreg", head="logreg", seed=1)
+    b = write_fake_run(runs, split, model="alexnet + logreg", backbone="alexnet",
+                       head="logreg", seed=2)
+    ens = make_ensemble([a, b], runs, name="dups").predictions()
+    assert len(set(ens.relpath)) == len(ens.relpath)
+    label = {r.relpath: r.label for r in man.rows}
+    rel_src, rel_dst = (p.relative_to(data).as_posix() for p in (src, dst))
+    assert {rel_src, rel_dst} <= set(ens.relpath) and label[rel_src] != label[rel_dst]
+    assert [label[r] for r in ens.relpath] == list(ens.true_label)
+    pa, pb = read_run(a).predictions(), read_run(b).predictions()
+    for rel in (rel_src, rel_dst):
+        want = (pa.proba[list(pa.relpath).index(rel)] + pb.proba[list(pb.relpath).index(rel)]) / 2
+        np.testing.assert_allclose(ens.proba[list(ens.relpath).index(rel)], want, atol=1e-6)

@@ -107,6 +107,16 @@ def _groups_for(run: RunRecord, pred: Predictions) -> tuple[list[Any], str]:
     return list(range(len(pred.relpath))), "image (split manifest not found)"
 
 
+def _head(run: RunRecord) -> str | None:
+    """The run's head; for an ensemble, the head its members share (None when they differ),
+    so an ensemble of logistic heads is set beside the logistic baselines."""
+    head = run.config.get("head")
+    if head is None and run.config.get("members"):
+        heads = {m.get("head") for m in run.config["members"]}
+        head = heads.pop() if len(heads) == 1 else None
+    return head
+
+
 def shortcut_rows(
     runs: Sequence[RunRecord], block: str, n_boot: int = 1000, seed: int = 0
 ) -> tuple[list[ShortcutRow], list[str]]:
@@ -133,7 +143,7 @@ def shortcut_rows(
         order = {rel: i for i, rel in enumerate(p.relpath)}
         versus: dict[str, dict[str, Any] | None] = {}
         for base in BASELINES:
-            br = baselines.get((base, r.config.get("head")))
+            br = baselines.get((base, _head(r)))
             if br is None:
                 versus[base] = None
                 continue
@@ -153,7 +163,7 @@ def shortcut_rows(
             (label_indices(p.pred_label) == label_indices(p.true_label)).astype(float),
             np.ones((1, len(p.relpath))))[0])
         rows.append(ShortcutRow(str(r.config.get("model")), r.run_id,
-                                str(r.config.get("head")), block, len(p.relpath), score, versus))
+                                str(_head(r)), block, len(p.relpath), score, versus))
     if any(u != "duplicate group" for u in units):
         notes.append("some paired bootstraps resample single images: their split manifest "
                      "was not found")
