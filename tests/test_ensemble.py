@@ -316,3 +316,30 @@ def test_byte_identical_files_at_two_paths_stay_two_rows(tmp_path: Path) -> None
     for rel in (rel_src, rel_dst):
         want = (pa.proba[list(pa.relpath).index(rel)] + pb.proba[list(pb.relpath).index(rel)]) / 2
         np.testing.assert_allclose(ens.proba[list(ens.relpath).index(rel)], want, atol=1e-6)
+
+
+def test_the_shortcut_check_pairs_each_model_with_the_baseline_of_its_view(
+        tmp_path: Path) -> None:
+    """A cell-view model is set beside the colour statistics of the cells, a whole-field model
+    beside those of the field; a model whose view has no baseline gets none."""
+    from featsvm.evaluation.shortcut import shortcut_rows
+
+    data = make_dataset(tmp_path / "data", per_class=6, size=32)
+    split = make_split(data, tmp_path / "split.csv")
+    runs = tmp_path / "runs"
+    cells = {"preprocessing": {"input_size": 224, "view": "cells"}}
+    field_run = write_fake_run(runs, split, model="vgg16 + logreg", head="logreg", seed=1)
+    cell_run = write_fake_run(runs, split, model="vgg16<cells> + logreg", head="logreg",
+                              seed=2, extra=cells)
+    grey = write_fake_run(runs, split, model="vgg16<cells+grey> + logreg", head="logreg",
+                          seed=5, extra={"preprocessing": {"input_size": 224, "view": "tiles"}})
+    write_fake_run(runs, split, model="colour_stats + logreg", backbone="colour_stats",
+                   head="logreg", seed=3, skill=0.2)
+    write_fake_run(runs, split, model="colour_stats<cells> + logreg", backbone="colour_stats",
+                   head="logreg", seed=4, skill=4.0, extra=cells)
+    rows, _ = shortcut_rows(list_runs(runs)[0], "test", n_boot=20)
+    by_id = {r.run_id: r for r in rows}
+    b_field = by_id[field_run.name].versus["colour_stats"]["b"]
+    b_cells = by_id[cell_run.name].versus["colour_stats"]["b"]
+    assert b_cells > b_field  # the cells baseline was made better (skill 4.0 vs 0.2)
+    assert by_id[grey.name].versus["colour_stats"] is None

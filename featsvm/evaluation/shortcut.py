@@ -3,7 +3,10 @@
 The baselines (`featsvm.features.handcrafted`: ``colour_stats``, 27 colour numbers of the whole
 image; ``annotation_box``, the burnt-in scale-annotation corner alone) see no cell morphology.
 A model is compared with a baseline on the **same images** (the pooled CV predictions of both,
-or the same test split) and the **same head**, by the difference of their balanced accuracy.
+or the same test split), the **same head** and the **same view** (a cell-view model beside the
+colour statistics of the cells, a whole-field model beside those of the field), by the
+difference of their balanced accuracy. An ensemble counts with its members' common head and
+view.
 Its 95 % CI is a paired percentile bootstrap over duplicate groups: each resample draws groups
 with replacement and scores both models on it, so the interval is that of the difference, not
 of two separate scores. A model "does not beat" a baseline when that interval does not lie
@@ -24,7 +27,7 @@ from featsvm.errors import FeatsvmError
 from featsvm.evaluation.metrics import CI_LEVEL, group_resample_weights, label_indices
 from featsvm.labels import LABELS
 from featsvm.names import BASELINES
-from featsvm.runs import Predictions, RunRecord
+from featsvm.runs import Predictions, RunRecord, read_run
 
 METRIC = "balanced_accuracy"
 COLOUR, ANNOTATION = BASELINES
@@ -107,14 +110,25 @@ def _groups_for(run: RunRecord, pred: Predictions) -> tuple[list[Any], str]:
     return list(range(len(pred.relpath))), "image (split manifest not found)"
 
 
-def _head(run: RunRecord) -> str | None:
-    """The run's head; for an ensemble, the head its members share (None when they differ),
-    so an ensemble of logistic heads is set beside the logistic baselines."""
-    head = run.config.get("head")
-    if head is None and run.config.get("members"):
-        heads = {m.get("head") for m in run.config["members"]}
-        head = heads.pop() if len(heads) == 1 else None
-    return head
+def _own_head_view(run: RunRecord) -> tuple[Any, str]:
+    pre = run.config.get("preprocessing") or {}
+    return run.config.get("head"), str(pre.get("view") or "field")
+
+
+def _head_view(run: RunRecord) -> tuple[Any, str | None]:
+    """(head, view) of a run; for an ensemble, those its members share (None where they
+    differ or a member's record is gone), so an ensemble of logistic cell models is set beside
+    the logistic baseline of the cells."""
+    if run.config.get("kind") != "ensemble":
+        return _own_head_view(run)
+    pairs = set()
+    for m in run.config.get("members") or []:
+        try:
+            pairs.add(_own_head_view(read_run(m.get("path", ""))))
+        except (FeatsvmError, OSError):
+            return None, None
+    heads, views = {h for h, _ in pairs}, {v for _, v in pairs}
+    return (heads.pop() if len(heads) == 1 else None), (views.pop() if len(views) == 1 else None)
 
 
 def shortcut_rows(
@@ -129,7 +143,7 @@ def shortcut_rows(
             continue
         preds[r.run_id] = r.predictions().select(block)
         usable.append(r)
-    baselines = {(r.config.get("backbone"), r.config.get("head")): r for r in usable
+    baselines = {(r.config.get("backbone"), *_own_head_view(r)): r for r in usable
                  if r.config.get("backbone") in BASELINES}
     rows: list[ShortcutRow] = []
     notes: list[str] = []
@@ -142,8 +156,9 @@ def shortcut_rows(
         units.add(unit)
         order = {rel: i for i, rel in enumerate(p.relpath)}
         versus: dict[str, dict[str, Any] | None] = {}
+        head, view = _head_view(r)
         for base in BASELINES:
-            br = baselines.get((base, _head(r)))
+            br = baselines.get((base, head, view))
             if br is None:
                 versus[base] = None
                 continue
@@ -163,7 +178,7 @@ def shortcut_rows(
             (label_indices(p.pred_label) == label_indices(p.true_label)).astype(float),
             np.ones((1, len(p.relpath))))[0])
         rows.append(ShortcutRow(str(r.config.get("model")), r.run_id,
-                                str(_head(r)), block, len(p.relpath), score, versus))
+                                str(head), block, len(p.relpath), score, versus))
     if any(u != "duplicate group" for u in units):
         notes.append("some paired bootstraps resample single images: their split manifest "
                      "was not found")
