@@ -167,12 +167,16 @@ def folder_label(name: str, class_map: dict[str, str] | None) -> str | None:
     return label_for_folder(name)
 
 
-def compile_subject_regex(regex: str) -> re.Pattern[str]:
+def _compile_regex(regex: str, what: str) -> re.Pattern[str]:
     try:
         return re.compile(regex)
     except re.error as exc:
-        raise UsageError(f"subject regex {regex!r} is not a valid regular expression: "
+        raise UsageError(f"{what} regex {regex!r} is not a valid regular expression: "
                          f"{exc}") from None
+
+
+def compile_subject_regex(regex: str) -> re.Pattern[str]:
+    return _compile_regex(regex, "subject")
 
 
 def subject_of(path: str, pattern: re.Pattern[str]) -> str:
@@ -231,11 +235,7 @@ def _check_dirs(dirs: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 
 def compile_label_regex(regex: str) -> re.Pattern[str]:
-    try:
-        return re.compile(regex)
-    except re.error as exc:
-        raise UsageError(f"label regex {regex!r} is not a valid regular expression: "
-                         f"{exc}") from None
+    return _compile_regex(regex, "label")
 
 
 def collect_by_regex(dirs: Sequence[str | os.PathLike[str]], regex: str,

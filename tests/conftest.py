@@ -32,6 +32,17 @@ def random_cell_image(
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
+def make_labelled_cells(root: Path, per_class: int, size: int, seed: int) -> Path:
+    """Another lab's labelled set in C-NMC's layout: root/all (blast-tinted) and root/hem
+    (benign-tinted) with `per_class` PNGs each."""
+    rng = np.random.default_rng(seed)
+    for folder, idx in (("all", 2), ("hem", 0)):
+        (root / folder).mkdir(parents=True)
+        for j in range(per_class):
+            random_cell_image(rng, size, idx).save(root / folder / f"c{j}.png")
+    return root
+
+
 def make_dataset(root: Path, per_class: int = 6, size: int = 64, seed: int = 0,
                  wrapper: str | None = "Original") -> Path:
     """Write a tiny dataset in the 3,256-release layout (root/Original/<Class>/*.jpg)."""

@@ -160,17 +160,12 @@ def test_predict_on_a_head_ensemble_is_the_mean_of_its_members(tiny: dict[str, P
 
 
 def test_evaluate_on_a_head_ensemble(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from conftest import random_cell_image
+    from conftest import make_labelled_cells
 
     from featsvm.evaluate import evaluate
 
     rec = make_ensemble([tiny["logreg"], tiny["svm"]], runs_dir=tiny["runs"])
-    rng = np.random.default_rng(4)
-    lab = tmp_path / "lab"
-    for folder, idx in (("all", 2), ("hem", 0)):
-        (lab / folder).mkdir(parents=True)
-        for j in range(3):
-            random_cell_image(rng, 40, idx).save(lab / folder / f"c{j}.png")
+    lab = make_labelled_cells(tmp_path / "lab", per_class=3, size=40, seed=4)
     res = evaluate(rec.path, [lab], class_map={"all": "malignant", "hem": "benign"},
                    n_boot=10, progress=False)
     assert res.metrics["model"] == rec.config["model"] and res.metrics["n_images"] == 6

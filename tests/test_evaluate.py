@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_dataset, random_cell_image
+from conftest import make_dataset, make_labelled_cells, random_cell_image
 from test_report import make_split
 
 from featsvm.cli import main
@@ -277,12 +277,7 @@ def test_heads_of_one_cache_share_embeddings_through_a_memo(head_run: Path,
                      class_weight=("none",), n_boot=10, n_jobs=1, target_error=0.5)
     svm_run = fit("efficientnet_lite0", "svm", root / "split.csv", cache_dir=root / "cache",
                   weights="none", runs_dir=root / "runs", config=cfg, progress=False).path
-    rng = np.random.default_rng(9)
-    lab = tmp_path / "lab"
-    for folder, idx in (("all", 2), ("hem", 0)):
-        (lab / folder).mkdir(parents=True)
-        for j in range(4):
-            random_cell_image(rng, 48, idx).save(lab / folder / f"c{j}.png")
+    lab = make_labelled_cells(tmp_path / "lab", per_class=4, size=48, seed=9)
     kw = {"class_map": {"all": "malignant", "hem": "benign"}, "n_boot": 10, "progress": False}
     memo = EmbeddingMemo()
     shared = [evaluate(run, [lab], name="memo", memo=memo, **kw) for run in (head_run, svm_run)]
