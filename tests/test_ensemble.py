@@ -157,6 +157,7 @@ def test_predict_on_a_head_ensemble_is_the_mean_of_its_members(tiny: dict[str, P
                                     "--out", str(out), "--quiet"])
     assert cli.exit_code == 0, cli.output
     assert rec.config["model"] in cli.output and out.is_file()
+    assert "flagged by any member" in cli.output  # the OOD line names the ensemble's rule
 
 
 def test_evaluate_on_a_head_ensemble(tiny: dict[str, Path], tmp_path: Path) -> None:

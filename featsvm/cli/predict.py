@@ -78,7 +78,8 @@ def command(run_dir: Path | None, onnx_model: Path | None, inputs: tuple[Path, .
         flagged = [p for p in res.predictions if p.ood]
         if any(p.ood is not None for p in res.predictions):
             click.echo(f"ood: {len(flagged)} of {len(res.predictions)} image(s) unlike the "
-                       "run's training images (threshold: 95 % of its val images)")
+                       "run's training images (threshold: 95 % of its val images; an "
+                       "ensemble's: flagged by any member)")
     for f, why in res.skipped:
         click.echo(f"skipped {f}: {why}", err=True)
     if res.skipped:
