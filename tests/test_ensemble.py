@@ -339,3 +339,25 @@ def test_the_shortcut_check_pairs_each_model_with_the_baseline_of_its_view(
     b_cells = by_id[cell_run.name].versus["colour_stats"]["b"]
     assert b_cells > b_field  # the cells baseline was made better (skill 4.0 vs 0.2)
     assert by_id[grey.name].versus["colour_stats"] is None
+
+
+def test_another_lab_table_tells_two_runs_of_one_model_apart(tmp_path: Path) -> None:
+    """Two runs with the same model name evaluated on the same external set get the run id's
+    date-time in their "Another lab" label (as the in-lab tables do)."""
+    from featsvm.evaluation.trust_report import external_rows
+
+    data = make_dataset(tmp_path / "data", per_class=6, size=32)
+    split = make_split(data, tmp_path / "split.csv")
+    runs = tmp_path / "runs"
+    paths = [write_fake_run(runs, split, model="efficientnet_lite0 (fine-tuned)",
+                            kind="end_to_end", head=None, seed=s) for s in (1, 2)]
+    paths.append(write_fake_run(runs, split, model="vgg16 + svm", seed=3))
+    for p in paths:
+        (p / "external" / "lab").mkdir(parents=True)
+        (p / "external" / "lab" / "metrics.json").write_text('{"roc_auc": 0.5}')
+    rows = external_rows(list_runs(runs)[0])["lab"]
+    labels = {r["run_id"]: r["model"] for r in rows}
+    assert labels[paths[2].name] == "vgg16 + svm"
+    twins = [labels[p.name] for p in paths[:2]]
+    assert len(set(twins)) == 2
+    assert all(t.startswith("efficientnet_lite0 (fine-tuned) (") for t in twins)

@@ -154,6 +154,7 @@ def test_cli_finetune_with_cells_stain_and_hed_jitter(fields, tmp_path):
     ref = resolve_options("cells", "reinhard", "rgb", split)
     assert pre["stain_reference"] == [round(v, 4) for v in ref.stain_reference]
     assert run.config["finetune"]["input"] == "cells+lowres16+reinhard+grey"
+    assert run.config["model"] == "basic-cnn<cells+lowres16+reinhard+grey>"  # named as heads are
     assert run.config["finetune"]["stain_jitter"] == 0.05
     assert "HED stain jitter 0.05" in run.config["augmentation"]
     # a config's [finetune] input is checked like the study's inputs

@@ -133,7 +133,7 @@ def build_table(runs: Sequence[RunRecord], split: str = "test") -> list[dict[str
     names = [r["model"] for r in rows]
     for r in rows:  # two runs of one model: tell them apart by the run id's date-time
         r["label"] = (r["model"] if names.count(r["model"]) == 1
-                      else f"{r['model']} ({_id_suffix(r['run_id'])})")
+                      else f"{r['model']} ({id_suffix(r['run_id'])})")
     pub = {col: None for col in rows[0]} if rows else {}
     pub.update(PUBLISHED_ROW)
     pub["label"] = PUBLISHED_ROW["model"]
@@ -141,7 +141,7 @@ def build_table(runs: Sequence[RunRecord], split: str = "test") -> list[dict[str
     return [*rows, pub]
 
 
-def _id_suffix(run_id: str) -> str:
+def id_suffix(run_id: str) -> str:
     parts = run_id.split("-")
     return "-".join(parts[-2:]) if len(parts) >= 3 else run_id
 

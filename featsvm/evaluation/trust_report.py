@@ -17,6 +17,7 @@ import numpy as np
 
 from featsvm.evaluation import external
 from featsvm.evaluation.figures import _COLOURS, _new_figure, save_png
+from featsvm.evaluation.table import id_suffix
 from featsvm.runs import RunRecord
 
 RELIABILITY_FIG = "reliability.png"
@@ -208,11 +209,14 @@ def coverage_risk_figure(runs: Sequence[RunRecord], path: str | os.PathLike[str]
 def external_rows(runs: Sequence[RunRecord]) -> dict[str, list[dict[str, Any]]]:
     """``{external set name: rows}`` from every run's stored external evaluations."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
+    labels = [_label(r) for r in runs]
+    for r, label in zip(runs, labels, strict=True):
+        if labels.count(label) > 1:  # two runs of one model: the run id's date-time
+            label = f"{label} ({id_suffix(r.run_id)})"
         for name, m in external.read_external(r.path).items():
             own, thr = m.get("own_decision") or {}, m.get("at_threshold") or {}
             out.setdefault(name, []).append({
-                "model": _label(r), "run_id": r.run_id, "name": name,
+                "model": label, "run_id": r.run_id, "name": name,
                 "n_images": m.get("n_images"), "n_subjects": m.get("n_subjects"),
                 "unit": _get(m, "bootstrap", "unit"),
                 "roc_auc": m.get("roc_auc"), "roc_auc_ci": _get(m, "ci95", "roc_auc"),

@@ -223,6 +223,14 @@ def _plain(cfg: FinetuneConfig) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
+def model_name(cfg: FinetuneConfig, pretrained: bool) -> str:
+    """The run's model name: the network, its input when not the whole field (as head runs
+    name theirs: ``efficientnet_lite0<cells+lowres>``), and "(fine-tuned)" for a pretrained
+    backbone."""
+    name = cfg.model if cfg.input == "field" else f"{cfg.model}<{cfg.input}>"
+    return f"{name} (fine-tuned)" if pretrained else name
+
+
 def finetune_config(doc: dict[str, Any] | None, source: str = "") -> FinetuneConfig:
     """Build the ``[finetune]`` section of a loaded TOML document (defaults when absent)."""
     from featsvm.config import section
@@ -1094,7 +1102,7 @@ def _record_config(training: Training, manifest: Manifest, built: Any, images: T
     return {
         "run_id": training.run_dir.name,
         "kind": "end_to_end",
-        "model": cfg.model if built.backbone is None else f"{cfg.model} (fine-tuned)",
+        "model": model_name(cfg, built.backbone is not None),
         "backbone": built.backbone,
         "head": None,
         "weights": built.weights.to_json(),

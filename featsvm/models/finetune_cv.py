@@ -73,6 +73,7 @@ from featsvm.models.finetune import (
     _run_busy,
     fingerprint,
     make_feeder,
+    model_name,
 )
 from featsvm.models.networks import FinetuneError, apply_freeze, build_model, normaliser_for
 from featsvm.models.pixels import ImageSet, Normaliser, preload
@@ -385,7 +386,7 @@ def _record_config(ctx: _Context, manifest: Manifest, res: CVResult, n: int, fol
     return {
         "run_id": ctx.run_dir.name,
         "kind": "cv",
-        "model": cfg.model if backbone is None else f"{cfg.model} (fine-tuned)",
+        "model": model_name(cfg, backbone is not None),
         "backbone": backbone,
         "head": None,
         "weights": ctx.weights_json,
