@@ -99,6 +99,7 @@ def member_entry(record: RunRecord) -> dict[str, Any]:
         "head": c.get("head"),
         "weights": c.get("weights"),
         "layer": (c.get("preprocessing") or {}).get("layer"),
+        "view": (c.get("preprocessing") or {}).get("view") or "field",
         "config_sha256": sha256_file(record.path / CONFIG_FILE),
         "model_file": c.get("model_file"),
         "model_sha256": verify_model(record),

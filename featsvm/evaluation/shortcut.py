@@ -27,7 +27,7 @@ from featsvm.errors import FeatsvmError
 from featsvm.evaluation.metrics import CI_LEVEL, group_resample_weights, label_indices
 from featsvm.labels import LABELS
 from featsvm.names import BASELINES
-from featsvm.runs import Predictions, RunRecord, read_run
+from featsvm.runs import Predictions, RunRecord
 
 METRIC = "balanced_accuracy"
 COLOUR, ANNOTATION = BASELINES
@@ -110,24 +110,16 @@ def _groups_for(run: RunRecord, pred: Predictions) -> tuple[list[Any], str]:
     return list(range(len(pred.relpath))), "image (split manifest not found)"
 
 
-def _own_head_view(run: RunRecord) -> tuple[Any, str]:
-    pre = run.config.get("preprocessing") or {}
-    return run.config.get("head"), str(pre.get("view") or "field")
-
-
 def _head_view(run: RunRecord) -> tuple[Any, str | None]:
-    """(head, view) of a run; for an ensemble, those its members share (None where they
-    differ or a member's record is gone), so an ensemble of logistic cell models is set beside
-    the logistic baseline of the cells."""
-    if run.config.get("kind") != "ensemble":
-        return _own_head_view(run)
-    pairs = set()
-    for m in run.config.get("members") or []:
-        try:
-            pairs.add(_own_head_view(read_run(m.get("path", ""))))
-        except (FeatsvmError, OSError):
-            return None, None
-    heads, views = {h for h, _ in pairs}, {v for _, v in pairs}
+    """(head, view) of a run; for an ensemble, those its members share as its record lists
+    them (None where they differ), so an ensemble of logistic cell models is set beside the
+    logistic baseline of the cells."""
+    members = run.config.get("members")
+    if run.config.get("kind") != "ensemble" or not members:
+        pre = run.config.get("preprocessing") or {}
+        return run.config.get("head"), str(pre.get("view") or "field")
+    heads = {m.get("head") for m in members}
+    views = {m.get("view") for m in members}
     return (heads.pop() if len(heads) == 1 else None), (views.pop() if len(views) == 1 else None)
 
 
@@ -143,7 +135,7 @@ def shortcut_rows(
             continue
         preds[r.run_id] = r.predictions().select(block)
         usable.append(r)
-    baselines = {(r.config.get("backbone"), *_own_head_view(r)): r for r in usable
+    baselines = {(r.config.get("backbone"), *_head_view(r)): r for r in usable
                  if r.config.get("backbone") in BASELINES}
     rows: list[ShortcutRow] = []
     notes: list[str] = []
